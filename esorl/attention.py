@@ -1,0 +1,157 @@
+"""The Eso-LM attention rule (spec §4) and the attention backends.
+
+Every token in an array is described by four per-slot tensors (a :class:`TokenDesc`):
+
+* ``step``  – its step index ``s`` (prompt / clean context: 0; revealed at step i: i),
+* ``rank``  – its index in *trajectory order* (prompt left to right, then σ order); both
+  copies of a token share the rank, so "array index k ≤ j" of the spec becomes
+  ``rank_k <= rank_j``, whatever the array actually looks like,
+* ``is_query`` – query copy (MASK embedding) or clean copy,
+* ``valid`` – False for padding.
+
+The rule (one rule, every layout):
+
+1. clean j → clean k  iff ``rank_k <= rank_j``;
+2. query j → clean k  iff ``step_k < step_j``;
+3. query j → query k  iff ``step_k == step_j and rank_k <= rank_j``;
+4. clean → query never; nobody attends to an invalid (pad) key.
+
+Layouts (:mod:`esorl.layout`) only fill these tensors; nothing else in the project builds a
+mask. Two backends evaluate the rule: a dense boolean mask for SDPA (CPU, float64, the
+reference) and a ``flex_attention`` BlockMask on CUDA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class TokenDesc:
+    """Per-slot description of an array of tokens; every field has shape ``(B, L)``."""
+
+    step: torch.Tensor
+    rank: torch.Tensor
+    is_query: torch.Tensor
+    valid: torch.Tensor
+
+    def cat(self, other: "TokenDesc") -> "TokenDesc":
+        return TokenDesc(*(torch.cat([a, b], dim=1) for a, b in zip(self.astuple(), other.astuple())))
+
+    def slice(self, sl: slice) -> "TokenDesc":
+        return TokenDesc(*(a[:, sl] for a in self.astuple()))
+
+    def astuple(self):
+        return (self.step, self.rank, self.is_query, self.valid)
+
+    def to(self, device) -> "TokenDesc":
+        return TokenDesc(*(a.to(device) for a in self.astuple()))
+
+    def __len__(self) -> int:
+        return self.step.shape[1]
+
+
+def allowed(q: TokenDesc, k: TokenDesc) -> torch.Tensor:
+    """Dense boolean mask ``(B, Lq, Lk)``: True where query slot i may attend to key slot j.
+
+    A row with no allowed key (only possible for invalid query slots) is opened to every key
+    so that softmax stays finite; such outputs are never read.
+    """
+    qs, ks = q.step[:, :, None], k.step[:, None, :]
+    qr, kr = q.rank[:, :, None], k.rank[:, None, :]
+    qq, kq = q.is_query[:, :, None], k.is_query[:, None, :]
+    rule1 = ~qq & ~kq & (kr <= qr)
+    rule2 = qq & ~kq & (ks < qs)
+    rule3 = qq & kq & (ks == qs) & (kr <= qr)
+    m = (rule1 | rule2 | rule3) & k.valid[:, None, :]
+    return m | ~m.any(dim=-1, keepdim=True)
+
+
+def reference_allowed(q: TokenDesc, k: TokenDesc) -> torch.Tensor:
+    """Token-by-token loop over rules 1–4: the slow, obviously-right twin of :func:`allowed`."""
+    B, Lq = q.step.shape
+    Lk = k.step.shape[1]
+    out = torch.zeros(B, Lq, Lk, dtype=torch.bool)
+    for b in range(B):
+        for i in range(Lq):
+            for j in range(Lk):
+                if not bool(k.valid[b, j]):
+                    continue
+                qi_query, kj_query = bool(q.is_query[b, i]), bool(k.is_query[b, j])
+                if not qi_query and not kj_query:
+                    ok = int(k.rank[b, j]) <= int(q.rank[b, i])
+                elif qi_query and not kj_query:
+                    ok = int(k.step[b, j]) < int(q.step[b, i])
+                elif qi_query and kj_query:
+                    ok = int(k.step[b, j]) == int(q.step[b, i]) and int(k.rank[b, j]) <= int(q.rank[b, i])
+                else:
+                    ok = False
+                out[b, i, j] = ok
+            if not out[b, i].any():
+                out[b, i] = True
+    return out
+
+
+# ----------------------------------------------------------------------------- backends
+
+
+def flex_available(device: torch.device) -> bool:
+    """flex_attention is used on CUDA only: on CPU it has no backward (ENVIRONMENT.md)."""
+    if device.type != "cuda":
+        return False
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except ImportError:  # pragma: no cover - old torch
+        return False
+    return True
+
+
+def flex_block_mask(q: TokenDesc, k: TokenDesc):
+    """The same rule as :func:`allowed`, as a flex_attention ``BlockMask`` (CUDA).
+
+    Fully masked rows (invalid query slots) output zeros under flex; they are never read.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    qs, qr, qq = q.step, q.rank, q.is_query
+    ks, kr, kq, kv = k.step, k.rank, k.is_query, k.valid
+
+    def mask_mod(b, h, qi, kj):
+        q_query, k_query = qq[b, qi], kq[b, kj]
+        rule1 = ~q_query & ~k_query & (kr[b, kj] <= qr[b, qi])
+        rule2 = q_query & ~k_query & (ks[b, kj] < qs[b, qi])
+        rule3 = q_query & k_query & (ks[b, kj] == qs[b, qi]) & (kr[b, kj] <= qr[b, qi])
+        return (rule1 | rule2 | rule3) & kv[b, kj]
+
+    B, Lq = qs.shape
+    return create_block_mask(mask_mod, B, None, Lq, ks.shape[1], device=qs.device, _compile=True)
+
+
+def build_mask(q: TokenDesc, k: TokenDesc, backend: str = "auto"):
+    """Mask object for :func:`attend`: dense ``(B, 1, Lq, Lk)`` bool (``"sdpa"``) or a
+    BlockMask (``"flex"``). ``"auto"`` picks flex on CUDA, SDPA elsewhere."""
+    if backend == "auto":
+        backend = "flex" if flex_available(q.step.device) else "sdpa"
+    if backend == "flex":
+        return flex_block_mask(q, k)
+    if backend == "sdpa":
+        return allowed(q, k)[:, None]
+    raise ValueError(f"attention backend must be 'auto', 'sdpa' or 'flex', got {backend!r}")
+
+
+_compiled_flex = None
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+    """Scaled dot-product attention ``(B, H, Lq, D)`` under a mask from :func:`build_mask`."""
+    if isinstance(mask, torch.Tensor) or mask is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    global _compiled_flex
+    if _compiled_flex is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex(q, k, v, block_mask=mask)

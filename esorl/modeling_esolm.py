@@ -1,0 +1,294 @@
+"""The Eso-LM (B) backbone (spec §9) as a Hugging Face ``PreTrainedModel``.
+
+One file a reader can hold in their head: a DiT-style transformer with adaLN gates whose
+conditioning is a constant (time conditioning is off in Eso-LM (B)), rotary embeddings taken
+from each token's *original position*, and attention under any mask built by
+:mod:`esorl.attention`. The model knows nothing about schedules or RL: it maps
+``(ids, positions, mask[, cache])`` to logits.
+
+Parameter names follow the reference implementation (``vocab_embed.embedding``,
+``blocks.{i}.attn_qkv.weight``, ...), so converting a released checkpoint is a key rename.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+from .attention import TokenDesc, attend
+from .configuration_esolm import EsoLMConfig
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    # LayerNorm and softmax-adjacent maths run in float32 at least (as the reference does);
+    # float64 stays float64 so tests can run the whole model in double precision.
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with a weight and no bias, computed in float32 (reference ``LayerNorm``)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.layer_norm(x.to(_compute_dtype(x)), (x.shape[-1],), eps=self.eps)
+        return (y * self.weight.to(y.dtype)).to(x.dtype)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+class Rotary(nn.Module):
+    """Rotate-half rotary embedding over the whole head dim; angles = original position × inv_freq."""
+
+    def __init__(self, head_dim: int, base: float):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=True)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype):
+        """cos, sin of shape ``(B, 1, L, D)`` for integer positions ``(B, L)``."""
+        ang_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        ang = positions.to(ang_dtype)[..., None] * self.inv_freq.to(ang_dtype)
+        ang = torch.cat([ang, ang], dim=-1)[:, None]
+        return ang.cos().to(dtype), ang.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class EsoKVCache:
+    """A preallocated KV cache of *clean copies* (spec §4 b), with their token descriptors.
+
+    ``k[i], v[i]``: ``(B, H, capacity, D)`` per layer; slots ``[0, length)`` are filled.
+    The descriptors of cached slots (step, rank, valid) let :mod:`esorl.attention` build the
+    mask of a new window against the cache with the same rule as every other layout.
+    """
+
+    def __init__(self, config: EsoLMConfig, batch_size: int, capacity: int, device, dtype):
+        H, D = config.n_heads, config.head_dim
+        self.k = [torch.zeros(batch_size, H, capacity, D, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.v = [torch.zeros(batch_size, H, capacity, D, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        z = torch.zeros(batch_size, capacity, dtype=torch.long, device=device)
+        self.desc = TokenDesc(z.clone(), z.clone(), torch.zeros_like(z, dtype=torch.bool), torch.zeros_like(z, dtype=torch.bool))
+        self.capacity = capacity
+        self.length = 0
+
+    def keys_desc(self, new: TokenDesc, n_write: int) -> TokenDesc:
+        """Descriptors of the keys a window attends to: the cache (after writing the window's
+        first ``n_write`` clean slots) followed by the window's remaining (query) slots."""
+        end = self.length + n_write
+        if end > self.capacity:
+            raise ValueError(f"KV cache overflow: {end} slots needed, capacity {self.capacity}")
+        cached = TokenDesc(
+            torch.cat([self.desc.step[:, : self.length], new.step[:, :n_write]], 1),
+            torch.cat([self.desc.rank[:, : self.length], new.rank[:, :n_write]], 1),
+            torch.cat([self.desc.is_query[:, : self.length], new.is_query[:, :n_write]], 1),
+            torch.cat([self.desc.valid[:, : self.length], new.valid[:, :n_write]], 1),
+        )
+        return cached.cat(new.slice(slice(n_write, None)))
+
+    def commit_desc(self, new: TokenDesc, n_write: int) -> None:
+        sl = slice(self.length, self.length + n_write)
+        for dst, src in zip(self.desc.astuple(), new.astuple()):
+            dst[:, sl] = src[:, :n_write]
+        self.length += n_write
+
+
+class Block(nn.Module):
+    """adaLN-gated pre-norm block; attention sees whatever the mask allows (spec §4)."""
+
+    def __init__(self, config: EsoLMConfig):
+        super().__init__()
+        d = config.hidden_size
+        self.n_heads, self.head_dim = config.n_heads, config.head_dim
+        self.norm1 = LayerNorm(d, config.layer_norm_eps)
+        self.attn_qkv = nn.Linear(d, 3 * d, bias=False)
+        self.attn_out = nn.Linear(d, d, bias=False)
+        self.norm2 = LayerNorm(d, config.layer_norm_eps)
+        self.mlp = nn.Sequential(nn.Linear(d, config.mlp_ratio * d), nn.GELU(approximate="tanh"), nn.Linear(config.mlp_ratio * d, d))
+        self.adaLN_modulation = nn.Linear(config.cond_dim, 6 * d)
+        self.dropout = config.dropout
+
+    def attention(self, h, cos, sin, mask, cache: EsoKVCache | None, layer: int, n_write: int):
+        B, L, _ = h.shape
+        # qkv rows are laid out (three, head, head_dim) as in the reference.
+        qkv = self.attn_qkv(h).view(B, L, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            # Clean copies of the window are appended to the preallocated cache; the window's
+            # query copies attend to the cache plus themselves and are never cached.
+            start, end = cache.length, cache.length + n_write
+            cache.k[layer][:, :, start:end] = k[:, :, :n_write]
+            cache.v[layer][:, :, start:end] = v[:, :, :n_write]
+            k = torch.cat([cache.k[layer][:, :, :end], k[:, :, n_write:]], dim=2)
+            v = torch.cat([cache.v[layer][:, :, :end], v[:, :, n_write:]], dim=2)
+        out = attend(q, k, v, mask)
+        return self.attn_out(out.transpose(1, 2).reshape(B, L, -1))
+
+    def forward(self, x, c, cos, sin, mask, cache, layer, n_write):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c)[:, None].chunk(6, dim=-1)
+        h = modulate(self.norm1(x), shift_msa, scale_msa)
+        a = self.attention(h, cos, sin, mask, cache, layer, n_write)
+        x = x + gate_msa * F.dropout(a, self.dropout, self.training)
+        h = modulate(self.norm2(x), shift_mlp, scale_mlp)
+        return x + gate_mlp * F.dropout(self.mlp(h), self.dropout, self.training)
+
+
+class EmbeddingLayer(nn.Module):
+    def __init__(self, vocab_size: int, dim: int):
+        super().__init__()
+        self.embedding = nn.Parameter(torch.empty(vocab_size, dim))
+
+    def forward(self, ids):
+        return self.embedding[ids]
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal embedding of σ → MLP; Eso-LM (B) always evaluates it at σ = 0."""
+
+    def __init__(self, cond_dim: int, freq_size: int):
+        super().__init__()
+        self.freq_size = freq_size
+        self.mlp = nn.Sequential(nn.Linear(freq_size, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+
+    def forward(self, sigma: torch.Tensor) -> torch.Tensor:
+        half = self.freq_size // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=sigma.device) / half)
+        args = sigma[:, None].float() * freqs[None]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(self.mlp[0].weight.dtype)
+        return self.mlp(emb)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, config: EsoLMConfig):
+        super().__init__()
+        self.norm_final = LayerNorm(config.hidden_size, config.layer_norm_eps)
+        self.linear = nn.Linear(config.hidden_size, config.vocab_size)
+        self.adaLN_modulation = nn.Linear(config.cond_dim, 2 * config.hidden_size)
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class EsoLMModel(PreTrainedModel):
+    """Eso-LM (B) backbone. ``forward(input_ids, positions, mask, ...) -> logits``.
+
+    Inputs are in *array order*; ``positions`` gives each slot's original position (rotary),
+    and ``mask`` (from :func:`esorl.attention.build_mask`) says who sees whom. The model never
+    assumes array order equals position order.
+    """
+
+    config_class = EsoLMConfig
+    base_model_prefix = "esolm"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["Block"]
+
+    def __init__(self, config: EsoLMConfig):
+        super().__init__(config)
+        self.vocab_embed = EmbeddingLayer(config.vocab_size, config.hidden_size)
+        self.sigma_map = TimestepEmbedder(config.cond_dim, config.frequency_embedding_size)
+        self.rotary_emb = Rotary(config.head_dim, config.rotary_base)
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layers)])
+        self.output_layer = FinalLayer(config)
+        self.post_init()
+        # transformers 5 defers `_init_weights` to loading time; a model built from a config
+        # must start from the reference init, so apply it here (a no-op on the meta device).
+        with torch.no_grad():
+            self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        # Reference DiT init: adaLN and output projections start at zero (each block starts as
+        # the identity, logits start uniform); embeddings kaiming-uniform; other Linears default.
+        if isinstance(module, EmbeddingLayer):
+            nn.init.kaiming_uniform_(module.embedding, a=math.sqrt(5))
+        elif isinstance(module, (Block, FinalLayer)):
+            nn.init.zeros_(module.adaLN_modulation.weight)
+            nn.init.zeros_(module.adaLN_modulation.bias)
+            if isinstance(module, FinalLayer):
+                nn.init.zeros_(module.linear.weight)
+                nn.init.zeros_(module.linear.bias)
+        elif isinstance(module, Rotary):
+            c = self.config
+            module.inv_freq.copy_(1.0 / (c.rotary_base ** (torch.arange(0, c.head_dim, 2, dtype=torch.float32) / c.head_dim)))
+        elif isinstance(module, LayerNorm):
+            nn.init.ones_(module.weight)
+
+    def get_input_embeddings(self):
+        return self.vocab_embed
+
+    def conditioning(self, batch_size: int = 1) -> torch.Tensor:
+        """The adaLN input ``c = SiLU(MLP(sinusoid(σ = 0)))``: a constant ``(1, cond_dim)``."""
+        sigma = torch.zeros(1, device=self.vocab_embed.embedding.device)
+        return F.silu(self.sigma_map(sigma))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        mask=None,
+        cache: EsoKVCache | None = None,
+        n_write: int = 0,
+        logits_slice: slice | torch.Tensor | None = None,
+        return_hidden: bool = False,
+        raw_logits: bool = False,
+    ):
+        """Logits ``(B, L', vocab)`` of the array ``input_ids`` ``(B, L)``.
+
+        Args:
+            positions: ``(B, L)`` original positions (rotary).
+            mask: dense bool ``(B, 1, L, Lk)`` or flex BlockMask, from :mod:`esorl.attention`.
+            cache: an :class:`EsoKVCache`; the first ``n_write`` slots of the array are clean
+                copies whose K/V are appended to it (their descriptors are committed by the
+                caller through :meth:`EsoKVCache.commit_desc`).
+            logits_slice: compute the LM head only on these slots (saves ``L × vocab``
+                memory, e.g. only the query copies of layout (a)).
+            return_hidden: also return the final hidden states ``(B, L, d)`` (value heads).
+            raw_logits: keep the MASK logit; by default it is ``-inf`` (spec §1).
+        """
+        if positions.max() >= self.config.max_seq_len:
+            raise ValueError(f"position {int(positions.max())} exceeds the model's context max_seq_len={self.config.max_seq_len}")
+        x = self.vocab_embed(input_ids)
+        c = self.conditioning().to(x.dtype)
+        cos, sin = self.rotary_emb(positions, x.dtype)
+        for i, block in enumerate(self.blocks):
+            x = block(x, c, cos, sin, mask, cache, i, n_write)
+        hidden = x
+        if logits_slice is not None:
+            x = x[:, logits_slice]
+        logits = self.output_layer(x, c)
+        if not raw_logits:
+            logits = logits.clone()
+            logits[..., self.config.mask_token_id] = float("-inf")
+        return (logits, hidden) if return_hidden else logits
+
+
+def register_auto_classes() -> None:
+    """Make ``AutoConfig`` / ``AutoModel`` / ``AutoModelForMaskedLM`` resolve ``model_type='esolm'``."""
+    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+
+    try:
+        AutoConfig.register("esolm", EsoLMConfig)
+    except ValueError:
+        pass  # already registered
+    for auto in (AutoModel, AutoModelForMaskedLM):
+        try:
+            auto.register(EsoLMConfig, EsoLMModel)
+        except ValueError:
+            pass
+
+
+register_auto_classes()

@@ -1,0 +1,227 @@
+"""Per-token log-likelihood estimators of a rollout (spec §6).
+
+Every estimator has the signature ``f(model, rollout, **params) -> (logp, valid)`` with
+``logp`` ``(B, N)`` per completion *position* (differentiable) and ``valid`` ``(B, N)``.
+
+| name      | what                                    | forwards                         | bias / variance |
+|-----------|-----------------------------------------|----------------------------------|-----------------|
+| exact     | layout (a): one pass, trajectory log-lik | 1 × (P + 2N)                     | exact, no variance |
+| replay    | layout (c): one pass per step            | K × (P + clean so far + k_i)     | identical to exact (oracle / cost baseline) |
+| mc_elbo   | NELBO of y at the sampling α0, n draws   | n × (P + N) [+ n × (P+N+#masked z0) if α0<1] | a bound, averaged over orders; var ∝ 1/n |
+| one_step  | d1: prompt masked w.p. p_mask, y all masked | 1 × (P + N)                  | biased (mean field) |
+| coupled   | DiffuCoder: mask at t, complement, all-masked | 3 × (P + N)                | biased |
+
+MC estimators draw their noise from ``make_generator(seed, purpose, sample_id)``: pass the
+same ``seed`` to the current, old and reference passes of one inner iteration.
+Array order of every MC layout (spec §6): prompt (clean, left to right), then the clean
+completion tokens, then the masked ones, each part in a random order drawn per sample; a
+masked prompt token (``one_step``) goes to the masked part.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .attention import build_mask
+from .layout import exact_layout, one_copy_layout, replay_layout, sequential_layout, sorted_table, trajectory_table
+from .logprobs import token_logprobs
+from .rollout import Rollout
+from .schedule import EPS, alpha, make_generator
+
+_PURPOSE_MC = 4
+
+
+def _table(rollout: Rollout):
+    return trajectory_table(rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.order, rollout.steps, rollout.completion_mask)
+
+
+def _to_positions(vals_sigma: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(vals_sigma)
+    return out.scatter_(1, order, vals_sigma)
+
+
+def exact(model, rollout: Rollout, kind: str = "model", temperature: float | None = None, backend: str = "auto", return_hidden: bool = False):
+    """Exact trajectory log-likelihood, one forward over ``[prompt | clean | queries]``
+    (``P + 2N`` tokens) whatever the number of steps (spec §4 a).
+
+    ``kind``: ``model`` (temperature-scaled, unfiltered) or ``behaviour`` (after the rollout's
+    top-k/top-p): reproduces the corresponding log-probs the sampler recorded.
+    With ``return_hidden`` also returns the final hidden states of the clean copies of the
+    table ``(B, P + N, d)`` (prompt, then completion in σ order) for value heads (spec §8).
+    """
+    T = rollout.temperature if temperature is None else temperature
+    table = _table(rollout)
+    P = rollout.prompt_ids.shape[1]
+    lay, qs = exact_layout(table, P, model.config.mask_token_id)
+    out = model(lay.ids, lay.positions, build_mask(lay.desc, lay.desc, backend), logits_slice=qs, return_hidden=return_hidden)
+    logits, hidden = out if return_hidden else (out, None)
+    lp = token_logprobs(logits, table.ids[:, P:], T, rollout.top_k, rollout.top_p, kind)
+    res = (_to_positions(lp, rollout.order), rollout.completion_mask)
+    if return_hidden:
+        return res + (hidden[:, : qs.start],)
+    return res
+
+
+def replay(model, rollout: Rollout, kind: str = "model", temperature: float | None = None, backend: str = "auto"):
+    """The same numbers as :func:`exact` with one forward per step (layout (c)):
+    ``[clean copies with s < i | queries of step i]``. The test oracle and the cost baseline
+    of trajectory-aware scoring (TraceRL)."""
+    T = rollout.temperature if temperature is None else temperature
+    table = _table(rollout)
+    P = rollout.prompt_ids.shape[1]
+    chunks, c = [], 0
+    for k in rollout.step_sizes.tolist():
+        lay, qs = replay_layout(table, P + c, P + c, P + c + k, model.config.mask_token_id)
+        logits = model(lay.ids, lay.positions, build_mask(lay.desc, lay.desc, backend), logits_slice=qs)
+        chunks.append(token_logprobs(logits, table.ids[:, P + c : P + c + k], T, rollout.top_k, rollout.top_p, kind))
+        c += k
+    return _to_positions(torch.cat(chunks, 1), rollout.order), rollout.completion_mask
+
+
+# ----------------------------------------------------------------------------- MC estimators
+
+
+def _prompt_completion(rollout: Rollout):
+    """Ids / positions / validity of ``[prompt | completion]`` in *position* order, ``(B, P+N)``."""
+    P = rollout.prompt_ids.shape[1]
+    plen = rollout.prompt_mask.long().sum(1, keepdim=True)
+    ppos = (torch.arange(P, device=plen.device)[None] - (P - plen)).clamp(min=0)
+    cpos = plen + torch.arange(rollout.num_new, device=plen.device)[None]
+    ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], 1)
+    pos = torch.cat([ppos.expand(rollout.batch_size, -1), cpos.expand(rollout.batch_size, -1)], 1)
+    valid = torch.cat([rollout.prompt_mask.bool(), rollout.completion_mask.bool()], 1)
+    return ids, pos, valid
+
+
+def _masked_pass(model, rollout: Rollout, masked: torch.Tensor, shuffle_key: torch.Tensor, temperature: float, backend: str):
+    """One forward over ``[prompt clean L→R | clean completion | masked]`` (random order
+    inside each completion part via ``shuffle_key``); returns ``log p`` of every token at
+    its position ``(B, P + N)`` (meaningful where ``masked``)."""
+    ids, pos, valid = _prompt_completion(rollout)
+    P = rollout.prompt_ids.shape[1]
+    B, L = ids.shape
+    is_prompt = torch.zeros_like(valid)
+    is_prompt[:, :P] = True
+    group = torch.where(masked, 2, torch.where(is_prompt, 0, 1))
+    group = torch.where(valid, group, torch.full_like(group, 3))
+    key = torch.where(is_prompt & ~masked, torch.arange(L, device=ids.device).expand(B, L), shuffle_key)
+    table, sidx = sorted_table(ids, pos, valid, group, key)
+    lay = one_copy_layout(table, table.steps == 2, model.config.mask_token_id)
+    logits = model(lay.ids, lay.positions, build_mask(lay.desc, lay.desc, backend))
+    lp_sorted = token_logprobs(logits, table.ids, temperature)
+    return torch.empty_like(lp_sorted).scatter_(1, sidx, lp_sorted)
+
+
+def _draws(rollout: Rollout, seed: int, n_uniform: int, L: int):
+    """Per-sample noise from (seed, sample id): ``(B, n_uniform)`` and ``(B, L)`` uniforms."""
+    ids = rollout.sample_ids if rollout.sample_ids is not None else torch.arange(rollout.batch_size)
+    us, ks = [], []
+    for s in ids.tolist():
+        g = make_generator(seed, _PURPOSE_MC, int(s))
+        us.append(torch.rand(n_uniform, generator=g, dtype=torch.float64))
+        ks.append(torch.rand(L, generator=g, dtype=torch.float64))
+    return torch.stack(us), torch.stack(ks)
+
+
+def mc_elbo(model, rollout: Rollout, n: int = 4, alpha0: float = 1.0, seed: int = 0, temperature: float | None = None, backend: str = "auto"):
+    """Monte Carlo NELBO of ``y`` given the prompt, for the sampling ``alpha0`` (spec §6).
+
+    Per token: mean over ``n`` draws of ``[masked]·α0(1−ε)/(1−α_t)·log p`` (MDM term, layout
+    (d)); for ``α0 < 1`` plus ``[masked in z0]·log p`` of the AR term (layout (e)) on a fresh
+    ``z0`` per draw. ``t`` is stratified (antithetic) over the ``n`` draws of a sample.
+    Cost: ``n`` forwards of ``P + N`` (+ ``n`` of ``P + N + #masked(z0)`` if ``α0 < 1``).
+    A lower bound on ``log p(y | prompt)`` averaged over orders — not ``log p(y | σ, k)``.
+    """
+    T = rollout.temperature if temperature is None else temperature
+    B, N = rollout.completion_ids.shape
+    P = rollout.prompt_ids.shape[1]
+    dev = rollout.completion_ids.device
+    total = torch.zeros(B, N, device=dev, dtype=torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32)
+    for d in range(n):
+        # stratum d of n for t; fresh masks and orders per draw
+        r, mu = _draws(rollout, seed * 1_000_003 + d, 1, 3 * N)
+        t = ((d + r[:, 0]) / n) * (1 - EPS) + EPS
+        a_t = alpha(t, alpha0).to(dev)
+        u_mask, u_order, u_z0 = mu[:, :N].to(dev), mu[:, N : 2 * N].to(dev), mu[:, 2 * N :].to(dev)
+        masked_c = (u_mask >= a_t[:, None]) & rollout.completion_mask
+        masked = torch.cat([torch.zeros_like(rollout.prompt_mask, dtype=torch.bool), masked_c], 1)
+        key = torch.cat([torch.zeros(B, P, device=dev), u_order], 1).argsort(1).argsort(1)
+        lp = _masked_pass(model, rollout, masked, key, T, backend)[:, P:]
+        w = (alpha0 * (1 - EPS) / (1 - a_t)).to(lp.dtype)
+        total = total + masked_c * w[:, None] * lp
+        if alpha0 < 1.0:
+            total = total + _ar_term(model, rollout, u_z0 >= alpha0, u_order, T, backend)
+    return total / n, rollout.completion_mask
+
+
+def _ar_term(model, rollout: Rollout, masked_c: torch.Tensor, u_order: torch.Tensor, T: float, backend: str):
+    """Per-position ``[masked in z0]·log p`` of the AR term: context = prompt + clean ``z0``
+    tokens (random order), masked tokens left to right (layout (e))."""
+    ids, pos, valid = _prompt_completion(rollout)
+    B, L = ids.shape
+    P = rollout.prompt_ids.shape[1]
+    masked_c = masked_c & rollout.completion_mask
+    masked = torch.cat([torch.zeros_like(rollout.prompt_mask, dtype=torch.bool), masked_c], 1)
+    ar = torch.arange(L, device=ids.device).expand(B, L)
+    is_prompt = ar < P
+    group = torch.where(valid, torch.where(masked, 2, torch.where(is_prompt, 0, 1)), torch.full_like(ar, 3))
+    key = torch.where(is_prompt | masked, ar, torch.cat([torch.zeros(B, P, device=ids.device), u_order], 1).argsort(1).argsort(1))
+    table, sidx = sorted_table(ids, pos, valid, group, key)
+    is_m = table.steps == 2
+    table.steps = torch.where(is_m, is_m.long().cumsum(1), torch.zeros_like(table.steps))  # one AR step each
+    lay, q_idx, q_valid = sequential_layout(table, model.config.mask_token_id)
+    M = table.shape[1]
+    logits = model(lay.ids, lay.positions, build_mask(lay.desc, lay.desc, backend), logits_slice=slice(M, None))
+    lp = token_logprobs(logits, table.ids.gather(1, q_idx), T) * q_valid
+    out = torch.zeros(B, L, dtype=lp.dtype, device=lp.device)
+    out.scatter_add_(1, sidx.gather(1, q_idx), lp)
+    return out[:, P:]
+
+
+def one_step(model, rollout: Rollout, p_mask: float = 0.15, seed: int = 0, temperature: float | None = None, backend: str = "auto"):
+    """d1's diffu-GRPO estimate: the prompt masked independently with ``p_mask`` (d1's runs:
+    0.15), the completion fully masked; per token ``log p(y_j | masked prompt)`` (one forward
+    of ``P + N``). Biased (mean field). Share ``seed`` between current/old/reference passes."""
+    T = rollout.temperature if temperature is None else temperature
+    B, N = rollout.completion_ids.shape
+    P = rollout.prompt_ids.shape[1]
+    dev = rollout.completion_ids.device
+    _, mu = _draws(rollout, seed, 0, P + N)
+    mu = mu.to(dev)
+    masked = torch.cat([(mu[:, :P] < p_mask) & rollout.prompt_mask.bool(), rollout.completion_mask.bool()], 1)
+    lp = _masked_pass(model, rollout, masked, mu.argsort(1).argsort(1), T, backend)[:, P:]
+    return lp * rollout.completion_mask, rollout.completion_mask
+
+
+def coupled(model, rollout: Rollout, seed: int = 0, t_min: float = 0.2, t_max: float = 0.8, temperature: float | None = None, backend: str = "auto"):
+    """DiffuCoder's coupled-GRPO estimate: a completion mask at ``t ~ U(t_min, t_max)`` (one
+    ``t`` per call, shared by the batch), its complement, and a fully-masked pass; the prompt
+    is never masked. Per token ``(log p_all + log p_pair / w) / 2`` with ``w = t`` or ``1 − t``
+    for the pass that scored it. Three forwards of ``P + N``; biased."""
+    T = rollout.temperature if temperature is None else temperature
+    B, N = rollout.completion_ids.shape
+    P = rollout.prompt_ids.shape[1]
+    dev = rollout.completion_ids.device
+    g = make_generator(seed, _PURPOSE_MC, -1)
+    t = float(t_min + (t_max - t_min) * torch.rand(1, generator=g, dtype=torch.float64))
+    _, mu = _draws(rollout, seed, 0, 2 * N)
+    mu = mu.to(dev)
+    cm = rollout.completion_mask.bool()
+    m_a = (mu[:, :N] < t) & cm
+    key = torch.cat([torch.zeros(B, P, device=dev), mu[:, N:]], 1).argsort(1).argsort(1)
+    zeros_p = torch.zeros_like(rollout.prompt_mask, dtype=torch.bool)
+    lp_a = _masked_pass(model, rollout, torch.cat([zeros_p, m_a], 1), key, T, backend)[:, P:]
+    lp_b = _masked_pass(model, rollout, torch.cat([zeros_p, ~m_a & cm], 1), key, T, backend)[:, P:]
+    lp_all = _masked_pass(model, rollout, torch.cat([zeros_p, cm], 1), key, T, backend)[:, P:]
+    pair = torch.where(m_a, lp_a / t, lp_b / (1 - t))
+    return (lp_all + pair) / 2 * cm, rollout.completion_mask
+
+
+ESTIMATORS = {"exact": exact, "replay": replay, "mc_elbo": mc_elbo, "one_step": one_step, "coupled": coupled}
+
+
+def estimate(model, rollout: Rollout, estimator: str = "exact", **params):
+    """Dispatch by name; unknown parameters for an estimator raise ``TypeError`` naming them."""
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown likelihood estimator {estimator!r}; choose from {sorted(ESTIMATORS)}")
+    return ESTIMATORS[estimator](model, rollout, **params)

@@ -1,0 +1,174 @@
+"""The hybrid AR + MDM training objective of Eso-LMs (spec §5).
+
+``loss = AR term + MDM term``. The global batch is split: samples with global index
+``g < int(κ·G)`` get the MDM term (layout (d)), the others the AR term (layout (e)). Each
+term's sum is divided by the number of valid tokens of its own *global* sub-batch, so the
+sum estimates NELBO / L and the loss does not depend on how the batch is sharded.
+
+All randomness (``t``, ``z0``/``z_t`` masks, shuffles) is drawn from a generator keyed by
+``(seed, step, global sample index)``: the loss of a sample is the same on 1 or 8 ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .attention import build_mask
+from .layout import one_copy_layout, sequential_layout, sorted_table
+from .schedule import EPS, alpha, make_generator
+
+_PURPOSE_TRAIN = 1
+
+
+@dataclass
+class ObjectiveConfig:
+    """Fields of the hybrid objective.
+
+    alpha0: clean fraction of ``z0`` (0 = pure AR, 1 = pure MDM).
+    batch_split: κ, the MDM share of the global batch.
+    diffusion_shuffle: random order inside the clean and the masked part of layout (d)
+        (Eso-LM (B) needs it on); off = left to right.
+    sequential_shuffle: random order of ``z0``'s clean tokens in layout (e).
+    mdm_weighting: ``elbo`` (``α0(1−ε)/(1−α_t)`` per masked token) or ``low_var`` (unweighted
+        ``−log p``, used by the reference for pure MDM training). Evaluation always uses ELBO.
+    """
+
+    alpha0: float = 0.125
+    batch_split: float = 0.5
+    diffusion_shuffle: bool = True
+    sequential_shuffle: bool = True
+    mdm_weighting: str = "elbo"
+
+    def validate(self) -> None:
+        if not 0.0 <= self.alpha0 <= 1.0:
+            raise ValueError(f"objective.alpha0 must be in [0, 1], got {self.alpha0}")
+        if not 0.0 <= self.batch_split <= 1.0:
+            raise ValueError(f"objective.batch_split must be in [0, 1], got {self.batch_split}")
+        if self.mdm_weighting not in ("elbo", "low_var"):
+            raise ValueError(f"objective.mdm_weighting must be 'elbo' or 'low_var', got {self.mdm_weighting!r}")
+        if self.alpha0 >= 1.0 and self.batch_split < 1.0:
+            raise ValueError(
+                "objective: alpha0 = 1 leaves no token to the AR phase, so batch_split < 1 would silently "
+                f"drop the AR share of the batch (batch_split={self.batch_split}); use batch_split = 1 for pure MDM"
+            )
+        if self.alpha0 <= 0.0 and self.batch_split > 0.0:
+            raise ValueError(f"objective: alpha0 = 0 is pure AR; the MDM term would be empty – set batch_split = 0 (got {self.batch_split})")
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # local contribution: (mdm_sum / mdm_count + ar_sum / ar_count), global counts
+    mdm_sum: torch.Tensor
+    ar_sum: torch.Tensor
+    mdm_tokens: torch.Tensor  # valid tokens in the (global) MDM sub-batch used for normalising
+    ar_tokens: torch.Tensor
+    masked_tokens: torch.Tensor  # local number of masked (scored) tokens
+
+
+def _per_sample_noise(seed: int, step: int, gidx: torch.Tensor, L: int):
+    """Uniforms for one sample each: ``(t_offset (B,), mask_u (B, L), shuffle (B, L))``."""
+    r, mu, sh = [], [], []
+    for g in gidx.tolist():
+        gen = make_generator(seed, _PURPOSE_TRAIN, step, g)
+        r.append(torch.rand(1, generator=gen, dtype=torch.float64))
+        mu.append(torch.rand(L, generator=gen, dtype=torch.float64))
+        sh.append(torch.rand(L, generator=gen, dtype=torch.float64))
+    return torch.cat(r), torch.stack(mu), torch.stack(sh)
+
+
+def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+
+
+def mdm_term(model, x, valid, t, mask_u, shuffle_u, cfg: ObjectiveConfig, weighting: str, backend="auto"):
+    """Weighted MDM sum per sample ``(B,)`` and masked counts, with layout (d)."""
+    B, L = x.shape
+    dev = x.device
+    a_t = alpha(t, cfg.alpha0).to(dev)  # (B,)
+    masked = (mask_u.to(dev) >= a_t[:, None]) & valid  # keep with probability α_t
+    pos = torch.arange(L, device=dev).expand(B, L)
+    group = torch.where(valid, masked.long(), torch.full_like(pos, 2))
+    key = shuffle_u.to(dev).argsort(1).argsort(1) if cfg.diffusion_shuffle else pos
+    table, _ = sorted_table(x, pos, valid, group, key)
+    is_q = table.steps == 1
+    lay = one_copy_layout(table, is_q, model.config.mask_token_id)
+    logits = model(lay.ids, lay.positions, build_mask(lay.desc, lay.desc, backend))
+    nll = _nll(logits, table.ids) * is_q
+    if weighting == "elbo":
+        w = cfg.alpha0 * (1 - EPS) / (1 - a_t)
+    else:
+        w = torch.ones_like(a_t)
+    return (nll.sum(1) * w.to(nll.dtype)), is_q.sum()
+
+
+def ar_term(model, x, valid, mask_u, shuffle_u, cfg: ObjectiveConfig, backend="auto"):
+    """AR sum per sample ``(B,)`` over the masked tokens of ``z0``, with layout (e)."""
+    B, L = x.shape
+    dev = x.device
+    masked = (mask_u.to(dev) >= cfg.alpha0) & valid  # z0 keeps each token with probability α0
+    pos = torch.arange(L, device=dev).expand(B, L)
+    group = torch.where(valid, masked.long(), torch.full_like(pos, 2))
+    clean_key = shuffle_u.to(dev).argsort(1).argsort(1) if cfg.sequential_shuffle else pos
+    key = torch.where(masked, pos, clean_key)  # masked tokens always left to right
+    table, _ = sorted_table(x, pos, valid, group, key)
+    is_m = table.steps == 1
+    table.steps = torch.where(is_m, is_m.long().cumsum(1), torch.zeros_like(table.steps))
+    lay, q_idx, q_valid = sequential_layout(table, model.config.mask_token_id)
+    M = table.shape[1]
+    logits = model(lay.ids, lay.positions, build_mask(lay.desc, lay.desc, backend), logits_slice=slice(M, None))
+    nll = _nll(logits, table.ids.gather(1, q_idx)) * q_valid
+    return nll.sum(1), q_valid.sum()
+
+
+def hybrid_loss(
+    model,
+    input_ids: torch.Tensor,
+    valid: torch.Tensor,
+    cfg: ObjectiveConfig,
+    seed: int,
+    step: int,
+    global_index: torch.Tensor,
+    global_batch_size: int,
+    global_valid_counts: tuple[float, float] | None = None,
+    eval_weights: bool = False,
+    backend: str = "auto",
+) -> LossOutput:
+    """The hybrid loss of a (local shard of a) global batch.
+
+    Args:
+        input_ids, valid: ``(B, L)`` tokens and their validity (False on padding).
+        global_index: ``(B,)`` index of each sample in the global batch ``[0, G)``.
+        global_batch_size: ``G``; the first ``int(κ·G)`` global samples get the MDM term.
+        global_valid_counts: ``(mdm_tokens, ar_tokens)`` of the global batch for normalising;
+            default: this shard's counts (single process).
+        eval_weights: use ELBO weights whatever ``cfg.mdm_weighting`` (evaluation / NELBO).
+    """
+    B, L = input_ids.shape
+    dev = input_ids.device
+    valid = valid.bool()
+    n_mdm = int(cfg.batch_split * global_batch_size)
+    is_mdm = global_index.to(dev) < n_mdm
+    r, mask_u, shuffle_u = _per_sample_noise(seed, step, global_index, L)
+    # antithetic (stratified) t over the global MDM sub-batch: one stratum per sample
+    u = (global_index.double() + r) / max(n_mdm, 1)
+    t = (1 - EPS) * u + EPS
+    zero = torch.zeros((), device=dev)
+    mdm_sum = ar_sum = zero
+    masked = torch.zeros((), device=dev, dtype=torch.long)
+    mdm_idx, ar_idx = is_mdm.nonzero().flatten(), (~is_mdm).nonzero().flatten()
+    if mdm_idx.numel():
+        w = "elbo" if eval_weights else cfg.mdm_weighting
+        s, m = mdm_term(model, input_ids[mdm_idx], valid[mdm_idx], t[mdm_idx.cpu()], mask_u[mdm_idx.cpu()], shuffle_u[mdm_idx.cpu()], cfg, w, backend)
+        mdm_sum, masked = s.sum(), masked + m
+    if ar_idx.numel():
+        s, m = ar_term(model, input_ids[ar_idx], valid[ar_idx], mask_u[ar_idx.cpu()], shuffle_u[ar_idx.cpu()], cfg, backend)
+        ar_sum, masked = s.sum(), masked + m
+    if global_valid_counts is None:
+        global_valid_counts = (float(valid[is_mdm].sum()), float(valid[~is_mdm].sum()))
+    mdm_n, ar_n = global_valid_counts
+    loss = (mdm_sum / mdm_n if mdm_n > 0 else zero) + (ar_sum / ar_n if ar_n > 0 else zero)
+    return LossOutput(loss, mdm_sum, ar_sum, torch.tensor(mdm_n), torch.tensor(ar_n), masked)

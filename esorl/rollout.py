@@ -1,0 +1,120 @@
+"""``Rollout``: everything needed to score a generation again (spec §3, §7)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+from .schedule import validate_trajectory
+
+
+@dataclass
+class Rollout:
+    """A batch of generations and their trajectories. Shapes: ``B`` samples, ``P`` prompt
+    slots (left-padded), ``N`` completion positions, ``K`` steps.
+
+    prompt_ids / prompt_mask: ``(B, P)``; ``prompt_mask`` False on left padding.
+    completion_ids: ``(B, N)`` in position order (every sampled token, also after EOS).
+    order: ``(B, N)`` σ, the completion position revealed i-th.
+    step_sizes: ``(K,)`` shared by the batch. steps: ``(B, N)`` step index of each position.
+    completion_mask: ``(B, N)`` positions that were generated (all True for sampled rollouts).
+    text_mask: ``(B, N)`` positions up to and including the first EOS in position order:
+        what the decoded text and the reward see (the log-prob counts every token, spec §7).
+    logp_model / logp_behaviour: ``(B, N)`` log-probs the sampler saw (temperature only /
+        after top-k/top-p filtering), detached.
+    temperature / top_k / top_p: the sampling parameters (needed to reproduce the log-probs).
+    sample_ids: ``(B,)`` global ids of the samples (key the MC estimators' noise).
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor
+    order: torch.Tensor
+    step_sizes: torch.Tensor
+    steps: torch.Tensor
+    completion_mask: torch.Tensor
+    text_mask: torch.Tensor
+    logp_model: torch.Tensor | None = None
+    logp_behaviour: torch.Tensor | None = None
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    sample_ids: torch.Tensor | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.completion_ids.shape[0]
+
+    @property
+    def num_new(self) -> int:
+        return self.completion_ids.shape[1]
+
+    def validate(self, context: int | None = None) -> None:
+        """Raise ``ValueError`` naming the field if the rollout is inconsistent."""
+        B, N = self.completion_ids.shape
+        for name in ("order", "steps", "completion_mask", "text_mask"):
+            t = getattr(self, name)
+            if tuple(t.shape) != (B, N):
+                raise ValueError(f"rollout.{name} has shape {tuple(t.shape)}, expected {(B, N)}")
+        if self.prompt_ids.shape != self.prompt_mask.shape or self.prompt_ids.shape[0] != B:
+            raise ValueError(f"rollout.prompt_ids {tuple(self.prompt_ids.shape)} and prompt_mask {tuple(self.prompt_mask.shape)} must both be (B={B}, P)")
+        validate_trajectory(self.order, self.step_sizes, N)
+        ranks = torch.repeat_interleave(torch.arange(1, len(self.step_sizes) + 1, device=self.order.device), self.step_sizes.to(self.order.device))
+        if not torch.equal(self.steps.gather(1, self.order), ranks.expand(B, N)):
+            raise ValueError("rollout.steps is inconsistent with rollout.order and rollout.step_sizes")
+        if context is not None:
+            need = int(self.prompt_mask.long().sum(1).max()) + N
+            if need > context:
+                raise ValueError(f"rollout needs {need} positions (prompt + completion), but the model context is {context}")
+
+    def to(self, device) -> "Rollout":
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)})
+
+    def index(self, idx) -> "Rollout":
+        """Sub-batch (rows ``idx``); step sizes are shared and kept."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v[idx] if isinstance(v, torch.Tensor) and f.name != "step_sizes" else v
+        return Rollout(**out)
+
+    def texts(self, tokenizer, skip_special_tokens: bool = True) -> list[str]:
+        """Decoded completions, cut at the first EOS (spec §7)."""
+        out = []
+        for ids, m in zip(self.completion_ids, self.text_mask):
+            toks = ids[m].tolist()
+            if tokenizer.eos_token_id is not None and toks and toks[-1] == tokenizer.eos_token_id:
+                toks = toks[:-1]
+            out.append(tokenizer.decode(toks, skip_special_tokens=skip_special_tokens))
+        return out
+
+
+def first_eos_mask(completion_ids: torch.Tensor, eos_id: int | None) -> torch.Tensor:
+    """``(B, N)`` True up to and including the first EOS in position order."""
+    if eos_id is None:
+        return torch.ones_like(completion_ids, dtype=torch.bool)
+    is_eos = completion_ids == eos_id
+    before = is_eos.long().cumsum(1) - is_eos.long()  # EOS strictly before j
+    return before == 0
+
+
+def concat_rollouts(rs: list[Rollout]) -> Rollout:
+    """Concatenate rollouts with the same N, step sizes and sampling parameters (prompts are
+    re-left-padded to the longest)."""
+    P = max(r.prompt_ids.shape[1] for r in rs)
+
+    def lpad(t, fill):
+        return torch.nn.functional.pad(t, (P - t.shape[1], 0), value=fill)
+
+    base = rs[0]
+    for r in rs[1:]:
+        if not torch.equal(r.step_sizes, base.step_sizes):
+            raise ValueError("concat_rollouts: step sizes differ between rollouts")
+    cat = lambda name: torch.cat([getattr(r, name) for r in rs]) if getattr(base, name) is not None else None  # noqa: E731
+    return Rollout(
+        prompt_ids=torch.cat([lpad(r.prompt_ids, 0) for r in rs]), prompt_mask=torch.cat([lpad(r.prompt_mask, False) for r in rs]),
+        completion_ids=cat("completion_ids"), order=cat("order"), step_sizes=base.step_sizes, steps=cat("steps"),
+        completion_mask=cat("completion_mask"), text_mask=cat("text_mask"), logp_model=cat("logp_model"),
+        logp_behaviour=cat("logp_behaviour"), temperature=base.temperature, top_k=base.top_k, top_p=base.top_p, sample_ids=cat("sample_ids"),
+    )

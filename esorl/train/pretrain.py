@@ -1,0 +1,295 @@
+"""``esorl pretrain``: train an Eso-LM with the hybrid AR + MDM objective on ``accelerate``.
+
+Runs unchanged on one CPU, several CPU ranks (gloo), GPUs with DDP, and DeepSpeed ZeRO-2/3:
+launch with ``accelerate launch --config_file accelerate_configs/<x>.yaml -m esorl.cli
+pretrain --config ...``. The global batch, the data order and all objective randomness are
+functions of the seed and the global sample index, so a run's losses do not depend on the
+number of ranks, and ``--resume`` continues exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import load_config, save_config
+from ..configuration_esolm import EsoLMConfig
+from ..modeling_esolm import EsoLMModel
+from ..objective import ObjectiveConfig, hybrid_loss
+from ..schedule import make_generator
+from .common import EMA, Checkpointer, LoggingConfig, OptimConfig, RunLogger, check_finite, make_accelerator, make_optimizer, read_metrics
+from .data_prep import DataConfig, prepare_data
+
+_PURPOSE_DATA = 2
+_EVAL_SEED = 12345
+
+
+@dataclass
+class ModelArgs:
+    """Architecture of a model trained from scratch (ignored when ``init_from`` is set).
+
+    hidden_size / n_layers / n_heads / cond_dim / mlp_ratio: spec §9 sizes.
+    dropout: residual dropout in training. init_from: a ``save_pretrained`` directory to
+    start from instead (its architecture wins)."""
+
+    hidden_size: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    cond_dim: int = 64
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+    init_from: str = ""
+
+
+@dataclass
+class TrainArgs:
+    """Loop settings.
+
+    max_steps: optimizer steps. batch_size: GLOBAL sequences per optimizer step.
+    micro_batch_size: sequences per rank per forward (gradient accumulation fills the rest:
+    ``batch_size = micro_batch_size × accumulation × ranks``). seed: everything random.
+    eval_every / eval_batches: periodic NELBO/PPL on the held-out split (0 = only at the end).
+    save_every: checkpoint period (0 = only at the end). keep_last: checkpoints kept.
+    output_dir: run directory. ema_decay: EMA of weights (0 = off); eval and the exported
+    model use the EMA weights. mixed_precision: ``auto`` (bf16 on GPU), ``no``, ``bf16``.
+    attention_backend: ``auto`` (flex on CUDA, SDPA elsewhere), ``sdpa``, ``flex``.
+    """
+
+    max_steps: int = 1000
+    batch_size: int = 32
+    micro_batch_size: int = 32
+    seed: int = 0
+    eval_every: int = 200
+    eval_batches: int = 8
+    save_every: int = 500
+    keep_last: int = 2
+    output_dir: str = "runs/pretrain"
+    ema_decay: float = 0.999
+    mixed_precision: str = "auto"
+    attention_backend: str = "auto"
+
+    def validate(self):
+        if self.max_steps < 1:
+            raise ValueError("train.max_steps must be >= 1")
+        if self.batch_size < 1 or self.micro_batch_size < 1:
+            raise ValueError("train.batch_size and train.micro_batch_size must be >= 1")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError("train.ema_decay must be in [0, 1)")
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise ValueError(f"train.mixed_precision must be auto, no, bf16 or fp16, got {self.mixed_precision!r}")
+
+
+@dataclass
+class PretrainConfig:
+    """A pretraining recipe: model, data, objective (spec §5), optimizer, loop, logging."""
+
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainArgs = field(default_factory=TrainArgs)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def build_model(args: ModelArgs, tok, seq_len: int) -> EsoLMModel:
+    if args.init_from:
+        return EsoLMModel.from_pretrained(args.init_from)
+    from ..data import tokenizer_ids
+
+    ids = tokenizer_ids(tok)
+    cfg = EsoLMConfig(
+        vocab_size=ids["vocab_size"], mask_token_id=ids["mask"], hidden_size=args.hidden_size, n_layers=args.n_layers,
+        n_heads=args.n_heads, cond_dim=args.cond_dim, mlp_ratio=args.mlp_ratio, max_seq_len=seq_len, dropout=args.dropout,
+        pad_token_id=ids["pad"], eos_token_id=ids["eos"], bos_token_id=ids.get("bos"),
+    )
+    return EsoLMModel(cfg)
+
+
+def global_batch_rows(step: int, G: int, n_rows: int, seed: int) -> torch.Tensor:
+    """Row indices of the global batch of ``step``: epochs are seeded permutations, and the
+    data position is simply ``step × G`` (so resuming needs nothing but the step)."""
+    flat = torch.arange(step * G, (step + 1) * G)
+    epochs, within = flat // n_rows, flat % n_rows
+    out = torch.empty(G, dtype=torch.long)
+    for e in epochs.unique().tolist():
+        perm = torch.randperm(n_rows, generator=make_generator(seed, _PURPOSE_DATA, e))
+        sel = epochs == e
+        out[sel] = perm[within[sel]]
+    return out
+
+
+def rank_slice(G: int, micro: int, world: int, rank: int, accum: int, m: int) -> slice:
+    """Global-batch slice of rank ``rank`` in micro-step ``m``."""
+    start = (m * world + rank) * micro
+    return slice(start, start + micro)
+
+
+def _global_counts(accelerator, valid, is_mdm):
+    c = torch.stack([valid[is_mdm].sum(), valid[~is_mdm].sum()]).double().to(accelerator.device)
+    return accelerator.reduce(c, reduction="sum") if accelerator.num_processes > 1 else c
+
+
+@torch.no_grad()
+def evaluate(model, data: dict, cfg: PretrainConfig, accelerator, n_batches: int) -> dict:
+    """NELBO per token and PPL on the held-out rows, with ELBO weights and the training α0/κ
+    (spec §5), deterministic (fixed seed). Each rank scores a disjoint share; sums are reduced."""
+    model.eval()
+    ids_all, valid_all = data["input_ids"], data["valid"]
+    B = cfg.train.micro_batch_size
+    n = min(len(ids_all), n_batches * B * accelerator.num_processes)
+    tot = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # nll sum, tokens
+    for start in range(accelerator.process_index * B, n, B * accelerator.num_processes):
+        idx = torch.arange(start, min(start + B, n))
+        x, v = ids_all[idx].to(accelerator.device), valid_all[idx].to(accelerator.device)
+        # every eval batch is its own "global batch" of the κ split
+        out = hybrid_loss(model, x, v, cfg.objective, _EVAL_SEED, int(start), torch.arange(len(idx)), len(idx), eval_weights=True, backend=cfg.train.attention_backend)
+        n_mdm, n_ar = out.mdm_tokens.item(), out.ar_tokens.item()
+        # NELBO/token of the batch = mdm_sum/n_mdm + ar_sum/n_ar; weight by the batch's tokens
+        tokens = n_mdm + n_ar
+        val = (out.mdm_sum.item() / n_mdm if n_mdm else 0.0) + (out.ar_sum.item() / n_ar if n_ar else 0.0)
+        tot += torch.tensor([val * tokens, tokens], dtype=torch.float64, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        tot = accelerator.reduce(tot, reduction="sum")
+    model.train()
+    nelbo = (tot[0] / tot[1].clamp(min=1)).item()
+    return {"val/nelbo": nelbo, "val/ppl": math.exp(min(nelbo, 50.0))}
+
+
+def export_model(accelerator, model, ema: EMA | None, tok, out_dir: Path) -> None:
+    """``save_pretrained`` (safetensors) of the EMA weights (or the live ones) + tokenizer."""
+    if ema is not None:
+        ema.swap()
+    try:
+        sd = accelerator.get_state_dict(model)
+        if accelerator.is_main_process:
+            unwrapped = accelerator.unwrap_model(model)
+            tmp = out_dir.with_name(out_dir.name + ".tmp")
+            unwrapped.save_pretrained(str(tmp), state_dict=sd, safe_serialization=True)
+            tok.save_pretrained(str(tmp))
+            import shutil
+
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            tmp.replace(out_dir)
+    finally:
+        if ema is not None:
+            ema.swap()
+    accelerator.wait_for_everyone()
+
+
+def run_pretrain(cfg: PretrainConfig, resume: str | bool = False) -> dict:
+    """Train; returns the final metrics. Writes ``<output_dir>/{metrics.jsonl, config.yaml,
+    checkpoints/, model/}``."""
+    tcfg = cfg.train
+    out_dir = Path(tcfg.output_dir)
+    G, micro = tcfg.batch_size, tcfg.micro_batch_size
+    from accelerate import PartialState
+
+    world = PartialState().num_processes
+    if G % (micro * world):
+        raise ValueError(f"train.batch_size={G} must be a multiple of micro_batch_size × ranks = {micro} × {world}")
+    accum = G // (micro * world)
+    accelerator = make_accelerator(tcfg.mixed_precision, accum)
+    torch.manual_seed(tcfg.seed)  # dropout RNG; the objective never uses global state
+
+    with accelerator.main_process_first():
+        tok, data = prepare_data(cfg.data, tcfg.seed)
+    train = data["train"]
+    if len(train["input_ids"]) == 0:
+        raise ValueError(f"data: the training split of {cfg.data.source!r} is empty")
+    model = build_model(cfg.model, tok, cfg.data.seq_len)
+    if cfg.data.seq_len > model.config.max_seq_len:
+        raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds the model context max_seq_len={model.config.max_seq_len}")
+    opt, sched = make_optimizer(model.parameters(), cfg.optim, tcfg.max_steps)
+    model, opt, sched = accelerator.prepare(model, opt, sched)
+    ema = EMA(model.parameters(), tcfg.ema_decay) if tcfg.ema_decay > 0 else None
+
+    ckpt = Checkpointer(out_dir, tcfg.keep_last)
+    logger = RunLogger(out_dir, cfg.logging, asdict(cfg), enabled=accelerator.is_main_process)
+    if accelerator.is_main_process:
+        save_config(cfg, out_dir / "config.yaml")
+    step = 0
+    path = ckpt.resolve(resume)
+    if path is not None:
+        state, extras = Checkpointer.load(accelerator, path, ["ema"] if ema else [])
+        step = state["step"]
+        if ema:
+            ema.load_state_dict(extras["ema"])
+        logger.truncate_after(step)
+        accelerator.print(f"[esorl] resumed from {path} at step {step}")
+
+    n_rows = len(train["input_ids"])
+    bar = tqdm(total=tcfg.max_steps, initial=step, desc="pretrain", disable=not accelerator.is_main_process, dynamic_ncols=True)
+    last = {}
+    model.train()
+    t0 = time.time()
+    gnorm = None
+    while step < tcfg.max_steps:
+        rows = global_batch_rows(step, G, n_rows, tcfg.seed)
+        x_all, v_all = train["input_ids"][rows], train["valid"][rows].bool()
+        is_mdm = torch.arange(G) < int(cfg.objective.batch_split * G)
+        counts = (v_all[is_mdm].sum().item(), v_all[~is_mdm].sum().item())  # global: every rank sees `rows`
+        loss_sum = 0.0
+        for m in range(accum):
+            sl = rank_slice(G, micro, world, accelerator.process_index, accum, m)
+            gidx = torch.arange(G)[sl]
+            x, v = x_all[sl].to(accelerator.device), v_all[sl].to(accelerator.device)
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    out = hybrid_loss(model, x, v, cfg.objective, tcfg.seed, step, gidx, G, counts, backend=tcfg.attention_backend)
+                # DDP/ZeRO average gradients over ranks and accelerate divides by `accum`:
+                # scale back so the summed gradient is that of (global sums / global counts).
+                accelerator.backward(out.loss * world * accum)
+                loss_sum += out.loss.detach().float()
+                if accelerator.sync_gradients:
+                    gnorm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 else None
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+        loss = accelerator.reduce(torch.as_tensor(loss_sum, device=accelerator.device), reduction="sum").item()
+        check_finite(loss, step, ckpt)
+        if ema:
+            ema.update()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}")
+        if step % cfg.logging.log_every == 0 or step == tcfg.max_steps:
+            last = {"train/loss": loss, "train/lr": sched.get_last_lr()[0], "train/step_time": (time.time() - t0) / cfg.logging.log_every}
+            if gnorm is not None:
+                last["train/grad_norm"] = float(gnorm)
+            t0 = time.time()
+        if (tcfg.eval_every and step % tcfg.eval_every == 0) or step == tcfg.max_steps:
+            if ema:
+                ema.swap()
+            last.update(evaluate(model, data["eval"], cfg, accelerator, tcfg.eval_batches))
+            if ema:
+                ema.swap()
+            accelerator.print(f"[esorl] step {step}: loss {loss:.4f}  val NELBO {last['val/nelbo']:.4f}  val PPL {last['val/ppl']:.2f}")
+        if last and (step % cfg.logging.log_every == 0 or step == tcfg.max_steps or "val/nelbo" in last):
+            logger.log(last, step)
+            last = {}
+        if (tcfg.save_every and step % tcfg.save_every == 0) or step == tcfg.max_steps:
+            ckpt.save(accelerator, step, {"data_position": step * G}, {"ema": ema.state_dict()} if ema else None)
+    bar.close()
+    export_model(accelerator, model, ema, tok, out_dir / "model")
+    metrics = read_metrics(out_dir / "metrics.jsonl") if accelerator.is_main_process else []
+    logger.finish()
+    return {"output_dir": str(out_dir), "model_dir": str(out_dir / "model"), "metrics": metrics}
+
+
+def main(argv=None):
+    import argparse
+
+    p = argparse.ArgumentParser(prog="esorl pretrain", description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=False, help="recipe YAML (see recipes/pretrain/)")
+    p.add_argument("--resume", nargs="?", const="latest", default=False, help="resume from the latest checkpoint of output_dir, or from a given checkpoint directory")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-3 train.max_steps=100")
+    a = p.parse_args(argv)
+    cfg = load_config(PretrainConfig, a.config, a.overrides)
+    res = run_pretrain(cfg, a.resume)
+    print(f"[esorl] model written to {res['model_dir']}")

@@ -127,7 +127,7 @@ def flex_block_mask(q: TokenDesc, k: TokenDesc):
         return (rule1 | rule2 | rule3) & kv[b, kj]
 
     B, Lq = qs.shape
-    return create_block_mask(mask_mod, B, None, Lq, ks.shape[1], device=qs.device, _compile=True)
+    return create_block_mask(mask_mod, B, None, Lq, ks.shape[1], device=qs.device, _compile=qs.device.type == "cuda")
 
 
 def build_mask(q: TokenDesc, k: TokenDesc, backend: str = "auto"):
@@ -149,9 +149,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Ten
     """Scaled dot-product attention ``(B, H, Lq, D)`` under a mask from :func:`build_mask`."""
     if isinstance(mask, torch.Tensor) or mask is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if q.device.type != "cuda":  # CPU: eager flex (forward only), used by tests to compare backends
+        return flex_attention(q, k, v, block_mask=mask)
     global _compiled_flex
     if _compiled_flex is None:
-        from torch.nn.attention.flex_attention import flex_attention
-
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     return _compiled_flex(q, k, v, block_mask=mask)

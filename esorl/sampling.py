@@ -61,10 +61,10 @@ def rollout_noise(seed: int, step: int, sample_ids: torch.Tensor, n: int, batch_
     return torch.stack([torch.rand(n, generator=make_generator(seed, _PURPOSE_ROLLOUT, step, int(s)), dtype=torch.float64) for s in sample_ids])
 
 
-def _pick(logits, u, temperature, top_k, top_p):
+def _pick(logits, u, temperature, top_k, top_p, forced=None):
     lp_model = model_logprobs(logits, temperature)
     lp_beh = filter_logprobs(lp_model, top_k, top_p)
-    tok = sample_inverse_cdf(lp_beh, u)
+    tok = sample_inverse_cdf(lp_beh, u) if forced is None else forced
     return tok, gather(lp_model, tok), gather(lp_beh, tok)
 
 
@@ -84,6 +84,7 @@ def generate(
     method: str = "cache",
     sample_ids: torch.Tensor | None = None,
     backend: str = "auto",
+    teacher_tokens: torch.Tensor | None = None,
 ) -> Rollout:
     """Generate ``max_new_tokens`` tokens after each (left-padded) prompt.
 
@@ -93,6 +94,8 @@ def generate(
         uniforms: ``(B, N)`` pre-drawn noise, one per (sample, position); drawn from
             ``generator`` if omitted.
         method: ``cache`` (KV-cached), ``replay`` (no cache), ``mdlm`` (full sequence per step).
+        teacher_tokens: ``(B, N)`` tokens to emit instead of sampling (teacher forcing: the
+            log-probs are those the sampler assigns to them; used to check fixtures).
 
     Returns a :class:`Rollout` with both log-probs of spec §7.
     """
@@ -150,7 +153,7 @@ def generate(
             logits = model(lay.ids, lay.positions, build_mask(lay.desc, lay.desc, backend), logits_slice=slice(q0, q1))
         else:
             raise ValueError(f"sampling method must be 'cache', 'replay' or 'mdlm', got {method!r}")
-        tok, lm, lb = _pick(logits, u_sigma[:, c_prev : c_prev + k], temperature, top_k, top_p)
+        tok, lm, lb = _pick(logits, u_sigma[:, c_prev : c_prev + k], temperature, top_k, top_p, forced=None if teacher_tokens is None else teacher_tokens.to(device).gather(1, order[:, c_prev : c_prev + k]))
         table.ids[:, q0:q1] = tok
         pos_idx = order[:, c_prev : c_prev + k]
         logp_m.scatter_(1, pos_idx, lm.to(torch.float64))

@@ -566,9 +566,12 @@ def ema_state_dict(state_dict: dict, shadow_params: list) -> dict:
 
 
 def _tokenizer_settings(name: str, cfg) -> dict:
-    if name == "gpt2" or (cfg.vocab_size == _GPT2_VOCAB and cfg.mask_token_id == _GPT2_MASK):
-        return {"name": name, "mask_token_id": _GPT2_MASK, "pad_token_id": _GPT2_EOS, "note": f"never pad with {_GPT2_MASK} (= MASK)"}
-    return {"name": name, "mask_token_id": cfg.mask_token_id, "pad_token_id": cfg.pad_token_id, "note": f"never pad with {cfg.mask_token_id} (= MASK)"}
+    """What a user needs to rebuild the tokenizer when it could not be saved (e.g. offline)."""
+    if cfg.vocab_size == _GPT2_VOCAB and cfg.mask_token_id == _GPT2_MASK:
+        pad = _GPT2_EOS if cfg.pad_token_id in (None, _GPT2_MASK) else cfg.pad_token_id
+    else:
+        pad = cfg.pad_token_id
+    return {"name": name, "mask_token_id": cfg.mask_token_id, "pad_token_id": pad, "note": f"never pad with {cfg.mask_token_id} (= MASK)"}
 
 
 def _save_tokenizer(tokenizer: str, cfg, tmp: Path, log) -> str:

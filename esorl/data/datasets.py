@@ -72,7 +72,7 @@ def _read_tsv(path: Path) -> datasets.Dataset:
     texts: list[str] = []
     labels: list[int | None] = []
     with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+        for line in f:
             line = line.rstrip("\r\n")
             if not line.strip():
                 continue
@@ -124,7 +124,12 @@ def _load_file(path: Path, split: str) -> datasets.Dataset:
     else:
         builder = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}[suffix]
         # `split="train"`: a single data file is always the builder's "train" split.
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+        try:
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+        except ValueError as e:
+            if "no data" not in str(e):  # e.g. a CSV with a header line only
+                raise
+            raise ValueError(f"data file {path} (split {split!r}) is empty: it holds no examples") from e
     if len(ds) == 0:
         raise ValueError(f"data file {path} (split {split!r}) is empty: it holds no examples")
     return ds

@@ -69,7 +69,7 @@ _NEGATE_POS = ("not", "never", "hardly", "far from", "not very", "not exactly", 
 
 _OPENERS = (
     "honestly", "overall", "to be honest", "in short", "all in all", "frankly",
-    "in my opinion", "to be fair", "on the whole", "simply put",
+    "in my opinion", "to sum up", "on the whole", "simply put",
 )
 _OPINION_POS = ("i loved", "i really enjoyed", "i adored", "we loved", "i was impressed by", "i am delighted with")
 _OPINION_NEG = ("i hated", "i disliked", "i could not stand", "we hated", "i was disappointed by", "i am unhappy with")
@@ -295,7 +295,7 @@ _DOMAINS = (
             ),
             _Aspect(
                 "the multiplayer|was, the servers|were, the matchmaking|was, the community|was",
-                "stable fair friendly fast",
+                "stable balanced friendly fast",
                 "unstable toxic laggy slow",
             ),
         ),

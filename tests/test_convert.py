@@ -1,0 +1,593 @@
+"""Tests of ``esorl.convert.official``: reading released Eso-LM checkpoints safely and exactly.
+
+1. The shared reference fixture (``shared/fixtures/reference_tiny``): weights recovered bit for
+   bit, conversion round-trips through ``from_pretrained``/``AutoModel``, and the converted
+   model reproduces the reference's logits.
+2. A synthetic Lightning checkpoint (unimportable config/tokenizer classes): the converted
+   model equals the independent float64 re-implementation ``tests/reference_esolm.py``.
+3. Malicious pickles: nothing from the file ever runs.
+4. Clear errors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+import esorl  # noqa: F401 - registers the auto classes
+from esorl import EsoLMConfig, EsoLMModel
+from esorl.attention import build_mask
+from esorl.convert import official
+from esorl.convert.official import (
+    CheckpointError,
+    UnsafeCheckpointError,
+    convert_official,
+    ema_state_dict,
+    infer_config,
+    load_official_checkpoint,
+    parameter_order,
+)
+from esorl.layout import exact_layout, one_copy_layout, sequential_layout, sorted_table, trajectory_table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import reference_esolm as ref  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+FIXTURE = SHARED / "fixtures" / "reference_tiny"
+CKPT = FIXTURE / "reference_tiny.ckpt"
+needs_fixture = pytest.mark.skipif(
+    not CKPT.exists(), reason=f"shared reference fixture not found at {CKPT} (expected next to the repository)"
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors: intra-op threads only add contention (on a busy 2-core box each op can
+    # take milliseconds with 2 threads). Restored after the module.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _assert_same_tensors(got: dict, want: dict):
+    assert set(got) == set(want), (sorted(set(got) ^ set(want)))
+    for k in want:
+        assert got[k].dtype == want[k].dtype, k
+        assert torch.equal(got[k].cpu(), want[k].cpu()), k
+
+
+def _layout_logits(model, lay, **kw):
+    with torch.no_grad():
+        return model(lay.ids, lay.positions, build_mask(lay.desc, lay.desc, "sdpa"), raw_logits=True, **kw)
+
+
+# ----------------------------------------------------------------------------- esorl paths
+
+
+def esorl_diffusion_logits(model, x, masked, order, mask_id):
+    """Layout (d) through esorl; logits ``(B, L, V)`` by position. ``order``: clean positions
+    then masked positions, in array order."""
+    B, L = x.shape
+    key = torch.empty_like(order)
+    key.scatter_(1, order, torch.arange(L).expand(B, -1))
+    tab, sidx = sorted_table(x, torch.arange(L).expand(B, -1), torch.ones_like(x, dtype=torch.bool), masked.long(), key)
+    assert torch.equal(sidx, order)
+    lay = one_copy_layout(tab, tab.steps > 0, mask_id)
+    lg = _layout_logits(model, lay)
+    out = torch.empty_like(lg)
+    out.scatter_(1, sidx[..., None].expand(-1, -1, lg.shape[-1]), lg)
+    return out
+
+
+def esorl_sequential_logits(model, x, masked, order, mask_id):
+    """Layout (e) through esorl; ``(logits (B, L, V) by position, bool (B, L) where defined)``.
+    ``order``: the clean positions (any order), then the masked positions left to right."""
+    B, L = x.shape
+    key = torch.empty_like(order)
+    key.scatter_(1, order, torch.arange(L).expand(B, -1))
+    tab, sidx = sorted_table(x, torch.arange(L).expand(B, -1), torch.ones_like(x, dtype=torch.bool), masked.long(), key)
+    assert torch.equal(sidx, order)
+    tab.steps = torch.where(tab.steps > 0, torch.cumsum(tab.steps, 1), 0)  # each masked token its own step
+    lay, qidx, qv = sequential_layout(tab, mask_id)
+    lg = _layout_logits(model, lay, logits_slice=slice(L, None))
+    out = torch.zeros(B, L, lg.shape[-1], dtype=lg.dtype)
+    defined = torch.zeros(B, L, dtype=torch.bool)
+    posq = tab.positions.gather(1, qidx)
+    for b in range(B):
+        for i in range(qidx.shape[1]):
+            if qv[b, i]:
+                out[b, posq[b, i]] = lg[b, i]
+                defined[b, posq[b, i]] = True
+    return out, defined
+
+
+def esorl_exact_logits(model, prompt, completion, order, step_sizes, mask_id):
+    """Layout (a) through esorl: logits ``(B, N, V)`` of every completion position."""
+    B, N = completion.shape
+    P = prompt.shape[1]
+    step_of_rank = torch.repeat_interleave(torch.arange(1, len(step_sizes) + 1), torch.as_tensor(step_sizes))
+    steps = torch.empty(B, N, dtype=torch.long)
+    steps.scatter_(1, order, step_of_rank.expand(B, -1))
+    tab = trajectory_table(prompt, torch.ones_like(prompt, dtype=torch.bool), completion, order, steps)
+    lay, qs = exact_layout(tab, P, mask_id)
+    lg = _layout_logits(model, lay, logits_slice=qs)
+    out = torch.empty_like(lg)
+    out.scatter_(1, order[..., None].expand(-1, -1, lg.shape[-1]), lg)
+    return out
+
+
+# ----------------------------------------------------------------------------- 1. shared fixture
+
+
+@needs_fixture
+def test_fixture_weights_only_load_refuses():
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(CKPT, weights_only=True)
+
+
+@needs_fixture
+def test_fixture_load_recovers_raw_and_ema_weights():
+    from safetensors.torch import load_file
+
+    ck = load_official_checkpoint(CKPT)
+    _assert_same_tensors(ck["state_dict"], load_file(FIXTURE / "weights.safetensors"))
+    assert ck["global_step"] == 7
+    assert ck["ema"]["decay"] == pytest.approx(0.9999) and ck["ema"]["num_updates"] == 7
+    assert len(ck["ema"]["shadow_params"]) == 30
+    _assert_same_tensors(ema_state_dict(ck["state_dict"], ck["ema"]["shadow_params"]), load_file(FIXTURE / "ema_weights.safetensors"))
+    stubbed = set(ck["stubbed_globals"])
+    assert {"fake_omegaconf.DictConfig", "fake_omegaconf.ContainerMetadata", "fake_omegaconf.AnyNode"} <= stubbed
+    assert {"fake_tokenizers.GPT2TokenizerFast", "fake_tokenizers._rebuild_tokenizer", "typing.Any"} <= stubbed
+    assert not any(s.startswith(("torch.", "collections.", "builtins.", "_codecs.")) for s in stubbed), stubbed
+    assert "fake_omegaconf" not in sys.modules and "fake_tokenizers" not in sys.modules
+    order = json.loads((FIXTURE / "config.json").read_text())["parameter_order"]
+    assert parameter_order(ck["state_dict"]) == order == ref.reference_parameter_order(2)
+
+
+@pytest.fixture(scope="module")
+def fixture_dirs(tmp_path_factory):
+    """The fixture converted twice: EMA (default) and RAW (--no-ema)."""
+    if not CKPT.exists():
+        pytest.skip(f"shared reference fixture not found at {CKPT}")
+    root = tmp_path_factory.mktemp("fixture_convert")
+    ema = convert_official(CKPT, root / "ema", tokenizer=None, n_heads=2, max_seq_len=32)
+    raw = convert_official(CKPT, root / "raw", use_ema=False, tokenizer=None, n_heads=2, max_seq_len=32)
+    return ema, raw
+
+
+@needs_fixture
+def test_fixture_convert_roundtrip(fixture_dirs):
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModel
+
+    ema_dir, raw_dir = fixture_dirs
+    assert not list(ema_dir.parent.glob("*.tmp-*")), "temporary build directory left behind"
+    for d, wfile, kind in ((ema_dir, "ema_weights.safetensors", "ema"), (raw_dir, "weights.safetensors", "raw")):
+        want = load_file(FIXTURE / wfile)
+        assert (d / "model.safetensors").exists() and (d / "config.json").exists()
+        cfg = AutoConfig.from_pretrained(d)
+        assert isinstance(cfg, EsoLMConfig)
+        assert (cfg.vocab_size, cfg.mask_token_id, cfg.hidden_size, cfg.n_layers, cfg.n_heads, cfg.cond_dim, cfg.mlp_ratio, cfg.max_seq_len) == (
+            101, 100, 64, 2, 2, 32, 4, 32,
+        )  # fmt: skip
+        assert cfg.pad_token_id != cfg.mask_token_id
+        info = json.loads((d / "conversion.json").read_text())
+        assert info["weights"] == kind and info["global_step"] == 7 and info["num_parameters"] == 151141
+        for m in (EsoLMModel.from_pretrained(d), AutoModel.from_pretrained(d)):
+            assert isinstance(m, EsoLMModel)
+            _assert_same_tensors(dict(m.state_dict()), want)
+
+
+@needs_fixture
+def test_fixture_cases_reproduced(fixture_dirs):
+    """The RAW conversion reproduces the reference's logits (diffusion, sequential, sampler)."""
+    from safetensors.torch import load_file
+
+    model = EsoLMModel.from_pretrained(fixture_dirs[1]).eval()
+    C = load_file(FIXTURE / "cases.safetensors")
+    tol = 1e-4
+
+    x, zt, si = C["diffusion_x"], C["diffusion_zt"], C["diffusion_sort_idx"]
+    masked = zt == 100
+    lg = esorl_diffusion_logits(model, x, masked, si, 100)
+    assert (lg - C["diffusion_logits"])[masked].abs().max() < tol
+
+    x, z0, si = C["sequential_x"], C["sequential_z0"], C["sequential_sort_idx"]
+    lg, defined = esorl_sequential_logits(model, x, z0 == 100, si, 100)
+    assert torch.equal(defined, z0 == 100)
+    assert (lg - C["sequential_logits"])[defined].abs().max() < tol
+
+    for name, P in (("sampler_mixed", 0), ("prompt", 8)):
+        x, sig, ks = C[name + "_x"], C[name + "_sigma"], C[name + "_step_sizes"].tolist()
+        ks = ks[1:] if P else ks  # the prompt case's first step is the prompt itself
+        lg = esorl_exact_logits(model, x[:, :P], x[:, P:], sig[:, P:] - P, ks, 100)
+        assert (lg - C[name + "_logits"][:, P:]).abs().max() < tol, name
+
+
+@needs_fixture
+def test_reference_reimplementation_reproduces_fixture():
+    """The independent oracle itself matches the reference implementation's numbers."""
+    from safetensors.torch import load_file
+
+    W = load_file(FIXTURE / "weights.safetensors")
+    C = load_file(FIXTURE / "cases.safetensors")
+    x, zt, si = C["diffusion_x"], C["diffusion_zt"], C["diffusion_sort_idx"]
+    lg = ref.diffusion_reference(W, x, zt == 100, si, 2, 100)
+    assert (lg - C["diffusion_logits"].double())[zt == 100].abs().max() < 1e-4
+    x, z0, si = C["sequential_x"], C["sequential_z0"], C["sequential_sort_idx"]
+    lg = ref.sequential_reference(W, x, z0 == 100, si, 2, 100)
+    assert (lg - C["sequential_logits"].double())[z0 == 100].abs().max() < 1e-4
+    x, sig, ks = C["prompt_x"], C["prompt_sigma"], C["prompt_step_sizes"].tolist()
+    lg = ref.reference_trajectory_logits(W, x[:, :8], x[:, 8:], sig[:, 8:] - 8, ks[1:], 2, 100)
+    assert (lg - C["prompt_logits"][:, 8:].double()).abs().max() < 1e-4
+
+
+# ----------------------------------------------------------------------------- 2. synthetic checkpoint
+
+SYN = dict(n_layers=2, hidden=48, n_heads=3, cond_dim=16, vocab=37, context=40)
+SYN_MASK = SYN["vocab"] - 1
+
+_THROWAWAY_SRC = textwrap.dedent(
+    """
+    class TrainConfig:
+        def __init__(self):
+            self.model = dict(hidden=48, n_heads=3)
+            self.lr = 3e-4
+        def __setstate__(self, state):
+            open(MARKER, "w").write("setstate ran")
+            self.__dict__.update(state)
+
+    class FakeTokenizer:
+        def __init__(self):
+            self.name_or_path = "gpt2"
+        def __reduce__(self):
+            return (FakeTokenizer, ())
+    """
+)
+
+
+def _throwaway_objects(tmp: Path, marker: Path):
+    """Instances of classes from a module that no longer exists when the checkpoint is read."""
+    name = f"esorl_throwaway_{uuid.uuid4().hex[:8]}"
+    (tmp / f"{name}.py").write_text(_THROWAWAY_SRC.replace("MARKER", repr(str(marker))))
+    sys.path.insert(0, str(tmp))
+    try:
+        mod = __import__(name)
+        objs = mod.TrainConfig(), mod.FakeTokenizer()
+    finally:
+        sys.path.remove(str(tmp))
+    return name, objs
+
+
+def _forget_module(name: str, tmp: Path):
+    sys.modules.pop(name, None)
+    (tmp / f"{name}.py").unlink()
+    assert str(tmp) not in sys.path
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """A Lightning-style checkpoint of a random 2-block model, converted with its EMA weights.
+
+    Returns a dict: ``dir`` (converted model), ``ckpt``, ``raw`` / ``ema`` (reference-named
+    state dicts), ``module`` (the vanished module's name), ``marker`` (a file that only code
+    from the checkpoint would create). Also the fixture for the KV-cached sampler test: load
+    ``EsoLMModel.from_pretrained(synthetic["dir"])`` and compare against
+    ``ref.reference_trajectory_logits(synthetic["ema"], ...)`` on :func:`random_trajectory`.
+    """
+    tmp = tmp_path_factory.mktemp("synthetic")
+    marker = tmp / "marker_setstate"
+    raw = ref.random_reference_state_dict(SYN["n_layers"], SYN["hidden"], SYN["n_heads"], SYN["cond_dim"], SYN["vocab"], seed=11)
+    g = torch.Generator().manual_seed(12)
+    ema = {k: (v if k == "rotary_emb.inv_freq" else v + 0.01 * torch.randn(v.shape, generator=g)) for k, v in raw.items()}
+    order = ref.reference_parameter_order(SYN["n_layers"])
+    name, (cfg_obj, tok_obj) = _throwaway_objects(tmp, marker)
+    ckpt = {
+        "epoch": 0,
+        "global_step": 3,
+        "pytorch-lightning_version": "2.2.1",
+        "state_dict": {"backbone." + k: v for k, v in raw.items()},
+        "ema": {"decay": 0.9999, "num_updates": 3, "shadow_params": [ema[n].clone() for n in order]},
+        "hyper_parameters": {"config": cfg_obj, "tokenizer": tok_obj},
+        "optimizer_states": [{"state": {0: {"exp_avg": torch.zeros(3)}}}],
+    }
+    path = tmp / "synthetic.ckpt"
+    torch.save(ckpt, path)
+    _forget_module(name, tmp)
+    out = convert_official(path, tmp / "converted", tokenizer=None, max_seq_len=SYN["context"])
+    assert not marker.exists()
+    return {"dir": out, "ckpt": path, "raw": raw, "ema": ema, "module": name, "marker": marker, "tmp": tmp}
+
+
+def random_trajectory(seed: int, B: int = 3, P: int = 5, N: int = 14, step_sizes=(3, 1, 4, 2, 4), vocab: int = SYN["vocab"] - 1):
+    """A random teacher-forced trajectory ``(prompt (B, P), completion (B, N), order (B, N),
+    step_sizes)`` with steps of size > 1 and a prompt (spec §4: step 1 alone cannot reveal a
+    mask or rotary error). Shared by the exact-layout test and the KV-cached sampler test."""
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, vocab, (B, P), generator=g)
+    completion = torch.randint(0, vocab, (B, N), generator=g)
+    order = torch.stack([torch.randperm(N, generator=g) for _ in range(B)])
+    assert sum(step_sizes) == N
+    return prompt, completion, order, list(step_sizes)
+
+
+def _random_training_batch(seed: int, B: int, L: int, fractions, sequential: bool):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, SYN_MASK, (B, L), generator=g)
+    masked = torch.zeros(B, L, dtype=torch.bool)
+    orders = []
+    for b, f in enumerate(fractions):
+        n = int(round(f * L))
+        perm = torch.randperm(L, generator=g)
+        masked[b, perm[:n]] = True
+        clean = perm[n:][torch.randperm(L - n, generator=g)]
+        m = perm[:n].sort().values if sequential else perm[:n][torch.randperm(n, generator=g)]
+        orders.append(torch.cat([clean, m]))
+    return x, masked, torch.stack(orders)
+
+
+def _float64_model(d):
+    return EsoLMModel.from_pretrained(d).double().eval()
+
+
+def test_synthetic_conversion_uses_ema_and_stubs_vanished_classes(synthetic):
+    ck = load_official_checkpoint(synthetic["ckpt"])
+    assert ck["global_step"] == 3 and ck["ema"]["num_updates"] == 3
+    mod = synthetic["module"]
+    assert {f"{mod}.TrainConfig", f"{mod}.FakeTokenizer"} <= set(ck["stubbed_globals"])
+    # TrainConfig.__setstate__ (which would write the marker) never ran, its module was not imported
+    assert not synthetic["marker"].exists() and mod not in sys.modules
+
+    m = EsoLMModel.from_pretrained(synthetic["dir"])
+    c = m.config
+    assert (c.n_layers, c.hidden_size, c.n_heads, c.cond_dim, c.vocab_size, c.mask_token_id, c.max_seq_len) == (2, 48, 3, 16, 37, 36, 40)
+    assert c.pad_token_id != c.mask_token_id
+    _assert_same_tensors(dict(m.state_dict()), synthetic["ema"])
+
+
+@pytest.mark.parametrize("phase", ["diffusion", "sequential"])
+def test_synthetic_training_layouts_match_reference(synthetic, phase):
+    """esorl (float64) == the independent re-implementation (float64) on random orders."""
+    model = _float64_model(synthetic["dir"])
+    B, L = 4, SYN["context"]
+    fractions = [0.3, 1.0, 0.6, 1 / L]
+    x, masked, order = _random_training_batch(21 if phase == "diffusion" else 22, B, L, fractions, phase == "sequential")
+    if phase == "diffusion":
+        got = esorl_diffusion_logits(model, x, masked, order, SYN_MASK)
+        want = ref.diffusion_reference(synthetic["ema"], x, masked, order, SYN["n_heads"], SYN_MASK)
+        assert got.dtype == torch.float64
+        assert (got - want).abs().max() < 1e-9  # every slot: the mask is plain causal
+        assert want[masked].abs().max() > 0.5  # non-trivial logits (adaLN / output layer non-zero)
+    else:
+        got, defined = esorl_sequential_logits(model, x, masked, order, SYN_MASK)
+        want = ref.sequential_reference(synthetic["ema"], x, masked, order, SYN["n_heads"], SYN_MASK)
+        assert torch.equal(defined, masked)
+        assert (got - want)[masked].abs().max() < 1e-9
+
+
+def test_synthetic_exact_layout_matches_reference_replay(synthetic):
+    """Layout (a) in one pass == the oracle's step-by-step replay (rules 1–4 built token by
+    token). The KV-cached sampler test (layout (b)) reuses :func:`random_trajectory` and
+    ``ref.reference_trajectory_logits`` the same way."""
+    model = _float64_model(synthetic["dir"])
+    prompt, completion, order, ks = random_trajectory(31)
+    got = esorl_exact_logits(model, prompt, completion, order, ks, SYN_MASK)
+    want = ref.reference_trajectory_logits(synthetic["ema"], prompt, completion, order, ks, SYN["n_heads"], SYN_MASK)
+    assert (got - want).abs().max() < 1e-9
+
+
+def test_synthetic_raw_weights_and_overwrite(synthetic):
+    out = synthetic["tmp"] / "converted"  # exists and is non-empty
+    with pytest.raises(FileExistsError, match="converted"):
+        convert_official(synthetic["ckpt"], out, use_ema=False, tokenizer=None, max_seq_len=40)
+    raw_dir = convert_official(synthetic["ckpt"], synthetic["tmp"] / "raw", use_ema=False, tokenizer=None, max_seq_len=40)
+    _assert_same_tensors(dict(EsoLMModel.from_pretrained(raw_dir).state_dict()), synthetic["raw"])
+    # overwrite replaces atomically and leaves nothing behind
+    convert_official(synthetic["ckpt"], raw_dir, use_ema=True, tokenizer=None, max_seq_len=40, overwrite=True)
+    _assert_same_tensors(dict(EsoLMModel.from_pretrained(raw_dir).state_dict()), synthetic["ema"])
+    assert not [p for p in synthetic["tmp"].iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
+def test_tokenizer_fallback_writes_settings(synthetic, capsys):
+    """Without network (or before esorl.data.tokenizer exists) the tokenizer settings are written."""
+    out = convert_official(synthetic["ckpt"], synthetic["tmp"] / "with_tok", tokenizer="gpt2", max_seq_len=40)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["pad_token_id"] != cfg["mask_token_id"]
+    settings = out / "tokenizer_settings.json"
+    if settings.exists():  # the usual case here (offline)
+        s = json.loads(settings.read_text())
+        assert s["name"] == "gpt2" and s["mask_token_id"] == 36 and s["pad_token_id"] != 36 and "never pad" in s["note"]
+        assert "warning" in capsys.readouterr().err
+    # The GPT-2 vocabulary (shapes only): pad = eos = 50256, never the MASK id 50257.
+    meta = {k: torch.empty(v.shape, device="meta") for k, v in synthetic["raw"].items() if k != "rotary_emb.inv_freq"}
+    meta["vocab_embed.embedding"] = torch.empty(50258, 48, device="meta")
+    meta["output_layer.linear.weight"] = torch.empty(50258, 48, device="meta")
+    cfg = infer_config(meta, n_heads=3)
+    assert (cfg.mask_token_id, cfg.pad_token_id, cfg.eos_token_id) == (50257, 50256, 50256)
+    assert official._tokenizer_settings("gpt2", cfg) == {
+        "name": "gpt2", "mask_token_id": 50257, "pad_token_id": 50256, "note": "never pad with 50257 (= MASK)",
+    }  # fmt: skip
+    assert infer_config(meta).n_heads == 1  # no inv_freq: max(1, hidden // 64)
+
+
+def test_infer_config_heads_from_rotary_buffer(synthetic):
+    cfg = infer_config(synthetic["raw"])
+    assert cfg.n_heads == 3 and cfg.rotary_base == 10000.0 and cfg.mlp_ratio == 4 and cfg.frequency_embedding_size == 256
+    with pytest.raises(CheckpointError, match="n_heads=2 contradicts"):
+        infer_config(synthetic["raw"], n_heads=2)
+
+
+def test_cli_main(synthetic, capsys):
+    out = synthetic["tmp"] / "cli"
+    rc = official.main([str(synthetic["ckpt"]), str(out), "--no-ema", "--tokenizer", "none", "--max-seq-len", "40"])
+    text = capsys.readouterr().out
+    assert rc == 0 and (out / "model.safetensors").exists()
+    assert "global_step 3" in text and "RAW" in text and synthetic["module"] + ".TrainConfig" in text
+    assert f"{sum(v.numel() for k, v in synthetic['raw'].items() if k != 'rotary_emb.inv_freq'):,} parameters" in text
+    rc = official.main([str(synthetic["tmp"] / "nope.ckpt"), str(synthetic["tmp"] / "cli2")])
+    assert rc == 1 and "nope.ckpt" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- 3. malicious pickles
+
+
+class _Payload:
+    """Pickles as ``func(*args)``: what a malicious checkpoint does with ``__reduce__``."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return (self.func, self.args)
+
+
+def _payloads(marker: Path):
+    return {
+        "os.system": _Payload(os.system, f"touch {marker}"),
+        "builtins.eval": _Payload(eval, f"open({str(marker)!r}, 'w').write('pwned')"),
+        "builtins.exec": _Payload(exec, f"open({str(marker)!r}, 'w').write('pwned')"),
+        "subprocess.check_call": _Payload(subprocess.check_call, ["touch", str(marker)]),
+    }
+
+
+def _malicious_ckpt(tmp: Path, payload, where: str) -> Path:
+    sd = {"backbone.vocab_embed.embedding": torch.randn(5, 4)}
+    obj = {"state_dict": sd, "global_step": 1}
+    if where == "top":
+        obj["hyper_parameters"] = {"config": payload}
+    else:  # hidden inside the state dict's values
+        sd["backbone.evil"] = payload
+    path = tmp / f"evil_{uuid.uuid4().hex[:6]}.ckpt"
+    torch.save(obj, path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["os.system", "builtins.eval", "builtins.exec", "subprocess.check_call"])
+def test_malicious_payload_never_runs(tmp_path, kind):
+    marker = tmp_path / "pwned"
+    path = _malicious_ckpt(tmp_path, _payloads(marker)[kind], "top")
+    func_name = kind.split(".")[1]
+    with pytest.raises(UnsafeCheckpointError, match=rf"{path.name}.*\.{func_name}"):
+        load_official_checkpoint(path)
+    assert not marker.exists()
+    # Stub mode: the global becomes an inert stub, loading proceeds, nothing runs.
+    ck = load_official_checkpoint(path, on_dangerous="stub")
+    assert not marker.exists()
+    assert any(s.endswith("." + func_name) for s in ck["stubbed_globals"]), ck["stubbed_globals"]
+    assert list(ck["state_dict"]) == ["vocab_embed.embedding"]
+    # and torch's own loader would have run it (the payload is real)
+    if kind == "builtins.eval":
+        torch.load(path, weights_only=False)
+        assert marker.exists()
+
+
+def test_payload_inside_state_dict_is_refused_or_reported(tmp_path):
+    marker = tmp_path / "pwned"
+    path = _malicious_ckpt(tmp_path, _payloads(marker)["os.system"], "state_dict")
+    with pytest.raises(UnsafeCheckpointError):
+        load_official_checkpoint(path)
+    with pytest.raises(CheckpointError, match="not tensors"):
+        load_official_checkpoint(path, on_dangerous="stub")
+    assert not marker.exists()
+
+
+def test_importable_class_code_never_runs(tmp_path):
+    """Even a class whose module *is* importable is stubbed: its module is not imported and its
+    ``__setstate__`` / constructor never run."""
+    marker = tmp_path / "ran"
+    name, (cfg_obj, tok_obj) = _throwaway_objects(tmp_path, marker)
+    path = tmp_path / "importable.ckpt"
+    torch.save({"state_dict": {"backbone.vocab_embed.embedding": torch.ones(3, 2)}, "hyper_parameters": {"config": cfg_obj}}, path)
+    sys.modules.pop(name, None)
+    sys.path.insert(0, str(tmp_path))  # the module stays importable during the load
+    try:
+        ck = load_official_checkpoint(path)
+        assert name not in sys.modules, "the checkpoint's module was imported"
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert not marker.exists()
+    assert f"{name}.TrainConfig" in ck["stubbed_globals"]
+
+
+def test_restricted_unpickler_direct():
+    """The unpickler on its own: plain data passes, classes become inert recorded stubs."""
+    import io
+
+    data = pickle.dumps({"a": [1, 2.5, (3, "x")], "b": {1, 2}, "c": b"\x00\xff", "d": _Payload(os.getcwd)}, protocol=2)
+    up = official.RestrictedUnpickler(io.BytesIO(data), on_dangerous="stub")
+    obj = up.load()
+    assert obj["a"] == [1, 2.5, (3, "x")] and obj["b"] == {1, 2} and obj["c"] == b"\x00\xff"
+    assert isinstance(obj["d"], official.StubObject) and obj["d"]._stub_name == "getcwd"
+    assert "posix.getcwd" in up.stubbed_globals or "nt.getcwd" in up.stubbed_globals
+    with pytest.raises(UnsafeCheckpointError, match="getcwd"):
+        official.RestrictedUnpickler(io.BytesIO(data)).load()
+    # _codecs.encode is allowed only as pickle uses it for bytes
+    evil = b"\x80\x02c_codecs\nencode\nq\x00X\x03\x00\x00\x00abcq\x01X\x06\x00\x00\x00base64q\x02\x86q\x03Rq\x04."
+    with pytest.raises(UnsafeCheckpointError, match="_codecs.encode"):
+        official.RestrictedUnpickler(io.BytesIO(evil)).load()
+
+
+# ----------------------------------------------------------------------------- 4. errors
+
+
+def test_error_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothere.ckpt"):
+        load_official_checkpoint(tmp_path / "nothere.ckpt")
+
+
+def test_error_text_file(tmp_path):
+    p = tmp_path / "notes.ckpt"
+    p.write_text("this is not a checkpoint\n")
+    with pytest.raises(CheckpointError, match="notes.ckpt.*not a readable PyTorch checkpoint"):
+        load_official_checkpoint(p)
+
+
+def test_error_no_state_dict(tmp_path):
+    p = tmp_path / "weights_only.ckpt"
+    torch.save({"model": {"w": torch.ones(2)}, "global_step": 1}, p)
+    with pytest.raises(CheckpointError, match=r"weights_only.ckpt has no 'state_dict'.*model"):
+        load_official_checkpoint(p)
+    p2 = tmp_path / "list.ckpt"
+    torch.save([torch.ones(2)], p2)
+    with pytest.raises(CheckpointError, match="list.ckpt.*list"):
+        load_official_checkpoint(p2)
+
+
+def test_error_ema_mismatch(tmp_path, synthetic):
+    raw = synthetic["raw"]
+    order = ref.reference_parameter_order(2)
+    shadow = [synthetic["ema"][n] for n in order]
+    p = tmp_path / "short_ema.ckpt"
+    torch.save({"state_dict": {"backbone." + k: v for k, v in raw.items()}, "ema": {"decay": 0.9, "num_updates": 1, "shadow_params": shadow[:-1]}}, p)
+    with pytest.raises(CheckpointError, match=r"short_ema.ckpt: ema.shadow_params has 29 tensors but the backbone has 30"):
+        load_official_checkpoint(p)
+    swapped = list(shadow)
+    swapped[0], swapped[1] = swapped[1], swapped[0]
+    with pytest.raises(CheckpointError, match="EMA entry 0 has shape"):
+        ema_state_dict(raw, swapped)
+    # no EMA at all: converting with EMA fails clearly, --no-ema works
+    p2 = tmp_path / "no_ema.ckpt"
+    torch.save({"state_dict": {"backbone." + k: v for k, v in raw.items()}}, p2)
+    with pytest.raises(CheckpointError, match="no_ema.ckpt has no 'ema'"):
+        convert_official(p2, tmp_path / "o", tokenizer=None)
+    assert not (tmp_path / "o").exists()
+
+
+def test_error_wrong_architecture(tmp_path, synthetic):
+    raw = dict(synthetic["raw"])
+    del raw["blocks.1.mlp.2.bias"]
+    p = tmp_path / "broken.ckpt"
+    torch.save({"state_dict": {"backbone." + k: v for k, v in raw.items()}}, p)
+    with pytest.raises(CheckpointError, match=r"(?s)broken.ckpt.*blocks.1.mlp.2.bias"):
+        convert_official(p, tmp_path / "o", use_ema=False, tokenizer=None)
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob("o.tmp-*"))

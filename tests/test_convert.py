@@ -398,26 +398,69 @@ def test_synthetic_raw_weights_and_overwrite(synthetic):
     assert not [p for p in synthetic["tmp"].iterdir() if ".tmp-" in p.name or ".old-" in p.name]
 
 
-def test_tokenizer_fallback_writes_settings(synthetic, capsys):
-    """Without network (or before esorl.data.tokenizer exists) the tokenizer settings are written."""
+def _fake_tokenizer_module(monkeypatch, load_tokenizer):
+    import types
+
+    mod = types.ModuleType("esorl.data.tokenizer")
+    mod.load_tokenizer = load_tokenizer
+    monkeypatch.setitem(sys.modules, "esorl.data.tokenizer", mod)
+
+
+def test_tokenizer_fallback_writes_settings(synthetic, monkeypatch, capsys):
+    """When the tokenizer cannot be loaded (offline), its settings are written instead."""
+
+    def offline(spec):
+        raise FileNotFoundError(f"tokenizer {spec!r} is neither a local directory nor loadable from the hub (offline)")
+
+    _fake_tokenizer_module(monkeypatch, offline)
     out = convert_official(synthetic["ckpt"], synthetic["tmp"] / "with_tok", tokenizer="gpt2", max_seq_len=40)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["pad_token_id"] != cfg["mask_token_id"]
-    settings = out / "tokenizer_settings.json"
-    if settings.exists():  # the usual case here (offline)
-        s = json.loads(settings.read_text())
-        assert s["name"] == "gpt2" and s["mask_token_id"] == 36 and s["pad_token_id"] != 36 and "never pad" in s["note"]
-        assert "warning" in capsys.readouterr().err
-    # The GPT-2 vocabulary (shapes only): pad = eos = 50256, never the MASK id 50257.
+    s = json.loads((out / "tokenizer_settings.json").read_text())
+    assert s["name"] == "gpt2" and s["mask_token_id"] == 36 and s["pad_token_id"] != 36 and "never pad with 36" in s["note"]
+    assert "warning: could not load tokenizer 'gpt2'" in capsys.readouterr().err
+    # The GPT-2 vocabulary (shapes only, meta tensors): pad = eos = 50256, never MASK = 50257.
     meta = {k: torch.empty(v.shape, device="meta") for k, v in synthetic["raw"].items() if k != "rotary_emb.inv_freq"}
     meta["vocab_embed.embedding"] = torch.empty(50258, 48, device="meta")
     meta["output_layer.linear.weight"] = torch.empty(50258, 48, device="meta")
+    meta["output_layer.linear.bias"] = torch.empty(50258, device="meta")
     cfg = infer_config(meta, n_heads=3)
     assert (cfg.mask_token_id, cfg.pad_token_id, cfg.eos_token_id) == (50257, 50256, 50256)
     assert official._tokenizer_settings("gpt2", cfg) == {
         "name": "gpt2", "mask_token_id": 50257, "pad_token_id": 50256, "note": "never pad with 50257 (= MASK)",
     }  # fmt: skip
     assert infer_config(meta).n_heads == 1  # no inv_freq: max(1, hidden // 64)
+
+
+def test_tokenizer_saved_and_pad_never_mask(synthetic, monkeypatch):
+    """A loadable tokenizer is saved next to the model; a pad id equal to MASK (the released
+    GPT-2 setup) is replaced by eos in both the tokenizer and the config."""
+
+    class FakeTok:
+        eos_token, eos_token_id, mask_token_id = "<eos>", 0, 36
+        pad_token_id = 36  # = MASK, as the training tokenizer's [PAD]
+
+        def __len__(self):
+            return 37
+
+        @property
+        def pad_token(self):
+            return "[PAD]"
+
+        @pad_token.setter
+        def pad_token(self, tok):
+            assert tok == self.eos_token
+            self.pad_token_id = self.eos_token_id
+
+        def save_pretrained(self, d):
+            Path(d, "tokenizer.json").write_text("{}")
+
+    seen = []
+    _fake_tokenizer_module(monkeypatch, lambda spec: seen.append(spec) or FakeTok())
+    out = convert_official(synthetic["ckpt"], synthetic["tmp"] / "tok_ok", tokenizer="some/tok", max_seq_len=40)
+    assert seen == ["some/tok"] and (out / "tokenizer.json").exists() and not (out / "tokenizer_settings.json").exists()
+    cfg = EsoLMModel.from_pretrained(out).config
+    assert (cfg.pad_token_id, cfg.eos_token_id, cfg.mask_token_id) == (0, 0, 36)
 
 
 def test_infer_config_heads_from_rotary_buffer(synthetic):

@@ -3,30 +3,37 @@
 The released ``.ckpt`` files pickle the training config (OmegaConf) and the tokenizer object
 next to the weights, so ``torch.load(weights_only=True)`` refuses them and
 ``weights_only=False`` would import (and run) whatever the file names. This module reads them
-with :class:`RestrictedUnpickler`:
+through ``torch.load(..., weights_only=False, pickle_module=<restricted>)`` (torch keeps its
+own zip/legacy storage handling) whose unpickler is :class:`RestrictedUnpickler`:
 
-* **rebuilt for real**: tensors and storages (``torch._utils._rebuild_tensor{,_v2,_v3}``,
-  ``_rebuild_parameter{,_with_state}``, ``torch._tensor._rebuild_from_type_v2``, storage
-  classes, dtypes, ``torch.Size``/``torch.device``/layouts/memory formats), plain containers
-  and scalars (``dict``, ``list``, ``tuple``, ``set``, ``frozenset``, ``int``, ``float``,
-  ``complex``, ``bool``, ``str``, ``bytes``, ``bytearray``, ``slice``, ``range``,
-  ``collections.OrderedDict``) and ``_codecs.encode`` restricted to ``str`` with a
-  latin-1/utf-8/ascii codec (pickle protocol 2 stores ``bytes`` that way). The tensor
-  rebuilders are wrapped: backward hooks and Python-side tensor state from the file are
-  dropped, and their arguments must be real storages/tensors.
-* **refused** (:class:`UnsafeCheckpointError`, naming the global) by default: globals that
-  only a malicious file would reference – ``os``/``posix``/``nt``/``subprocess``/``sys``/
-  ``shutil``/``importlib``/``runpy``/``socket``/``ctypes``/``pickle``/``marshal``/... and the
-  builtins ``eval``/``exec``/``compile``/``open``/``getattr``/``setattr``/``__import__``/....
-  With ``on_dangerous="stub"`` they are stubbed like everything else instead.
+* **real objects**: the immutable C types ``dict``, ``list``, ``tuple``, ``set``,
+  ``frozenset``, ``int``, ``float``, ``complex``, ``bool``, ``str``, ``bytes``, ``bytearray``,
+  ``slice``, ``range``, ``collections.OrderedDict``, ``torch.Size``, ``torch.device`` and the
+  ``torch`` dtypes / layouts / memory formats / qschemes;
+* **wrapped functions** (immutable wrappers that refuse pickle ``BUILD``): the tensor
+  rebuilders ``torch._utils._rebuild_tensor{,_v2,_v3}``, ``_rebuild_parameter{,_with_state}``
+  and ``torch._tensor._rebuild_from_type_v2`` (arguments must be real storages/tensors;
+  backward hooks, tensor subclasses and Python-side tensor state from the file are dropped),
+  ``torch.serialization._get_layout``, and ``_codecs.encode`` restricted to ``str`` with a
+  latin-1/utf-8/ascii codec (how pickle protocol 2 stores ``bytes``). Storage types are
+  turned into inert ``StorageType`` objects by torch's own loader (``torch.UntypedStorage``
+  by an inert marker here);
+* **refused** (:class:`UnsafeCheckpointError`, naming the global, raised when the global is
+  looked up, before anything is called) by default: globals that only a malicious file
+  references – anything from ``os``/``posix``/``nt``/``subprocess``/``sys``/``shutil``/
+  ``importlib``/``runpy``/``socket``/``ctypes``/``pickle``/``marshal``/... and the builtins
+  ``eval``/``exec``/``compile``/``open``/``getattr``/``setattr``/``__import__``/....
+  With ``on_dangerous="stub"`` they are stubbed like everything else instead;
 * **stubbed**: every other global (``fake_omegaconf.DictConfig``, ``typing.Any``,
-  ``tokenizers.Tokenizer``, ``copyreg._reconstructor``, ...) becomes an inert class of its
-  own that records the module and name, and whose construction / ``__setstate__`` /
-  ``append`` / ``__setitem__`` only *store* their arguments. Nothing from the file is ever
-  imported or executed, even if the named module is importable.
+  ``copyreg._reconstructor``, a tensor subclass, ...) becomes a fresh class of its own that
+  records the module and name; constructing it, ``__setstate__``, ``append``/``extend`` and
+  ``__setitem__`` only *store* their arguments. The named module is never imported, so no
+  code from it or from the file runs.
 
-Cost: one ``torch.load`` of the file (memory-mapped for zip checkpoints, so optimizer
-states are never read into memory) plus one forward-free model construction.
+Not defended: memory exhaustion (a file can always claim huge storages or ``bytes(10**12)``).
+
+Cost: one ``torch.load`` of the file (memory-mapped for zip checkpoints, so e.g. optimizer
+states are not read into memory) plus one model construction.
 """
 
 from __future__ import annotations
@@ -125,6 +132,44 @@ def _make_stub(module: str, name: str) -> type:
 # ----------------------------------------------------------------------------- safe callables
 
 
+class _Frozen:
+    """An allowed callable as the unpickler hands it out: callable, but immutable.
+
+    Pickle ``BUILD`` on a global sets attributes on it (``__setstate__``, or ``setattr`` for
+    slot state); on a module-level function that would be process-wide state the file could
+    change (``__defaults__``, ...). ``_Frozen`` has no ``__dict__`` and refuses ``BUILD``.
+    """
+
+    __slots__ = ("fn", "qualname")
+
+    def __init__(self, fn, qualname: str):
+        object.__setattr__(self, "fn", fn)
+        object.__setattr__(self, "qualname", qualname)
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def __setattr__(self, name, value):
+        raise UnsafeCheckpointError(f"the checkpoint tries to set {name!r} on {self.qualname}")
+
+    def __setstate__(self, state):
+        raise UnsafeCheckpointError(f"the checkpoint tries to modify {self.qualname}")
+
+    def __repr__(self) -> str:
+        return f"<restricted {self.qualname}>"
+
+
+class _UntypedStorageType:
+    """Stands for ``torch.UntypedStorage`` in a storage persistent id: torch's loader only reads
+    ``.dtype`` (uint8) from it; a fresh inert object per reference, not the real class."""
+
+    __slots__ = ()
+    dtype = torch.uint8
+
+    def __setstate__(self, state):
+        raise UnsafeCheckpointError("the checkpoint tries to modify a storage type")
+
+
 def _check_storage(storage) -> None:
     if not isinstance(storage, (torch.storage.TypedStorage, torch.storage.UntypedStorage)):
         raise UnsafeCheckpointError(f"tensor rebuild got a {type(storage).__name__} instead of a storage")
@@ -174,7 +219,7 @@ _SAFE_REBUILDERS = (_safe_rebuild_tensor, _safe_rebuild_tensor_v2, _safe_rebuild
 def _safe_rebuild_from_type_v2(func, new_type, args, state):
     # A tensor subclass or a tensor with Python attributes: rebuild the plain tensor only
     # (the subclass and state from the file are never applied).
-    if func not in _SAFE_REBUILDERS or not isinstance(args, tuple):
+    if not isinstance(func, _Frozen) or func.fn not in _SAFE_REBUILDERS or not isinstance(args, tuple):
         raise UnsafeCheckpointError(f"_rebuild_from_type_v2 with a non-tensor rebuild function {func!r}")
     return func(*args)
 
@@ -197,8 +242,7 @@ _SAFE_BUILTINS = {
     "bytearray": bytearray, "slice": slice, "range": range,
 }  # fmt: skip
 
-_SAFE_GLOBALS: dict[tuple[str, str], Any] = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
+_SAFE_FUNCTIONS = {
     ("_codecs", "encode"): _safe_codecs_encode,
     ("torch._utils", "_rebuild_tensor"): _safe_rebuild_tensor,
     ("torch._utils", "_rebuild_tensor_v2"): _safe_rebuild_tensor_v2,
@@ -206,14 +250,16 @@ _SAFE_GLOBALS: dict[tuple[str, str], Any] = {
     ("torch._utils", "_rebuild_parameter"): _safe_rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _safe_rebuild_parameter_with_state,
     ("torch._tensor", "_rebuild_from_type_v2"): _safe_rebuild_from_type_v2,
-    ("torch.nn.parameter", "Parameter"): torch.nn.Parameter,
-    ("torch", "Size"): torch.Size,
-    ("torch", "device"): torch.device,
-    ("torch.storage", "UntypedStorage"): torch.storage.UntypedStorage,
-    ("torch.storage", "TypedStorage"): torch.storage.TypedStorage,
     ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
 }
+# Immutable C types only (BUILD cannot set attributes on them).
+_SAFE_GLOBALS: dict[tuple[str, str], Any] = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch", "Size"): torch.Size,
+    ("torch", "device"): torch.device,
+}
 _SAFE_GLOBALS.update({("builtins", k): v for k, v in _SAFE_BUILTINS.items()})
+_UNTYPED_STORAGE = {("torch", "UntypedStorage"), ("torch.storage", "UntypedStorage")}
 
 # Globals only a malicious file references: refused by default (stubbed with on_dangerous="stub").
 _DANGEROUS_MODULES = {
@@ -241,22 +287,24 @@ def _is_dangerous(module: str, name: str) -> bool:
 
 
 def _torch_attribute(name: str):
-    """dtypes, storage classes, layouts, memory formats and qschemes of the ``torch`` module."""
+    """dtypes, layouts, memory formats and qschemes of the ``torch`` module (immutable C objects).
+
+    Typed storage names (``torch.FloatStorage``) never get here under ``torch.load``: its own
+    unpickler wrapper maps every ``*Storage`` name to an inert ``StorageType`` first.
+    """
     if "." in name or name.startswith("_"):
         return None
     obj = getattr(torch, name, None)
     if isinstance(obj, (torch.dtype, torch.layout, torch.memory_format, torch.qscheme)):
         return obj
-    if isinstance(obj, type) and name.endswith("Storage") and issubclass(obj, torch.storage.TypedStorage):
-        return obj
     return None
-
 
 # ----------------------------------------------------------------------------- unpickler
 
 
 class RestrictedUnpickler(pickle.Unpickler):
-    """A ``pickle.Unpickler`` that rebuilds tensors and plain data and stubs everything else.
+    """A ``pickle.Unpickler`` that rebuilds tensors and plain data and stubs everything else
+    (the policy is in the module docstring).
 
     Args:
         file: a binary file object.
@@ -305,6 +353,16 @@ class RestrictedUnpickler(pickle.Unpickler):
         key = (module, name)
         if key in _SAFE_GLOBALS:
             return _SAFE_GLOBALS[key]
+        if key in _SAFE_FUNCTIONS:
+            return _Frozen(_SAFE_FUNCTIONS[key], f"{module}.{name}")
+        if key in _UNTYPED_STORAGE:
+            return _UntypedStorageType()
+        if key == ("torch", "Tensor"):
+            # Only ever the `new_type` argument of _rebuild_from_type_v2, which ignores it: an
+            # inert marker (not a constructor), not reported as a stubbed foreign class.
+            if key not in self._stubs:
+                self._stubs[key] = _make_stub(module, name)
+            return self._stubs[key]
         if module == "torch":
             obj = _torch_attribute(name)
             if obj is not None:

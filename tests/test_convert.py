@@ -281,9 +281,8 @@ def synthetic(tmp_path_factory):
 
     Returns a dict: ``dir`` (converted model), ``ckpt``, ``raw`` / ``ema`` (reference-named
     state dicts), ``module`` (the vanished module's name), ``marker`` (a file that only code
-    from the checkpoint would create). Also the fixture for the KV-cached sampler test: load
-    ``EsoLMModel.from_pretrained(synthetic["dir"])`` and compare against
-    ``ref.reference_trajectory_logits(synthetic["ema"], ...)`` on :func:`random_trajectory`.
+    from the checkpoint would create). The KV-cached sampler test takes its case from
+    :func:`kv_sampler_reference_case`.
     """
     tmp = tmp_path_factory.mktemp("synthetic")
     marker = tmp / "marker_setstate"
@@ -375,15 +374,29 @@ def test_synthetic_training_layouts_match_reference(synthetic, phase):
         assert (got - want)[masked].abs().max() < 1e-9
 
 
+def kv_sampler_reference_case(synthetic, seed: int = 31):
+    """The KV-cached-sampler-path comparison case (spec §4 (b)), for the sampler's test.
+
+    Returns ``(model, (prompt, completion, order, step_sizes), want, mask_id)``: the converted
+    model in float64, a random teacher-forced trajectory (prompt, steps of size > 1), and the
+    oracle's per-position logits ``want (B, N, V)`` (float64, raw: MASK logit kept), computed
+    by ``tests/reference_esolm.py`` step by step from the EMA state dict, never through esorl.
+    A sampler teacher-forced to emit ``completion`` in order ``order`` with ``step_sizes`` must
+    report, for every completion position, the logits ``want`` (atol 1e-9 in float64).
+    """
+    model = _float64_model(synthetic["dir"])
+    prompt, completion, order, ks = random_trajectory(seed)
+    want = ref.reference_trajectory_logits(synthetic["ema"], prompt, completion, order, ks, SYN["n_heads"], SYN_MASK)
+    return model, (prompt, completion, order, ks), want, SYN_MASK
+
+
 def test_synthetic_exact_layout_matches_reference_replay(synthetic):
     """Layout (a) in one pass == the oracle's step-by-step replay (rules 1–4 built token by
-    token). The KV-cached sampler test (layout (b)) reuses :func:`random_trajectory` and
-    ``ref.reference_trajectory_logits`` the same way."""
-    model = _float64_model(synthetic["dir"])
-    prompt, completion, order, ks = random_trajectory(31)
-    got = esorl_exact_logits(model, prompt, completion, order, ks, SYN_MASK)
-    want = ref.reference_trajectory_logits(synthetic["ema"], prompt, completion, order, ks, SYN["n_heads"], SYN_MASK)
+    token), on the case :func:`kv_sampler_reference_case` hands to the sampler test."""
+    model, (prompt, completion, order, ks), want, mask_id = kv_sampler_reference_case(synthetic)
+    got = esorl_exact_logits(model, prompt, completion, order, ks, mask_id)
     assert (got - want).abs().max() < 1e-9
+    assert want.abs().max() > 0.5
 
 
 def test_synthetic_raw_weights_and_overwrite(synthetic):

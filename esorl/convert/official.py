@@ -570,7 +570,10 @@ def infer_config(state_dict: dict, mask_token_id: int | None = None, max_seq_len
         **specials,
     )
     kwargs.update(overrides)
-    cfg = EsoLMConfig(**kwargs)
+    try:
+        cfg = EsoLMConfig(**kwargs)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     if cfg.pad_token_id is not None and cfg.pad_token_id == cfg.mask_token_id:
         raise CheckpointError(f"pad_token_id == mask_token_id == {cfg.mask_token_id}: never pad with MASK")
     return cfg
@@ -664,6 +667,13 @@ def _save_tokenizer(tokenizer: str, cfg, tmp: Path, log) -> str:
         return f"tokenizer settings written ({settings['name']}: MASK {settings['mask_token_id']}, pad {settings['pad_token_id']})"
 
 
+def _plain(x):
+    """A JSON-able scalar from an EMA field (a number, a 0-d tensor, or anything else as text)."""
+    if isinstance(x, torch.Tensor) and x.numel() == 1:
+        return x.item()
+    return x if isinstance(x, (int, float, type(None))) else str(x)
+
+
 def convert_official(
     ckpt_path: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -681,7 +691,8 @@ def convert_official(
     and sampling in the reference use them) or the raw ones, builds ``EsoLMModel``,
     ``load_state_dict(strict=True)``, ``save_pretrained``, and adds the tokenizer (or
     ``tokenizer_settings.json`` when it cannot be loaded) and ``conversion.json``
-    (provenance). Written atomically: built in ``<out_dir>.tmp-<pid>`` and renamed. An
+    (provenance). Weights are stored in float32 (the model's dtype; a bf16 checkpoint is
+    upcast losslessly). Written atomically: built in ``<out_dir>.tmp-<pid>`` and renamed. An
     existing non-empty ``out_dir`` is an error unless ``overwrite``.
     """
     from ..modeling_esolm import EsoLMModel
@@ -723,8 +734,8 @@ def convert_official(
             "source": str(Path(ckpt_path).resolve()),
             "global_step": ck["global_step"],
             "weights": "ema" if use_ema else "raw",
-            "ema_decay": ck["ema"]["decay"] if use_ema else None,
-            "ema_num_updates": ck["ema"]["num_updates"] if use_ema else None,
+            "ema_decay": _plain(ck["ema"]["decay"]) if use_ema else None,
+            "ema_num_updates": _plain(ck["ema"]["num_updates"]) if use_ema else None,
             "stubbed_globals": ck["stubbed_globals"],
             "ignored_state_dict_keys": ck["ignored_keys"],
             "num_parameters": n_params,
@@ -735,7 +746,12 @@ def convert_official(
         if out.exists():
             old = Path(f"{out}.old-{os.getpid()}")
             os.replace(out, old)
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            if old is not None:
+                os.replace(old, out)
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
     except BaseException:
@@ -766,21 +782,19 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     tok = None if str(a.tokenizer).lower() == "none" else a.tokenizer
     try:
-        ck = load_official_checkpoint(a.ckpt, on_dangerous="stub" if a.stub_dangerous else "raise")
-        print(f"read {a.ckpt}: global_step {ck['global_step']}, {len(ck['state_dict'])} backbone tensors")
-        if ck["stubbed_globals"]:
-            print("stubbed (never imported or run): " + ", ".join(ck["stubbed_globals"]))
-        del ck
         out = convert_official(
             a.ckpt, a.out_dir, use_ema=not a.no_ema, n_heads=a.n_heads, max_seq_len=a.max_seq_len,
             tokenizer=tok, mask_token_id=a.mask_token_id, overwrite=a.overwrite,
             on_dangerous="stub" if a.stub_dangerous else "raise",
         )  # fmt: skip
-    except (CheckpointError, FileNotFoundError, FileExistsError) as e:
+    except (CheckpointError, ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     info = json.loads((out / "conversion.json").read_text())
     cfg = json.loads((out / "config.json").read_text())
+    print(f"read {a.ckpt}: global_step {info['global_step']}")
+    if info["stubbed_globals"]:
+        print("stubbed (never imported or run): " + ", ".join(info["stubbed_globals"]))
     w = info["weights"]
     if w == "ema":
         w = f"EMA (decay {info['ema_decay']}, {info['ema_num_updates']} updates)"

@@ -206,7 +206,10 @@ def run_pretrain(cfg: PretrainConfig, resume: str | bool = False) -> dict:
     if cfg.data.seq_len > model.config.max_seq_len:
         raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds the model context max_seq_len={model.config.max_seq_len}")
     opt, sched = make_optimizer(model.parameters(), cfg.optim, tcfg.max_steps)
-    model, opt, sched = accelerator.prepare(model, opt, sched)
+    # The LR scheduler is stepped by us, once per optimizer step: accelerate's wrapper would
+    # step it once per *rank* (it assumes per-rank batches grow with the world size).
+    model, opt = accelerator.prepare(model, opt)
+    accelerator.register_for_checkpointing(sched)
     ema = EMA(model.parameters(), tcfg.ema_decay) if tcfg.ema_decay > 0 else None
 
     ckpt = Checkpointer(out_dir, tcfg.keep_last)
@@ -221,6 +224,10 @@ def run_pretrain(cfg: PretrainConfig, resume: str | bool = False) -> dict:
         if ema:
             ema.load_state_dict(extras["ema"])
         logger.truncate_after(step)
+        # the optimizer carries the LR of the step it was saved at; take it from the schedule
+        # (lets a resumed run change max_steps, and is a no-op otherwise)
+        for g, base in zip(opt.param_groups, sched.base_lrs):
+            g["lr"] = base * sched.lr_lambdas[0](sched.last_epoch)
         accelerator.print(f"[esorl] resumed from {path} at step {step}")
 
     n_rows = len(train["input_ids"])
@@ -249,8 +256,8 @@ def run_pretrain(cfg: PretrainConfig, resume: str | bool = False) -> dict:
                 if accelerator.sync_gradients:
                     gnorm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 else None
                 opt.step()
-                sched.step()
                 opt.zero_grad(set_to_none=True)
+        sched.step()
         loss = accelerator.reduce(torch.as_tensor(loss_sum, device=accelerator.device), reduction="sum").item()
         check_finite(loss, step, ckpt)
         if ema:

@@ -1,0 +1,119 @@
+"""The pretraining runner: end to end, exact resume, NaN guard, real text, bad input."""
+
+import json
+
+import pytest
+import torch
+
+from esorl.config import ConfigError, load_config
+from esorl.train.common import CheckpointError, TrainingDiverged, read_metrics
+from esorl.train.pretrain import PretrainConfig, run_pretrain
+
+from conftest import SST2, need_sst2
+
+
+def tiny_cfg(tmp_path, **over):
+    base = {
+        "model": {"hidden_size": 32, "n_layers": 2, "n_heads": 2, "cond_dim": 16},
+        "data": {"source": "synthetic", "synthetic_size": 400, "seq_len": 24, "truncate": True, "cache_dir": str(tmp_path / "cache")},
+        "objective": {"alpha0": 0.25, "batch_split": 0.5},
+        "optim": {"lr": 3e-3, "warmup_steps": 2},
+        "train": {"max_steps": 6, "batch_size": 8, "micro_batch_size": 4, "eval_every": 3, "eval_batches": 2, "save_every": 3,
+                  "output_dir": str(tmp_path / "run"), "mixed_precision": "no", "attention_backend": "sdpa"},
+        "logging": {"wandb_mode": "disabled", "log_every": 1},
+    }
+    ov = [f"{k}={v}" for k, v in over.items()]
+    return load_config(PretrainConfig, None, ov, base=base)
+
+
+def test_end_to_end_and_exact_resume(tmp_path):
+    full = run_pretrain(tiny_cfg(tmp_path / "a"))
+    recs = read_metrics(tmp_path / "a" / "run" / "metrics.jsonl")
+    losses = {r["step"]: r["train/loss"] for r in recs if "train/loss" in r}
+    assert sorted(losses) == list(range(1, 7))
+    evals = [r for r in recs if "val/nelbo" in r]
+    assert evals and all(torch.isfinite(torch.tensor(r["val/nelbo"])) and r["val/ppl"] > 1 for r in evals)
+    from esorl import EsoLMModel
+
+    EsoLMModel.from_pretrained(full["model_dir"])  # exported with safetensors
+    # killed during step 5 (after the step-3 checkpoint), then resumed
+    import esorl.train.pretrain as pt
+
+    real = pt.hybrid_loss
+
+    def killed(model, x, v, cfg, seed, step, *a, **k):
+        if step == 4 and model.training:
+            raise KeyboardInterrupt("simulated kill")
+        return real(model, x, v, cfg, seed, step, *a, **k)
+
+    pt.hybrid_loss = killed
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_pretrain(tiny_cfg(tmp_path / "b"))
+    finally:
+        pt.hybrid_loss = real
+    cfg = tiny_cfg(tmp_path / "b")
+    run_pretrain(cfg, resume="latest")
+    recs_b = read_metrics(tmp_path / "b" / "run" / "metrics.jsonl")
+    losses_b = {r["step"]: r["train/loss"] for r in recs_b if "train/loss" in r}
+    assert sorted(losses_b) == list(range(1, 7))  # records after the checkpoint were redone once
+    for s in range(1, 7):
+        assert abs(losses[s] - losses_b[s]) < 1e-6, (s, losses[s], losses_b[s])
+    state = json.loads((tmp_path / "b" / "run" / "checkpoints" / "step-0000006" / "trainer_state.json").read_text())
+    assert state["step"] == 6 and state["data_position"] == 48
+
+
+def test_nan_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+    import esorl.train.pretrain as pt
+
+    real = pt.hybrid_loss
+
+    def poisoned(model, x, v, cfg, seed, step, *a, **k):
+        out = real(model, x, v, cfg, seed, step, *a, **k)
+        if step == 4 and model.training:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(pt, "hybrid_loss", poisoned)
+    with pytest.raises(TrainingDiverged, match="step 4.*step-0000003"):
+        run_pretrain(tiny_cfg(tmp_path))
+    ck = tmp_path / "run" / "checkpoints"
+    assert (ck / "step-0000003" / "trainer_state.json").exists()
+    assert (ck / "latest").read_text() == "step-0000003"
+
+
+def test_loss_falls_on_sst2(tmp_path):
+    need_sst2()
+    cfg = tiny_cfg(tmp_path, **{"data.source": str(SST2), "data.seq_len": 32, "train.max_steps": 40, "train.save_every": 0,
+                                "train.eval_every": 0, "train.batch_size": 16, "train.micro_batch_size": 16, "model.hidden_size": 64})
+    run_pretrain(cfg)
+    recs = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    losses = [r["train/loss"] for r in recs if "train/loss" in r]
+    assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[:5]) / 5
+    assert "val/ppl" in recs[-1] and recs[-1]["val/ppl"] < 5000
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(ConfigError, match="train.max_stepz"):
+        tiny_cfg(tmp_path, **{"train.max_stepz": 3})
+    with pytest.raises(ConfigError, match="optim.lr"):
+        tiny_cfg(tmp_path, **{"optim.lr": "fast"})
+    with pytest.raises(FileNotFoundError, match="nope"):
+        run_pretrain(tiny_cfg(tmp_path, **{"data.source": str(tmp_path / "nope.txt")}))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="empty"):
+        run_pretrain(tiny_cfg(tmp_path, **{"data.source": str(empty), "data.eval_split": ""}))
+    longdoc = tmp_path / "long.txt"
+    longdoc.write_text(" ".join(["word"] * 50) + "\n")
+    with pytest.raises(ValueError, match="seq_len"):
+        run_pretrain(tiny_cfg(tmp_path, **{"data.source": str(longdoc), "data.eval_split": "", "data.truncate": False}))
+    # a corrupted checkpoint
+    run_pretrain(tiny_cfg(tmp_path / "c", **{"train.max_steps": 3}))
+    ck = tmp_path / "c" / "run" / "checkpoints" / "step-0000003"
+    for f in ck.rglob("*.safetensors"):
+        f.write_bytes(b"garbage")
+    for f in ck.rglob("*.bin"):
+        f.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="step-0000003"):
+        run_pretrain(tiny_cfg(tmp_path / "c"), resume="latest")

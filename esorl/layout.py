@@ -85,6 +85,15 @@ def concat(*parts: Layout) -> Layout:
     )
 
 
+def concat_rows(*parts: Layout) -> Layout:
+    """Stack layouts of equal length along the batch."""
+    d = [p.desc for p in parts]
+    return Layout(
+        torch.cat([p.ids for p in parts]), torch.cat([p.positions for p in parts]),
+        TokenDesc(*(torch.cat(ts) for ts in zip(*(x.astuple() for x in d)))), torch.cat([p.slot for p in parts]),
+    )
+
+
 # ----------------------------------------------------------------------------- tables
 
 

@@ -276,6 +276,17 @@ class EsoLMModel(PreTrainedModel):
         return (logits, hidden) if return_hidden else logits
 
 
+def unwrap(model):
+    """The :class:`EsoLMModel` inside DDP / DeepSpeed / compile wrappers."""
+    while not isinstance(model, EsoLMModel) and hasattr(model, "module"):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+def model_config(model) -> EsoLMConfig:
+    return unwrap(model).config
+
+
 def register_auto_classes() -> None:
     """Make ``AutoConfig`` / ``AutoModel`` / ``AutoModelForMaskedLM`` resolve ``model_type='esolm'``."""
     from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM

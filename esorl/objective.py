@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from .attention import build_mask
-from .layout import one_copy_layout, sequential_layout, sorted_table
+from .modeling_esolm import model_config
+from .attention import TokenDesc
+from .layout import Layout, concat, concat_rows, one_copy_layout, sequential_layout, sorted_table
 from .schedule import EPS, alpha, make_generator
 
 _PURPOSE_TRAIN = 1
@@ -84,8 +86,8 @@ def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
 
 
-def mdm_term(model, x, valid, t, mask_u, shuffle_u, cfg: ObjectiveConfig, weighting: str, backend="auto"):
-    """Weighted MDM sum per sample ``(B,)`` and masked counts, with layout (d)."""
+def _mdm_layout(x, valid, t, mask_u, shuffle_u, cfg: ObjectiveConfig, weighting: str, mask_id: int):
+    """Layout (d) of the MDM rows: ``(layout, targets (B, L), scored (B, L), weight (B,))``."""
     B, L = x.shape
     dev = x.device
     a_t = alpha(t, cfg.alpha0).to(dev)  # (B,)
@@ -95,18 +97,13 @@ def mdm_term(model, x, valid, t, mask_u, shuffle_u, cfg: ObjectiveConfig, weight
     key = shuffle_u.to(dev).argsort(1).argsort(1) if cfg.diffusion_shuffle else pos
     table, _ = sorted_table(x, pos, valid, group, key)
     is_q = table.steps == 1
-    lay = one_copy_layout(table, is_q, model.config.mask_token_id)
-    logits = model(lay.ids, lay.positions, build_mask(lay.desc, lay.desc, backend))
-    nll = _nll(logits, table.ids) * is_q
-    if weighting == "elbo":
-        w = cfg.alpha0 * (1 - EPS) / (1 - a_t)
-    else:
-        w = torch.ones_like(a_t)
-    return (nll.sum(1) * w.to(nll.dtype)), is_q.sum()
+    lay = one_copy_layout(table, is_q, mask_id)
+    w = cfg.alpha0 * (1 - EPS) / (1 - a_t) if weighting == "elbo" else torch.ones_like(a_t)
+    return lay, table.ids, is_q, w
 
 
-def ar_term(model, x, valid, mask_u, shuffle_u, cfg: ObjectiveConfig, backend="auto"):
-    """AR sum per sample ``(B,)`` over the masked tokens of ``z0``, with layout (e)."""
+def _ar_layout(x, valid, mask_u, shuffle_u, cfg: ObjectiveConfig, mask_id: int):
+    """Layout (e) of the AR rows: ``(layout, targets (B, Q), scored (B, Q), first query slot)``."""
     B, L = x.shape
     dev = x.device
     masked = (mask_u.to(dev) >= cfg.alpha0) & valid  # z0 keeps each token with probability α0
@@ -117,11 +114,54 @@ def ar_term(model, x, valid, mask_u, shuffle_u, cfg: ObjectiveConfig, backend="a
     table, _ = sorted_table(x, pos, valid, group, key)
     is_m = table.steps == 1
     table.steps = torch.where(is_m, is_m.long().cumsum(1), torch.zeros_like(table.steps))
-    lay, q_idx, q_valid = sequential_layout(table, model.config.mask_token_id)
-    M = table.shape[1]
+    lay, q_idx, q_valid = sequential_layout(table, mask_id)
+    return lay, table.ids.gather(1, q_idx), q_valid, table.shape[1]
+
+
+def mdm_term(model, x, valid, t, mask_u, shuffle_u, cfg: ObjectiveConfig, weighting: str, backend="auto"):
+    """Weighted MDM sum per sample ``(B,)`` and masked counts, with layout (d)."""
+    lay, tgt, is_q, w = _mdm_layout(x, valid, t, mask_u, shuffle_u, cfg, weighting, model_config(model).mask_token_id)
+    nll = _nll(model(lay.ids, lay.positions, build_mask(lay.desc, lay.desc, backend)), tgt) * is_q
+    return nll.sum(1) * w.to(nll.dtype), is_q.sum()
+
+
+def ar_term(model, x, valid, mask_u, shuffle_u, cfg: ObjectiveConfig, backend="auto"):
+    """AR sum per sample ``(B,)`` over the masked tokens of ``z0``, with layout (e)."""
+    lay, tgt, q_valid, M = _ar_layout(x, valid, mask_u, shuffle_u, cfg, model_config(model).mask_token_id)
     logits = model(lay.ids, lay.positions, build_mask(lay.desc, lay.desc, backend), logits_slice=slice(M, None))
-    nll = _nll(logits, table.ids.gather(1, q_idx)) * q_valid
+    nll = _nll(logits, tgt) * q_valid
     return nll.sum(1), q_valid.sum()
+
+
+def _pad_layout(lay: Layout, length: int, mask_id: int) -> Layout:
+    """Right-pad a layout with invalid slots (never attended, outputs unused)."""
+    extra = length - len(lay)
+    if extra == 0:
+        return lay
+    B, dev = lay.ids.shape[0], lay.ids.device
+    z = torch.zeros(B, extra, dtype=torch.long, device=dev)
+    f = torch.zeros(B, extra, dtype=torch.bool, device=dev)
+    pad = Layout(z + mask_id, z, TokenDesc(z, z, f, f), z)
+    return concat(lay, pad)
+
+
+def _fused_terms(model, x_m, v_m, t, mu_m, sh_m, x_a, v_a, mu_a, sh_a, cfg, weighting, backend):
+    """Both terms from ONE forward: layouts (d) and (e) padded to one length and stacked.
+
+    DDP and DeepSpeed expect one forward per backward on every rank (DDP broadcasts buffers
+    and ZeRO-3 gathers parameters collectively in each forward), whatever the rank's MDM/AR
+    mix; two forwards would deadlock or desynchronise ranks with different mixes.
+    """
+    mask_id = model_config(model).mask_token_id
+    lm, tm, qm, w = _mdm_layout(x_m, v_m, t, mu_m, sh_m, cfg, weighting, mask_id)
+    la, ta, qa, M = _ar_layout(x_a, v_a, mu_a, sh_a, cfg, mask_id)
+    n = max(len(lm), len(la))
+    lay = concat_rows(_pad_layout(lm, n, mask_id), _pad_layout(la, n, mask_id))
+    logits = model(lay.ids, lay.positions, build_mask(lay.desc, lay.desc, backend))
+    bm = x_m.shape[0]
+    nll_m = _nll(logits[:bm, : tm.shape[1]], tm) * qm
+    nll_a = _nll(logits[bm:, M : M + ta.shape[1]], ta) * qa
+    return (nll_m.sum(1) * w.to(nll_m.dtype)).sum(), qm.sum(), nll_a.sum(), qa.sum()
 
 
 def hybrid_loss(
@@ -136,6 +176,7 @@ def hybrid_loss(
     global_valid_counts: tuple[float, float] | None = None,
     eval_weights: bool = False,
     backend: str = "auto",
+    single_forward: bool = False,
 ) -> LossOutput:
     """The hybrid loss of a (local shard of a) global batch.
 
@@ -146,6 +187,8 @@ def hybrid_loss(
         global_valid_counts: ``(mdm_tokens, ar_tokens)`` of the global batch for normalising;
             default: this shard's counts (single process).
         eval_weights: use ELBO weights whatever ``cfg.mdm_weighting`` (evaluation / NELBO).
+        single_forward: compute both terms in one forward (padded); required under DDP /
+            DeepSpeed, where every rank must run the same forwards. Same numbers.
     """
     B, L = input_ids.shape
     dev = input_ids.device
@@ -160,11 +203,18 @@ def hybrid_loss(
     mdm_sum = ar_sum = zero
     masked = torch.zeros((), device=dev, dtype=torch.long)
     mdm_idx, ar_idx = is_mdm.nonzero().flatten(), (~is_mdm).nonzero().flatten()
-    if mdm_idx.numel():
-        w = "elbo" if eval_weights else cfg.mdm_weighting
+    w = "elbo" if eval_weights else cfg.mdm_weighting
+    if single_forward:
+        mc, ac = mdm_idx.cpu(), ar_idx.cpu()
+        mdm_sum, mm, ar_sum, am = _fused_terms(
+            model, input_ids[mdm_idx], valid[mdm_idx], t[mc], mask_u[mc], shuffle_u[mc],
+            input_ids[ar_idx], valid[ar_idx], mask_u[ac], shuffle_u[ac], cfg, w, backend,
+        )
+        masked = mm + am
+    elif mdm_idx.numel():
         s, m = mdm_term(model, input_ids[mdm_idx], valid[mdm_idx], t[mdm_idx.cpu()], mask_u[mdm_idx.cpu()], shuffle_u[mdm_idx.cpu()], cfg, w, backend)
         mdm_sum, masked = s.sum(), masked + m
-    if ar_idx.numel():
+    if not single_forward and ar_idx.numel():
         s, m = ar_term(model, input_ids[ar_idx], valid[ar_idx], mask_u[ar_idx.cpu()], shuffle_u[ar_idx.cpu()], cfg, backend)
         ar_sum, masked = s.sum(), masked + m
     if global_valid_counts is None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .attention import build_mask
+from .modeling_esolm import model_config
 from .layout import TokenTable, concat, copies, one_copy_layout, replay_layout, trajectory_table
 from .logprobs import filter_logprobs, gather, model_logprobs, sample_inverse_cdf
 from .modeling_esolm import EsoKVCache
@@ -102,7 +103,7 @@ def generate(
     device = prompt_ids.device
     B, P = prompt_ids.shape
     N = max_new_tokens
-    cfg = model.config
+    cfg = model_config(model)
     if N < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {N}")
     plen = int(prompt_mask.long().sum(1).max()) if P else 0

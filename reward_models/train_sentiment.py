@@ -17,9 +17,14 @@ What it does:
    ``WordLevel`` + ``Whitespace``, lower-casing, specials
    ``[PAD] [UNK] [CLS] [SEP] [MASK]``, ``[CLS] text [SEP]`` template);
 2. builds a tiny randomly initialised BERT (hidden 128, 2 layers, 2 heads,
-   intermediate 256, 128 positions; ~0.6 M parameters without embeddings);
-3. trains it with AdamW + linear warm-up/decay in a plain torch loop;
-4. reports dev accuracy after every epoch and keeps the best epoch's weights;
+   intermediate 256, 128 positions, dropout 0.3; ~0.3 M parameters besides
+   the word embeddings);
+3. trains it with AdamW + linear warm-up/decay in a plain torch loop, with
+   word dropout (10% of words → ``[UNK]``) and label smoothing 0.1, which
+   regularise it and keep its probabilities away from 0/1 (a smoother reward);
+4. reports dev accuracy after every epoch and saves the last epoch's weights
+   (``select_best=True`` keeps the best dev epoch instead; its dev accuracy is
+   then an optimistic estimate, since dev picked it);
 5. writes ``save_pretrained`` model + tokenizer and ``metrics.json`` to ``--out``.
 
 Determinism: every random draw (initialisation, dropout, shuffling) comes from
@@ -38,7 +43,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -73,24 +77,27 @@ class SentimentTrainConfig:
     Defaults were tuned on SST-2 dev for a ≤ 3 minute run on 2 CPU cores.
     """
 
-    epochs: int = 6
+    epochs: int = 4
     seed: int = 0
     max_steps: int | None = None  # stop after this many optimizer steps (None: no limit)
     batch_size: int = 32
     lr: float = 1e-3
-    weight_decay: float = 0.01
+    weight_decay: float = 0.1
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
     max_length: int = 64  # tokens incl. [CLS]/[SEP]; SST-2 sentences are ≤ 60 words
-    min_frequency: int = 1  # tokenizer vocabulary: keep words seen at least this often
+    min_frequency: int = 2  # tokenizer vocabulary: keep words seen at least this often
     hidden_size: int = 128
     num_layers: int = 2
     num_heads: int = 2
     intermediate_size: int = 256
-    dropout: float = 0.1
+    dropout: float = 0.3
+    token_dropout: float = 0.1  # training only: replace each word by [UNK] with this probability
+    label_smoothing: float = 0.1  # cross-entropy label smoothing (softer, better-calibrated probabilities)
     max_position_embeddings: int = 128
     max_train_examples: int | None = None  # use only the first N train rows
     max_dev_examples: int | None = None  # use only the first N dev rows
+    select_best: bool = False  # save the best dev epoch instead of the last (dev accuracy then optimistic)
     num_threads: int | None = None  # torch intra-op threads during training (None: leave as is)
 
     def validate(self) -> None:
@@ -111,6 +118,10 @@ class SentimentTrainConfig:
             )
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
+        if not 0 <= self.token_dropout < 1:
+            raise ValueError(f"token_dropout must be in [0, 1), got {self.token_dropout}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.min_frequency < 1:
             raise ValueError(f"min_frequency must be >= 1, got {self.min_frequency}")
 
@@ -176,6 +187,7 @@ def build_word_tokenizer(texts: list[str], min_frequency: int = 1, max_length: i
         sep_token="[SEP]",
         mask_token="[MASK]",
         model_max_length=max_length,
+        model_input_names=["input_ids", "attention_mask"],
         padding_side="right",
         truncation_side="right",
     )
@@ -243,12 +255,10 @@ def _file_digest(path: str | os.PathLike) -> str:
 
 
 def _cache_key(train_path: str, dev_path: str, cfg: SentimentTrainConfig) -> dict[str, Any]:
-    # The data files are identified by absolute path *and* content digest, so a
-    # changed corpus retrains; num_threads does not change the result's meaning.
+    # The data files are identified by content digest (a changed corpus
+    # retrains, a moved one does not); num_threads does not change the result.
     args = {k: v for k, v in asdict(cfg).items() if k != "num_threads"}
     return {
-        "train_path": str(Path(train_path).resolve()),
-        "dev_path": str(Path(dev_path).resolve()),
         "train_sha256_16": _file_digest(train_path),
         "dev_sha256_16": _file_digest(dev_path),
         **args,
@@ -297,12 +307,12 @@ def train_sentiment_model(
         **overrides: any other :class:`SentimentTrainConfig` field.
 
     Returns:
-        ``metrics`` dict: ``dev_accuracy`` (of the saved, best epoch),
-        ``dev_accuracy_per_epoch``, ``best_epoch``, ``train_size``, ``dev_size``,
+        ``metrics`` dict: ``dev_accuracy`` and ``saved_epoch`` (of the saved weights),
+        ``dev_accuracy_per_epoch``, ``best_dev_accuracy``, ``best_epoch``, ``train_size``, ``dev_size``,
         ``seed``, ``train_time_s``, ``steps``, ``vocab_size``, ``num_parameters``,
         ``args`` (the cache key) and ``cached`` (True when nothing was trained).
 
-    Cost: about 20 s per SST-2 epoch on 2 CPU cores with the defaults.
+    Cost: about 11 s per SST-2 epoch on 2 idle CPU cores with the defaults (~45 s in all).
     """
     valid = {f.name for f in fields(SentimentTrainConfig)}
     unknown = set(overrides) - valid
@@ -329,6 +339,8 @@ def train_sentiment_model(
             metrics = _train(Path(train_path), Path(dev_path), out, cfg, progress)
     finally:
         torch.set_num_threads(prev_threads)
+    metrics["train_path"] = str(Path(train_path).resolve())
+    metrics["dev_path"] = str(Path(dev_path).resolve())
     metrics["args"] = key
     metrics["cached"] = False
     out.mkdir(parents=True, exist_ok=True)
@@ -375,6 +387,9 @@ def _train(train_path: Path, dev_path: Path, out: Path, cfg: SentimentTrainConfi
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
     gen = torch.Generator().manual_seed(cfg.seed)
     labels_t = torch.tensor(train_labels, dtype=torch.long)
+    unk_id = tokenizer.unk_token_id
+    special = torch.zeros(len(tokenizer), dtype=torch.bool)
+    special[tokenizer.all_special_ids] = True
 
     step = 0
     per_epoch: list[float] = []
@@ -388,7 +403,12 @@ def _train(train_path: Path, dev_path: Path, out: Path, cfg: SentimentTrainConfi
                 break
             idx = order[s : s + cfg.batch_size]
             input_ids, mask = _collate([train_ids[i] for i in idx], pad_id)
-            loss = model(input_ids=input_ids, attention_mask=mask, labels=labels_t[idx]).loss
+            if cfg.token_dropout > 0:
+                drop = torch.rand(input_ids.shape, generator=gen) < cfg.token_dropout
+                drop &= mask.bool() & ~special[input_ids]
+                input_ids = input_ids.masked_fill(drop, unk_id)
+            logits = model(input_ids=input_ids, attention_mask=mask).logits
+            loss = torch.nn.functional.cross_entropy(logits, labels_t[idx], label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -402,11 +422,16 @@ def _train(train_path: Path, dev_path: Path, out: Path, cfg: SentimentTrainConfi
         bar.write(f"epoch {epoch}: dev accuracy {acc:.4f}") if progress else None
         if acc > best_acc:
             best_acc, best_epoch = acc, epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if cfg.select_best:
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if step >= total:
             break
     bar.close()
-    model.load_state_dict(best_state)
+    if cfg.select_best and best_state is not None:
+        model.load_state_dict(best_state)
+        saved_acc, saved_epoch = best_acc, best_epoch
+    else:
+        saved_acc, saved_epoch = per_epoch[-1], len(per_epoch)
     model.eval()
 
     out.mkdir(parents=True, exist_ok=True)
@@ -417,8 +442,10 @@ def _train(train_path: Path, dev_path: Path, out: Path, cfg: SentimentTrainConfi
     tokenizer.save_pretrained(out)
     elapsed = time.perf_counter() - t0
     return {
-        "dev_accuracy": best_acc,
+        "dev_accuracy": saved_acc,
+        "saved_epoch": saved_epoch,
         "dev_accuracy_per_epoch": per_epoch,
+        "best_dev_accuracy": best_acc,
         "best_epoch": best_epoch,
         "train_size": len(train_ids),
         "dev_size": len(dev_ids),
@@ -459,9 +486,12 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-heads", type=int, default=d.num_heads)
     p.add_argument("--intermediate-size", type=int, default=d.intermediate_size)
     p.add_argument("--dropout", type=float, default=d.dropout)
+    p.add_argument("--token-dropout", type=float, default=d.token_dropout)
+    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
     p.add_argument("--max-train-examples", type=int, default=None)
     p.add_argument("--max-dev-examples", type=int, default=None)
     p.add_argument("--num-threads", type=int, default=None)
+    p.add_argument("--select-best", action="store_true", help="save the best dev epoch, not the last")
     p.add_argument("--force", action="store_true", help="retrain even if --out holds a matching run")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -489,13 +519,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         num_heads=a.num_heads,
         intermediate_size=a.intermediate_size,
         dropout=a.dropout,
+        token_dropout=a.token_dropout,
+        label_smoothing=a.label_smoothing,
         max_train_examples=a.max_train_examples,
         max_dev_examples=a.max_dev_examples,
         num_threads=a.num_threads,
+        select_best=a.select_best,
     )
     state = "reused cached run" if metrics.get("cached") else f"trained in {metrics['train_time_s']:.1f} s"
     print(
-        f"{state}: dev accuracy {metrics['dev_accuracy']:.4f} (best epoch {metrics['best_epoch']}, "
+        f"{state}: dev accuracy {metrics['dev_accuracy']:.4f} (epoch {metrics['saved_epoch']}, "
         f"train {metrics['train_size']} / dev {metrics['dev_size']} examples, seed {metrics['seed']}) -> {a.out}"
     )
     return metrics

@@ -79,3 +79,13 @@ def test_config_validation():
         ObjectiveConfig(alpha0=1.2).validate()
     with pytest.raises(ValueError, match="mdm_weighting"):
         ObjectiveConfig(mdm_weighting="x").validate()
+
+
+def test_single_forward_gives_the_same_loss():
+    model = tiny_model()
+    x, v = _batch(B=8)
+    for a0, k in ((0.25, 0.5), (0.25, 0.25), (1.0, 1.0), (0.0, 0.0)):
+        cfg = ObjectiveConfig(alpha0=a0, batch_split=k)
+        a = hybrid_loss(model, x, v, cfg, 3, 1, torch.arange(8), 8, backend="sdpa")
+        b = hybrid_loss(model, x, v, cfg, 3, 1, torch.arange(8), 8, backend="sdpa", single_forward=True)
+        assert torch.allclose(a.loss, b.loss, atol=1e-12) and a.masked_tokens == b.masked_tokens

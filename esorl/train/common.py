@@ -95,11 +95,37 @@ def make_accelerator(mixed_precision: str = "auto", gradient_accumulation_steps:
 
     if mixed_precision == "auto":
         mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    handlers = []
-    if not torch.cuda.is_available():
+    handlers, cpu = [], False
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # CPU ranks: gloo, and tell accelerate it is distributed on CPU (a launch config with
+        # `use_cpu: true` does not set ACCELERATE_USE_CPU for the ranks it starts)
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
-    acc = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps, kwargs_handlers=handlers)
+        cpu = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true"
+    acc = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps, kwargs_handlers=handlers, cpu=cpu)
     return acc
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (a copy); identity without a process group. (accelerate's ``reduce``
+    is a no-op for some CPU launch modes, so the toolkit calls torch.distributed itself.)"""
+    import torch.distributed as dist
+
+    t = t.clone()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def configure_deepspeed(accelerator, micro_batch_size: int, accumulation: int) -> None:
+    """Fill the batch fields DeepSpeed needs before ``prepare`` (esorl feeds tensors, not a
+    DataLoader, so accelerate cannot infer them)."""
+    ds = getattr(accelerator.state, "deepspeed_plugin", None)
+    if ds is None:
+        return
+    cfg = ds.deepspeed_config
+    cfg["train_micro_batch_size_per_gpu"] = micro_batch_size
+    cfg["gradient_accumulation_steps"] = accumulation
+    cfg["train_batch_size"] = micro_batch_size * accumulation * accelerator.num_processes
 
 
 def is_zero3(accelerator) -> bool:
@@ -151,6 +177,15 @@ class EMA:
             tmp = data.float().clone()
             data.copy_(s.to(data.dtype))
             s.copy_(tmp)
+        # ZeRO-3 keeps small ("persistent") parameters gathered between steps: re-gather them
+        # from the swapped shards (collective; every rank swaps together)
+        persistent = [p for p in self.params if hasattr(p, "ds_tensor") and p.data.numel() == getattr(p, "ds_numel", -1)]
+        if persistent:
+            from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+            for p in persistent:
+                p.ds_status = ZeroParamStatus.NOT_AVAILABLE
+            persistent[0].all_gather(param_list=persistent)
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -10,6 +10,7 @@ number of ranks, and ``--resume`` continues exactly.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from ..configuration_esolm import EsoLMConfig
 from ..modeling_esolm import EsoLMModel
 from ..objective import ObjectiveConfig, hybrid_loss
 from ..schedule import make_generator
-from .common import EMA, Checkpointer, LoggingConfig, OptimConfig, RunLogger, check_finite, make_accelerator, make_optimizer, read_metrics
+from .common import EMA, all_reduce_sum, configure_deepspeed, Checkpointer, LoggingConfig, OptimConfig, RunLogger, check_finite, make_accelerator, make_optimizer, read_metrics
 from .data_prep import DataConfig, prepare_data
 
 _PURPOSE_DATA = 2
@@ -129,32 +130,36 @@ def rank_slice(G: int, micro: int, world: int, rank: int, accum: int, m: int) ->
     return slice(start, start + micro)
 
 
-def _global_counts(accelerator, valid, is_mdm):
-    c = torch.stack([valid[is_mdm].sum(), valid[~is_mdm].sum()]).double().to(accelerator.device)
-    return accelerator.reduce(c, reduction="sum") if accelerator.num_processes > 1 else c
-
-
 @torch.no_grad()
 def evaluate(model, data: dict, cfg: PretrainConfig, accelerator, n_batches: int) -> dict:
-    """NELBO per token and PPL on the held-out rows, with ELBO weights and the training α0/κ
-    (spec §5), deterministic (fixed seed). Each rank scores a disjoint share; sums are reduced."""
+    """NELBO per token and PPL on the first ``n_batches × micro_batch_size`` held-out rows, with
+    ELBO weights and the training α0/κ (spec §5), deterministic (fixed seed, batches of
+    ``micro_batch_size``). Ranks score disjoint batches; sums are reduced."""
     model.eval()
     ids_all, valid_all = data["input_ids"], data["valid"]
-    B = cfg.train.micro_batch_size
-    n = min(len(ids_all), n_batches * B * accelerator.num_processes)
+    B, W = cfg.train.micro_batch_size, accelerator.num_processes
+    n = min(len(ids_all), n_batches * B)  # the same rows whatever the number of ranks
+    starts = list(range(0, n, B))
+    mine = starts[accelerator.process_index :: W]
+    # every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively):
+    # a rank with fewer batches repeats one and does not count it
+    rounds = (len(starts) + W - 1) // W
     tot = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # nll sum, tokens
-    for start in range(accelerator.process_index * B, n, B * accelerator.num_processes):
+    for r in range(rounds):
+        start = mine[r] if r < len(mine) else 0
         idx = torch.arange(start, min(start + B, n))
         x, v = ids_all[idx].to(accelerator.device), valid_all[idx].to(accelerator.device)
         # every eval batch is its own "global batch" of the κ split
-        out = hybrid_loss(model, x, v, cfg.objective, _EVAL_SEED, int(start), torch.arange(len(idx)), len(idx), eval_weights=True, backend=cfg.train.attention_backend)
+        out = hybrid_loss(model, x, v, cfg.objective, _EVAL_SEED, int(start), torch.arange(len(idx)), len(idx), eval_weights=True,
+                          backend=cfg.train.attention_backend, single_forward=W > 1)
+        if r >= len(mine):
+            continue
         n_mdm, n_ar = out.mdm_tokens.item(), out.ar_tokens.item()
         # NELBO/token of the batch = mdm_sum/n_mdm + ar_sum/n_ar; weight by the batch's tokens
         tokens = n_mdm + n_ar
         val = (out.mdm_sum.item() / n_mdm if n_mdm else 0.0) + (out.ar_sum.item() / n_ar if n_ar else 0.0)
         tot += torch.tensor([val * tokens, tokens], dtype=torch.float64, device=accelerator.device)
-    if accelerator.num_processes > 1:
-        tot = accelerator.reduce(tot, reduction="sum")
+    tot = all_reduce_sum(tot)
     model.train()
     nelbo = (tot[0] / tot[1].clamp(min=1)).item()
     return {"val/nelbo": nelbo, "val/ppl": math.exp(min(nelbo, 50.0))}
@@ -188,9 +193,9 @@ def run_pretrain(cfg: PretrainConfig, resume: str | bool = False) -> dict:
     tcfg = cfg.train
     out_dir = Path(tcfg.output_dir)
     G, micro = tcfg.batch_size, tcfg.micro_batch_size
-    from accelerate import PartialState
-
-    world = PartialState().num_processes
+    # world size from the launcher's environment: touching PartialState before the Accelerator
+    # exists would initialise the process group without the gloo backend CPU ranks need
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     if G % (micro * world):
         raise ValueError(f"train.batch_size={G} must be a multiple of micro_batch_size × ranks = {micro} × {world}")
     accum = G // (micro * world)
@@ -203,11 +208,12 @@ def run_pretrain(cfg: PretrainConfig, resume: str | bool = False) -> dict:
     if len(train["input_ids"]) == 0:
         raise ValueError(f"data: the training split of {cfg.data.source!r} is empty")
     model = build_model(cfg.model, tok, cfg.data.seq_len)
-    if cfg.data.seq_len > model.config.max_seq_len:
+    if cfg.data.seq_len > model.config.max_seq_len:  # (model is not wrapped yet here)
         raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds the model context max_seq_len={model.config.max_seq_len}")
     opt, sched = make_optimizer(model.parameters(), cfg.optim, tcfg.max_steps)
     # The LR scheduler is stepped by us, once per optimizer step: accelerate's wrapper would
     # step it once per *rank* (it assumes per-rank batches grow with the world size).
+    configure_deepspeed(accelerator, micro, accum)
     model, opt = accelerator.prepare(model, opt)
     accelerator.register_for_checkpointing(sched)
     ema = EMA(model.parameters(), tcfg.ema_decay) if tcfg.ema_decay > 0 else None
@@ -248,7 +254,7 @@ def run_pretrain(cfg: PretrainConfig, resume: str | bool = False) -> dict:
             x, v = x_all[sl].to(accelerator.device), v_all[sl].to(accelerator.device)
             with accelerator.accumulate(model):
                 with accelerator.autocast():
-                    out = hybrid_loss(model, x, v, cfg.objective, tcfg.seed, step, gidx, G, counts, backend=tcfg.attention_backend)
+                    out = hybrid_loss(model, x, v, cfg.objective, tcfg.seed, step, gidx, G, counts, backend=tcfg.attention_backend, single_forward=world > 1)
                 # DDP/ZeRO average gradients over ranks and accelerate divides by `accum`:
                 # scale back so the summed gradient is that of (global sums / global counts).
                 accelerator.backward(out.loss * world * accum)
@@ -258,7 +264,7 @@ def run_pretrain(cfg: PretrainConfig, resume: str | bool = False) -> dict:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
         sched.step()
-        loss = accelerator.reduce(torch.as_tensor(loss_sum, device=accelerator.device), reduction="sum").item()
+        loss = all_reduce_sum(torch.as_tensor(loss_sum, device=accelerator.device)).item()
         check_finite(loss, step, ckpt)
         if ema:
             ema.update()

@@ -11,6 +11,7 @@ import torch
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from esorl import EsoLMConfig, EsoLMModel  # noqa: E402
 

@@ -1,0 +1,129 @@
+"""``EsoPolicy``: an Eso-LM + tokenizer as an RL policy (spec §6).
+
+``generate`` samples rollouts with the KV-cached sampler; ``log_probs`` scores rollouts with
+any estimator of :mod:`esorl.likelihood`. The same object serves the current, old and
+reference policies, so RL runs differ only in the estimator. Rollout randomness (order,
+step sizes, sampling noise) is keyed by ``(seed, step, sample id)`` and never touches the
+estimators' noise, so runs with different estimators see identical rollouts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from .likelihood import estimate
+from .modeling_esolm import model_config, unwrap
+from .rollout import Rollout
+from .sampling import SamplingConfig, generate, left_pad, rollout_noise
+from .schedule import ScheduleConfig, make_generator
+
+_PURPOSE_TRAJ = 5
+
+
+@dataclass
+class EstimatorConfig:
+    """Which likelihood the RL loss uses (spec §6).
+
+    likelihood: ``exact`` | ``replay`` | ``mc_elbo`` | ``one_step`` | ``coupled``.
+    mc_samples: ``n`` of ``mc_elbo``. p_mask: prompt mask rate of ``one_step`` (d1: 0.15).
+    mc_alpha0: α0 of ``mc_elbo``'s NELBO (default: the sampling α0, spec §6).
+    """
+
+    likelihood: str = "exact"
+    mc_samples: int = 4
+    p_mask: float = 0.15
+    mc_alpha0: float = -1.0
+
+    def validate(self):
+        from .likelihood import ESTIMATORS
+
+        if self.likelihood not in ESTIMATORS:
+            raise ValueError(f"likelihood must be one of {sorted(ESTIMATORS)}, got {self.likelihood!r}")
+        if self.mc_samples < 1:
+            raise ValueError("mc_samples must be >= 1")
+        if not 0.0 <= self.p_mask <= 1.0:
+            raise ValueError("p_mask must be in [0, 1]")
+
+    def params(self, sampling_alpha0: float, seed: int) -> dict:
+        """Keyword arguments of the estimator (``seed`` = the inner iteration's noise seed)."""
+        if self.likelihood == "mc_elbo":
+            a0 = sampling_alpha0 if self.mc_alpha0 < 0 else self.mc_alpha0
+            return {"n": self.mc_samples, "alpha0": a0, "seed": seed}
+        if self.likelihood == "one_step":
+            return {"p_mask": self.p_mask, "seed": seed}
+        if self.likelihood == "coupled":
+            return {"seed": seed}
+        return {}
+
+    @property
+    def per_token(self) -> bool:
+        """Whether the estimator gives trajectory-aware per-token log-probs (PPO per step)."""
+        return self.likelihood in ("exact", "replay", "one_step")
+
+
+@contextlib.contextmanager
+def gathered_for_generation(model, accelerator=None):
+    """Gather ZeRO-3 partitioned parameters for the many small sampler forwards (as TRL's
+    ``unwrap_model_for_generation``); a no-op otherwise. Yields the bare EsoLMModel."""
+    ds = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None) if accelerator is not None else None
+    if ds is not None and ds.zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            yield unwrap(model)
+    else:
+        yield unwrap(model)
+
+
+class EsoPolicy:
+    """An Eso-LM (possibly wrapped by DDP / DeepSpeed) and its tokenizer."""
+
+    def __init__(self, model, tokenizer, sampling: SamplingConfig, accelerator=None, backend: str = "auto"):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.sampling = sampling
+        self.accelerator = accelerator
+        self.backend = backend
+        self.eos_id = tokenizer.eos_token_id
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        self.pad_id = pad
+
+    @property
+    def device(self):
+        return next(unwrap(self.model).parameters()).device
+
+    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        if self.tokenizer.bos_token_id is not None:
+            # a start token gives every prompt (even an empty one) a clean step-0 context (spec §8)
+            ids = [[self.tokenizer.bos_token_id] + x for x in ids]
+        if any(len(x) == 0 for x in ids):
+            raise ValueError("empty prompt and no BOS token: the first step would have no context")
+        return left_pad(ids, self.pad_id, self.device)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], seed: int, step: int, sample_ids: torch.Tensor, sampling: SamplingConfig | None = None) -> Rollout:
+        """Sample completions; the trajectory and noise depend only on ``(seed, step)`` and the
+        sample ids. Runs in eval mode (dropout off)."""
+        s = sampling or self.sampling
+        pid, pm = self.encode_prompts(prompts)
+        N = s.max_new_tokens
+        traj = s.schedule.sample(len(prompts), N, make_generator(seed, _PURPOSE_TRAJ, step))
+        u = rollout_noise(seed, step, sample_ids, N)
+        was_training = self.model.training
+        self.model.eval()
+        with gathered_for_generation(self.model, self.accelerator) as m:
+            r = generate(m, pid, pm, N, traj, s.temperature, s.top_k, s.top_p, uniforms=u, eos_token_id=self.eos_id,
+                         method="cache", sample_ids=sample_ids, backend=self.backend)
+        self.model.train(was_training)
+        return r
+
+    def log_probs(self, rollout: Rollout, estimator: str = "exact", **params):
+        """Per-token log-probs ``(B, N)`` and validity under the named estimator."""
+        return estimate(self.model, rollout, estimator, backend=self.backend, **params)
+
+    def texts(self, rollout: Rollout) -> list[str]:
+        return rollout.texts(self.tokenizer)

@@ -1,0 +1,198 @@
+"""Pieces the RL recipes share: where the policy comes from, prompts, reward functions."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class PolicyArgs:
+    """The starting policy.
+
+    init_from: a ``save_pretrained`` directory (esorl pretraining writes ``<run>/model``, the
+        EMA weights; ``esorl convert-official`` writes one for the released checkpoints).
+    pretrain_recipe: if ``init_from`` does not exist yet, run this pretraining recipe first
+        (with ``train.output_dir`` set to ``init_from``'s parent) – the CPU recipes chain
+        pretraining → RL this way; leave empty to require an existing model.
+    pretrain_overrides: ``key=value`` overrides for that pretraining run.
+    tokenizer: tokenizer directory or hub name (default: ``init_from``).
+    """
+
+    init_from: str = "runs/pretrain_synthetic_cpu/model"
+    pretrain_recipe: str = ""
+    pretrain_overrides: list[str] = field(default_factory=list)
+    tokenizer: str = ""
+
+
+@dataclass
+class PromptArgs:
+    """Prompts (and the extra columns reward functions receive).
+
+    source: ``synthetic`` | local file/dir | hub dataset. split / eval_split: splits.
+    prompt_field: a prompt column (e.g. GSM8K ``question``); empty = take the first
+        ``prompt_words`` words of the text column (sentence continuation, e.g. SST-2).
+    text_field: the text column when ``prompt_field`` is empty.
+    prompt_template: format string applied to the prompt (``{prompt}``).
+    columns: extra columns passed to reward functions (e.g. ``[answer]``).
+    max_prompts / eval_prompts: how many training / held-out prompts to use (0 = all).
+    min_words: skip texts shorter than this when cutting prompts.
+    """
+
+    source: str = "synthetic"
+    split: str = "train"
+    eval_split: str = "dev"
+    prompt_field: str = ""
+    text_field: str = "text"
+    prompt_words: int = 3
+    prompt_template: str = "{prompt}"
+    columns: list[str] = field(default_factory=list)
+    max_prompts: int = 0
+    eval_prompts: int = 64
+    min_words: int = 5
+    synthetic_size: int = 20000
+    cache_dir: str = ".esorl_cache"
+
+
+@dataclass
+class RewardSpec:
+    """One reward function and its weight.
+
+    name: ``sentiment`` (the learned SST-2-style classifier, trained on first use with
+        ``reward_models.train_sentiment``; kwargs: ``model_dir``, ``train``, ``dev``,
+        ``label``), ``hf_classifier`` (any HF sequence classifier; kwargs:
+        ``model_name_or_path``, ``label``, ``kind``), ``keyword`` (kwargs ``positive``,
+        ``negative``), ``length`` (``target_words``), ``format`` (``pattern``), ``gsm8k``,
+        or ``module:function`` for your own callable.
+    """
+
+    name: str = "sentiment"
+    weight: float = 1.0
+    kwargs: dict = field(default_factory=dict)
+
+
+def load_prompts(args: PromptArgs, split: str, limit: int, seed: int = 0) -> list[dict]:
+    """Rows ``{"prompt": str, <columns>...}``."""
+    from esorl.data import load_prompt_completion_dataset, load_text_dataset
+    from esorl.train.data_prep import DataConfig, resolve_source
+
+    src = resolve_source(DataConfig(source=args.source, synthetic_size=args.synthetic_size, cache_dir=args.cache_dir)) if args.source == "synthetic" else args.source
+    rows: list[dict] = []
+    if args.prompt_field:
+        ds = load_prompt_completion_dataset(src, split=split, prompt_field=args.prompt_field, completion_field=None)
+        for r in ds:
+            rows.append({"prompt": args.prompt_template.format(prompt=r["prompt"]), **{c: r[c] for c in args.columns}})
+    else:
+        ds = load_text_dataset(src, split=split, text_field=args.text_field)
+        for r in ds:
+            words = r["text"].split()
+            if len(words) < args.min_words:
+                continue
+            row = {"prompt": args.prompt_template.format(prompt=" ".join(words[: args.prompt_words]))}
+            for c in args.columns:
+                row[c] = r[c]
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"prompts: no usable rows in {args.source!r} split {split!r}")
+    random.Random(seed).shuffle(rows)
+    return rows[:limit] if limit else rows
+
+
+def build_reward(spec: RewardSpec, cache_dir: str = ".esorl_cache"):
+    """A TRL-style reward callable from a spec."""
+    import reward_models as rm
+
+    kw = dict(spec.kwargs)
+    if spec.name == "sentiment":
+        from reward_models.train_sentiment import train_sentiment_model
+
+        model_dir = kw.pop("model_dir", str(Path(cache_dir) / "reward_sentiment"))
+        train, dev = kw.pop("train", None), kw.pop("dev", None)
+        label = kw.pop("label", 1)
+        if not (Path(model_dir) / "config.json").exists() or train:
+            targs = {k: v for k, v in (("train_path", train), ("dev_path", dev)) if v}
+            metrics = train_sentiment_model(out_dir=model_dir, **targs, **kw)
+            print(f"[esorl] sentiment reward model {model_dir}: dev accuracy {metrics.get('dev_accuracy', float('nan')):.3f}")
+        f = rm.SequenceClassifierReward(model_dir, label=label, local_files_only=True)
+        return f
+    if spec.name == "hf_classifier":
+        return rm.SequenceClassifierReward(**kw)
+    if spec.name == "keyword":
+        return rm.keyword_reward(**kw)
+    if spec.name == "length":
+        return rm.length_reward(**kw)
+    if spec.name == "format":
+        return rm.format_reward(**kw)
+    if spec.name == "gsm8k":
+        return rm.gsm8k_answer_reward
+    if ":" in spec.name:
+        import importlib
+
+        mod, fn = spec.name.split(":", 1)
+        obj = getattr(importlib.import_module(mod), fn)
+        return obj(**kw) if kw else obj
+    raise ValueError(f"unknown reward {spec.name!r}: use sentiment, hf_classifier, keyword, length, format, gsm8k or module:function")
+
+
+def build_rewards(specs: list[RewardSpec], cache_dir: str):
+    if not specs:
+        raise ValueError("rewards: at least one reward function is needed")
+    return [build_reward(s, cache_dir) for s in specs], [s.weight for s in specs]
+
+
+def score_rewards(funcs, weights, prompts: list[str], completions: list[str], columns: dict) -> tuple[torch.Tensor, dict]:
+    """``(B,)`` weighted total and per-function values; errors name the function and sample."""
+    from reward_models import call_reward, reward_name
+
+    per = {}
+    total = torch.zeros(len(prompts), dtype=torch.float64)
+    for f, w in zip(funcs, weights):
+        vals = call_reward(f, prompts, completions, **columns)
+        t = torch.tensor([float("nan") if v is None else v for v in vals], dtype=torch.float64)
+        per[reward_name(f)] = t
+        total += w * torch.nan_to_num(t, nan=0.0)  # None = "not applicable" (TRL's nansum)
+    return total, per
+
+
+def ensure_policy(args: PolicyArgs) -> Path:
+    """The policy directory; runs ``pretrain_recipe`` first if it does not exist yet."""
+    p = Path(args.init_from)
+    if (p / "config.json").exists():
+        return p
+    if not args.pretrain_recipe:
+        raise FileNotFoundError(f"policy.init_from: no model at {p} (and no policy.pretrain_recipe to build one)")
+    from esorl.config import load_config
+    from esorl.train.pretrain import PretrainConfig, run_pretrain
+
+    cfg = load_config(PretrainConfig, args.pretrain_recipe, list(args.pretrain_overrides) + [f"train.output_dir={p.parent}"])
+    print(f"[esorl] no policy at {p}: pretraining it with {args.pretrain_recipe}")
+    res = run_pretrain(cfg, resume="auto")
+    return Path(res["model_dir"])
+
+
+def load_tokenizer_for(args: PolicyArgs, model_dir: Path):
+    from esorl.data import load_tokenizer
+
+    return load_tokenizer(args.tokenizer or str(model_dir))
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate a tensor's rank copies along dim 0 (identity on one process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t.contiguous())
+    return torch.cat(out)
+
+
+def peak_memory_mb(device) -> float:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

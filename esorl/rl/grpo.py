@@ -1,0 +1,476 @@
+"""``esorl grpo``: GRPO for Eso-LMs, with the exact single-pass likelihood or a Monte Carlo
+estimate (spec §6), on ``accelerate`` (DDP, DeepSpeed ZeRO-2/3).
+
+Why not a subclass of TRL's ``GRPOTrainer``: its hooks score completions with
+``_get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep)``
+— a left-to-right model's signature, with nowhere to carry the rollout's order σ and steps
+— and its generation, reference-model rebuild and importance-sampling paths assume an AR
+``generate``. Overriding them all would leave a TRL-shaped shell around a different
+algorithm. So the loop is ours, but the configuration keeps ``trl.GRPOConfig``'s field
+names and semantics (``tests/test_grpo.py`` checks the names against TRL), and reward
+functions follow TRL's ``f(prompts, completions, **columns)``.
+
+One *step* = sample a generation batch, score it, then ``num_iterations`` optimizer steps
+over it (each accumulating ``gradient_accumulation_steps`` micro-batches per rank).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import load_config, save_config
+from ..modeling_esolm import EsoLMModel
+from ..policy import EsoPolicy, EstimatorConfig
+from ..rollout import Rollout
+from ..sampling import SamplingConfig
+from ..schedule import ScheduleConfig, make_generator
+from ..train.common import Checkpointer, LoggingConfig, RunLogger, all_reduce_sum, check_finite, configure_deepspeed, make_accelerator
+from .common import PolicyArgs, PromptArgs, RewardSpec, all_gather_cat, build_rewards, ensure_policy, load_prompts, load_tokenizer_for, peak_memory_mb, score_rewards
+
+_PURPOSE_PROMPTS, _PURPOSE_EST = 6, 7
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+@dataclass
+class EsoGRPOConfig:
+    """GRPO settings; names and meanings follow ``trl.GRPOConfig`` (TRL 1.16), plus the
+    Eso-LM fields at the end.
+
+    learning_rate, adam_beta1/2, adam_epsilon, weight_decay, max_grad_norm, warmup_steps,
+    lr_scheduler_type (``constant`` | ``cosine``): the optimizer.
+    max_steps: generation steps. per_device_train_batch_size: completions per rank per
+        micro-batch. gradient_accumulation_steps: micro-batches per optimizer step; the
+        generation batch is ``per_device_train_batch_size × gradient_accumulation_steps ×
+        ranks`` completions = that / ``num_generations`` prompts.
+    num_generations: completions per prompt (the group). max_completion_length: N.
+    temperature / top_p / top_k: sampling (RL default ``top_p = 1``, spec §7).
+    beta: KL coefficient to the reference (k3 estimator; 0 = no reference model).
+    epsilon / epsilon_high: clipping range ``[1 − ε, 1 + ε_high]`` (``epsilon_high`` < 0:
+        same as ``epsilon``). loss_type: ``grpo`` | ``bnpo`` | ``dr_grpo`` | ``dapo``.
+    scale_rewards: ``group`` | ``batch`` | ``none`` (divide advantages by the std).
+    num_iterations: μ, optimizer steps per generation batch.
+    reward_weights: weights of the reward functions (default: the recipe's weights).
+    seed, logging_steps, save_steps, save_total_limit, eval_steps, output_dir.
+    log_completions / num_completions_to_print: sample completions in the log.
+    likelihood / mc_samples / p_mask: the estimator (spec §6).
+    sampling_alpha0 / diffusion_steps: the unified sampling schedule ``(α0, T)``.
+    attention_backend, mixed_precision: as in pretraining.
+    """
+
+    output_dir: str = "runs/grpo"
+    learning_rate: float = 1e-5
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.99
+    adam_epsilon: float = 1e-8
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    warmup_steps: int = 0
+    lr_scheduler_type: str = "constant"
+    max_steps: int = 100
+    per_device_train_batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    num_generations: int = 8
+    max_completion_length: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    beta: float = 0.0
+    epsilon: float = 0.2
+    epsilon_high: float = -1.0
+    loss_type: str = "dapo"
+    scale_rewards: str = "group"
+    num_iterations: int = 1
+    reward_weights: list[float] = field(default_factory=list)
+    seed: int = 0
+    logging_steps: int = 1
+    save_steps: int = 50
+    save_total_limit: int = 2
+    eval_steps: int = 0
+    log_completions: bool = True
+    num_completions_to_print: int = 2
+    # --- Eso-LM extensions ---
+    likelihood: str = "exact"
+    mc_samples: int = 4
+    p_mask: float = 0.15
+    sampling_alpha0: float = 1.0
+    diffusion_steps: int = 8
+    schedule_kind: str = "unified"
+    attention_backend: str = "auto"
+    mixed_precision: str = "no"
+
+    def validate(self):
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"grpo.loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        if self.scale_rewards not in ("group", "batch", "none"):
+            raise ValueError(f"grpo.scale_rewards must be group, batch or none, got {self.scale_rewards!r}")
+        if self.num_generations < 2:
+            raise ValueError("grpo.num_generations must be >= 2 (advantages are group-relative)")
+        if self.num_iterations < 1 or self.max_steps < 1:
+            raise ValueError("grpo.num_iterations and grpo.max_steps must be >= 1")
+        if self.lr_scheduler_type not in ("constant", "cosine"):
+            raise ValueError("grpo.lr_scheduler_type must be constant or cosine")
+        self.estimator().validate()
+        self.sampling().validate()
+
+    def estimator(self) -> EstimatorConfig:
+        return EstimatorConfig(self.likelihood, self.mc_samples, self.p_mask)
+
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(self.max_completion_length, ScheduleConfig(kind=self.schedule_kind, alpha0=self.sampling_alpha0, num_steps=self.diffusion_steps),
+                              self.temperature, self.top_k, self.top_p)
+
+
+@dataclass
+class GRPORecipe:
+    """A GRPO recipe: starting policy, prompts, reward functions, GRPO settings, logging."""
+
+    policy: PolicyArgs = field(default_factory=PolicyArgs)
+    prompts: PromptArgs = field(default_factory=PromptArgs)
+    rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec()])
+    grpo: EsoGRPOConfig = field(default_factory=EsoGRPOConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def group_advantages(rewards: torch.Tensor, G: int, scale: str) -> torch.Tensor:
+    """TRL's GRPO advantages: reward minus its group mean, optionally divided by the group
+    (or batch) std (+1e-4)."""
+    r = rewards.view(-1, G)
+    adv = r - r.mean(1, keepdim=True)
+    if scale == "group":
+        adv = adv / (r.std(1, keepdim=True) + 1e-4)
+    elif scale == "batch":
+        adv = adv / (rewards.std() + 1e-4)
+    return adv.flatten()
+
+
+def grpo_token_loss(logp, old_logp, adv, mask, eps_low, eps_high, beta=0.0, ref_logp=None):
+    """Per-token GRPO loss ``−min(ρA, clip(ρ)A) + β·KL_k3`` and the clip indicators."""
+    ratio = torch.exp(logp - old_logp)
+    a = adv[:, None].to(logp.dtype)
+    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+    loss = -torch.min(ratio * a, clipped * a)
+    kl = None
+    if beta > 0 and ref_logp is not None:
+        d = ref_logp - logp
+        kl = torch.exp(d) - d - 1
+        loss = loss + beta * kl
+    low = (ratio < 1 - eps_low) & (a < 0)
+    high = (ratio > 1 + eps_high) & (a > 0)
+    return loss * mask, kl, low, high
+
+
+def aggregate(loss_tok: torch.Tensor, mask: torch.Tensor, loss_type: str, n_global_tokens: float, n_global_seqs: int, max_len: int, world: int) -> torch.Tensor:
+    """The loss of a micro-batch such that the gradients summed over micro-batches and
+    averaged over ranks give the loss type's normalisation of the whole generation batch."""
+    m = mask.to(loss_tok.dtype)
+    if loss_type == "grpo":  # mean over each sequence's tokens, mean over sequences
+        per_seq = loss_tok.sum(1) / m.sum(1).clamp(min=1)
+        return per_seq.sum() / n_global_seqs * world
+    if loss_type == "dr_grpo":  # constant normaliser: sequences × max completion length
+        return loss_tok.sum() / (n_global_seqs * max_len) * world
+    # bnpo / dapo: tokens of the batch (TRL: bnpo local batch, dapo global); here both global
+    return loss_tok.sum() / max(n_global_tokens, 1.0) * world
+
+
+class EsoGRPOTrainer:
+    """GRPO over Eso-LM rollouts. ``run()`` trains; the pieces are public for the comparison
+    runner (:mod:`esorl.compare`), which measures estimators on the same batches."""
+
+    def __init__(self, recipe: GRPORecipe, reward_funcs=None, reward_weights=None):
+        import os
+
+        self.recipe = r = recipe
+        c = r.grpo
+        self.cfg = c
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.accelerator = acc = make_accelerator(c.mixed_precision, 1)
+        self.world = world
+        torch.manual_seed(c.seed)
+        with acc.main_process_first():
+            self.model_dir = ensure_policy(r.policy)
+        self.tokenizer = load_tokenizer_for(r.policy, self.model_dir)
+        model = EsoLMModel.from_pretrained(str(self.model_dir))
+        self.opt = torch.optim.AdamW(model.parameters(), lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_epsilon, weight_decay=c.weight_decay)
+        configure_deepspeed(acc, c.per_device_train_batch_size, c.gradient_accumulation_steps)
+        self.model, self.opt = acc.prepare(model, self.opt)
+        self.ref = None
+        if c.beta > 0:
+            # the reference reloads from the saved directory (as TRL does from _name_or_path)
+            ref = EsoLMModel.from_pretrained(str(self.model_dir)).eval()
+            for p in ref.parameters():
+                p.requires_grad_(False)
+            ds = getattr(acc.state, "deepspeed_plugin", None)
+            self.ref = acc.prepare_model(ref, evaluation_mode=True) if ds is not None else ref.to(acc.device)
+        self.policy = EsoPolicy(self.model, self.tokenizer, c.sampling(), acc, c.attention_backend)
+        self.ref_policy = EsoPolicy(self.ref, self.tokenizer, c.sampling(), acc, c.attention_backend) if self.ref is not None else None
+        if reward_funcs is None:
+            reward_funcs, reward_weights = build_rewards(r.rewards, r.prompts.cache_dir)
+        self.reward_funcs = reward_funcs
+        self.reward_weights = list(c.reward_weights) if c.reward_weights else list(reward_weights)
+        if len(self.reward_weights) != len(self.reward_funcs):
+            raise ValueError(f"grpo.reward_weights has {len(self.reward_weights)} entries for {len(self.reward_funcs)} reward functions")
+        self.train_prompts = load_prompts(r.prompts, r.prompts.split, r.prompts.max_prompts, c.seed)
+        self.eval_prompts = load_prompts(r.prompts, r.prompts.eval_split, r.prompts.eval_prompts, c.seed) if r.prompts.eval_prompts else []
+        self.out = Path(c.output_dir)
+        self.ckpt = Checkpointer(self.out, c.save_total_limit)
+        self.logger = RunLogger(self.out, r.logging, asdict(r), enabled=acc.is_main_process)
+        if acc.is_main_process:
+            save_config(r, self.out / "config.yaml")
+        self.step = 0
+        self._old_cache: dict = {}
+        self.gen_batch = c.per_device_train_batch_size * c.gradient_accumulation_steps * world
+        if self.gen_batch % c.num_generations:
+            raise ValueError(f"generation batch {self.gen_batch} (per_device_train_batch_size × gradient_accumulation_steps × ranks) must be a multiple of num_generations={c.num_generations}")
+
+    # ------------------------------------------------------------------ batches
+    def prompt_rows(self, step: int) -> list[dict]:
+        """The prompts of a step (each repeated ``num_generations`` times), identical on every
+        rank and for every estimator: a seeded permutation per epoch."""
+        n = self.gen_batch // self.cfg.num_generations
+        P = len(self.train_prompts)
+        flat = torch.arange(step * n, (step + 1) * n)
+        rows = []
+        for f in flat.tolist():
+            e, i = divmod(f, P)
+            perm = torch.randperm(P, generator=make_generator(self.cfg.seed, _PURPOSE_PROMPTS, e))
+            rows.append(self.train_prompts[int(perm[i])])
+        return [r for r in rows for _ in range(self.cfg.num_generations)]
+
+    def local_slice(self) -> slice:
+        n = self.gen_batch // self.world
+        return slice(self.accelerator.process_index * n, (self.accelerator.process_index + 1) * n)
+
+    def rollout(self, step: int) -> dict:
+        """Generate this rank's share of the step's batch and score it (rewards, advantages)."""
+        c = self.cfg
+        rows = self.prompt_rows(step)
+        sl = self.local_slice()
+        local = rows[sl]
+        sample_ids = torch.arange(step * self.gen_batch, (step + 1) * self.gen_batch)[sl]
+        prompts = [x["prompt"] for x in local]
+        t0 = time.time()
+        ro = self.policy.generate(prompts, c.seed, step, sample_ids)
+        t_gen = time.time() - t0
+        texts = self.policy.texts(ro)
+        cols = {k: [x[k] for x in local] for k in self.recipe.prompts.columns}
+        total, per = score_rewards(self.reward_funcs, self.reward_weights, prompts, texts, cols)
+        all_rewards = all_gather_cat(total.to(self.accelerator.device)).cpu()
+        adv_all = group_advantages(all_rewards, c.num_generations, c.scale_rewards)
+        per_all = {k: all_gather_cat(v.to(self.accelerator.device)).cpu() for k, v in per.items()}
+        return {"rollout": ro, "prompts": prompts, "texts": texts, "rewards": total, "advantages": adv_all[sl], "all_rewards": all_rewards,
+                "per_reward": per_all, "t_generate": time.time() - t0, "t_sample": t_gen}
+
+    def estimator_seed(self, step: int, iteration: int) -> int:
+        """One noise seed per inner iteration, shared by current, old and reference passes."""
+        return int(torch.randint(0, 2**31 - 1, (1,), generator=make_generator(self.cfg.seed, _PURPOSE_EST, step, iteration)))
+
+    def score(self, policy: EsoPolicy, ro: Rollout, seed: int, grad: bool):
+        est = self.cfg.estimator()
+        params = est.params(self.cfg.sampling_alpha0, seed)
+        ctx = torch.enable_grad() if grad else torch.no_grad()
+        with ctx:
+            return policy.log_probs(ro, est.likelihood, **params)
+
+    def micro_batches(self, n_local: int):
+        mb = self.cfg.per_device_train_batch_size
+        return [torch.arange(i, min(i + mb, n_local)) for i in range(0, n_local, mb)]
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self, batch: dict) -> dict:
+        c = self.cfg
+        acc = self.accelerator
+        ro: Rollout = batch["rollout"].to(acc.device)
+        adv = batch["advantages"].to(acc.device)
+        eps_high = c.epsilon if c.epsilon_high < 0 else c.epsilon_high
+        mbs = self.micro_batches(ro.batch_size)
+        n_tok = all_reduce_sum(torch.tensor(float(ro.completion_mask.sum()), device=acc.device)).item()
+        self.model.eval()  # sampling and scoring in eval mode (spec §6): no dropout
+        t_score = t_update = 0.0
+        stats = {"loss": 0.0, "kl": 0.0, "clip_low": 0.0, "clip_high": 0.0, "ratio_dev": 0.0}
+        grad_norms = []
+        for it in range(c.num_iterations):
+            seed = self.estimator_seed(self.step, it)
+            t0 = time.time()
+            # old log-probs: an exact run takes them from the sampler (free, spec §6); an MC run
+            # with μ > 1 scored the old weights under every iteration's seed before the first
+            # update (precompute_old); with μ = 1 they are the current ones detached (ratio 1)
+            if c.likelihood == "exact":
+                old = ro.logp_model.to(acc.device)
+            else:
+                old = self._old_cache.get(it)
+            ref = self.score(self.ref_policy, ro, seed, grad=False)[0] if self.ref_policy is not None else None
+            t_score += time.time() - t0
+            t0 = time.time()
+            for j, idx in enumerate(mbs):
+                sub = ro.index(idx)
+                lp, mask = self.score(self.policy, sub, seed, grad=True)
+                old_mb = lp.detach() if old is None else old[idx]
+                loss_tok, kl, low, high = grpo_token_loss(lp, old_mb, adv[idx], mask, c.epsilon, eps_high, c.beta, None if ref is None else ref[idx])
+                loss = aggregate(loss_tok, mask, c.loss_type, n_tok, self.gen_batch, c.max_completion_length, self.world)
+                sync = j == len(mbs) - 1
+                ctx = acc.no_sync(self.model) if not sync and self.world > 1 and getattr(acc.state, "deepspeed_plugin", None) is None else _null()
+                with ctx:
+                    acc.backward(loss)
+                m = mask.float()
+                stats["loss"] += loss.item() / self.world
+                stats["clip_low"] += (low.float() * m).sum().item()
+                stats["clip_high"] += (high.float() * m).sum().item()
+                stats["ratio_dev"] += ((lp.detach() - old_mb).abs() * m).sum().item()
+                if kl is not None:
+                    stats["kl"] += (kl.detach() * m).sum().item()
+            gn = acc.clip_grad_norm_(self.model.parameters(), c.max_grad_norm) if c.max_grad_norm > 0 else None
+            grad_norms.append(float(gn) if gn is not None else float("nan"))
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            self._set_lr()
+            t_update += time.time() - t0
+        self._old_cache = {}
+        tot = all_reduce_sum(torch.tensor([stats["clip_low"], stats["clip_high"], stats["ratio_dev"], stats["kl"]], device=acc.device, dtype=torch.float64)) / (n_tok * c.num_iterations)
+        loss = all_reduce_sum(torch.tensor(stats["loss"], device=acc.device)).item() / c.num_iterations
+        check_finite(loss, self.step, self.ckpt)
+        return {"loss": loss, "clip_ratio/low": tot[0].item(), "clip_ratio/high": tot[1].item(), "clip_ratio/region": (tot[0] + tot[1]).item(),
+                "ratio_abs_log_dev": tot[2].item(), "kl": tot[3].item(), "grad_norm": sum(grad_norms) / len(grad_norms),
+                "time/score": t_score, "time/update": t_update}
+
+    def precompute_old(self, ro: Rollout):
+        """For MC estimators with μ > 1: score the old policy under every iteration's seed
+        before any update (no grad)."""
+        c = self.cfg
+        self._old_cache = {}
+        if c.likelihood == "exact" or c.num_iterations == 1:
+            return 0.0
+        t0 = time.time()
+        for it in range(c.num_iterations):
+            self._old_cache[it] = self.score(self.policy, ro.to(self.accelerator.device), self.estimator_seed(self.step, it), grad=False)[0]
+        return time.time() - t0
+
+    def _set_lr(self):
+        import math
+
+        c = self.cfg
+        s = self.step + 1
+        f = min(1.0, s / c.warmup_steps) if c.warmup_steps else 1.0
+        if c.lr_scheduler_type == "cosine":
+            f *= 0.5 * (1 + math.cos(math.pi * min(1.0, s / c.max_steps)))
+        for g in self.opt.param_groups:
+            g["lr"] = c.learning_rate * f
+
+    # ------------------------------------------------------------------ eval, logging
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Mean reward on held-out prompts (one completion each, fixed seed)."""
+        if not self.eval_prompts:
+            return {}
+        rows = self.eval_prompts[self.accelerator.process_index :: self.world]
+        prompts = [r["prompt"] for r in rows]
+        ro = self.policy.generate(prompts, self.cfg.seed + 99991, 0, torch.arange(len(prompts)))
+        texts = self.policy.texts(ro)
+        cols = {k: [r[k] for r in rows] for k in self.recipe.prompts.columns}
+        total, _ = score_rewards(self.reward_funcs, self.reward_weights, prompts, texts, cols)
+        s = all_reduce_sum(torch.tensor([total.sum().item(), len(total)], device=self.accelerator.device, dtype=torch.float64))
+        return {"eval/reward": (s[0] / s[1]).item()}
+
+    def log_step(self, batch, st, t_step):
+        c = self.cfg
+        ro = batch["rollout"]
+        rw = batch["all_rewards"]
+        text_len = all_gather_cat(ro.text_mask.sum(1).float().to(self.accelerator.device)).mean().item()
+        nll = all_gather_cat((-ro.logp_model).mean(1).to(self.accelerator.device)).mean().item()
+        m = {"reward": rw.mean().item(), "reward_std": rw.std().item(), "completion_length": text_len,
+             "entropy": nll, "time/step": t_step, "time/rollout": batch["t_generate"], "tokens_per_s": self.gen_batch * c.max_completion_length / max(t_step, 1e-9),
+             "memory/peak_mb": peak_memory_mb(self.accelerator.device), **{f"train/{k}" if "/" not in k else k: v for k, v in st.items()}}
+        for k, v in batch["per_reward"].items():
+            m[f"rewards/{k}/mean"] = torch.nanmean(v).item()
+            m[f"rewards/{k}/std"] = v[~v.isnan()].std().item() if (~v.isnan()).sum() > 1 else 0.0
+        return m
+
+    def log_completions(self, batch):
+        if not (self.cfg.log_completions and self.accelerator.is_main_process):
+            return
+        with (self.out / "completions.jsonl").open("a") as f:
+            for p, t, r in list(zip(batch["prompts"], batch["texts"], batch["rewards"].tolist()))[: max(self.cfg.num_completions_to_print, 8)]:
+                f.write(json.dumps({"step": self.step, "prompt": p, "completion": t, "reward": r}) + "\n")
+
+    # ------------------------------------------------------------------ loop
+    def save(self):
+        self.ckpt.save(self.accelerator, self.step, {"kind": "grpo"})
+
+    def resume(self, resume) -> None:
+        path = self.ckpt.resolve(resume)
+        if path is None:
+            return
+        state, _ = Checkpointer.load(self.accelerator, path)
+        self.step = state["step"]
+        self.logger.truncate_after(self.step)
+        self.accelerator.print(f"[esorl] resumed GRPO from {path} at step {self.step}")
+
+    def run(self, resume=False) -> dict:
+        c = self.cfg
+        self.resume(resume)
+        bar = tqdm(total=c.max_steps, initial=self.step, desc=f"grpo[{c.likelihood}]", disable=not self.accelerator.is_main_process, dynamic_ncols=True)
+        if self.step == 0 and c.eval_steps:
+            self.logger.log(self.evaluate(), 0)
+        while self.step < c.max_steps:
+            t0 = time.time()
+            batch = self.rollout(self.step)
+            t_old = self.precompute_old(batch["rollout"])
+            st = self.train_step(batch)
+            st["time/score"] += t_old
+            self.step += 1
+            m = self.log_step(batch, st, time.time() - t0)
+            if c.eval_steps and (self.step % c.eval_steps == 0 or self.step == c.max_steps):
+                m.update(self.evaluate())
+            if self.step % c.logging_steps == 0 or self.step == c.max_steps:
+                self.logger.log(m, self.step)
+                self.log_completions(batch)
+            bar.update(1)
+            bar.set_postfix(reward=f"{m['reward']:.3f}", kl=f"{m.get('train/kl', 0):.3f}")
+            if self.accelerator.is_main_process and c.num_completions_to_print and self.step % max(c.logging_steps, 10) == 0:
+                for p, t in list(zip(batch["prompts"], batch["texts"]))[: c.num_completions_to_print]:
+                    tqdm.write(f"  [{self.step}] {p!r} -> {t!r}")
+            if (c.save_steps and self.step % c.save_steps == 0) or self.step == c.max_steps:
+                self.save()
+        bar.close()
+        self.export(self.out / "model")
+        self.logger.finish()
+        return {"output_dir": str(self.out)}
+
+    def export(self, out_dir: Path):
+        acc = self.accelerator
+        sd = acc.get_state_dict(self.model)
+        if acc.is_main_process:
+            tmp = out_dir.with_name(out_dir.name + ".tmp")
+            acc.unwrap_model(self.model).save_pretrained(str(tmp), state_dict=sd, safe_serialization=True)
+            self.tokenizer.save_pretrained(str(tmp))
+            import shutil
+
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            tmp.replace(out_dir)
+        acc.wait_for_everyone()
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def main(argv=None):
+    import argparse
+
+    p = argparse.ArgumentParser(prog="esorl grpo", description="GRPO fine-tuning of an Eso-LM (exact or Monte Carlo likelihoods)")
+    p.add_argument("--config", help="recipe YAML (recipes/rl/)")
+    p.add_argument("--resume", nargs="?", const="latest", default=False)
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. grpo.likelihood=mc_elbo grpo.max_steps=20")
+    a = p.parse_args(argv)
+    recipe = load_config(GRPORecipe, a.config, a.overrides)
+    EsoGRPOTrainer(recipe).run(a.resume)

@@ -7,6 +7,12 @@ sum estimates NELBO / L and the loss does not depend on how the batch is sharded
 
 All randomness (``t``, ``z0``/``z_t`` masks, shuffles) is drawn from a generator keyed by
 ``(seed, step, global sample index)``: the loss of a sample is the same on 1 or 8 ranks.
+
+Prompts (SFT, spec §4/§7): an optional ``prompt_mask`` marks tokens that are clean context at
+step 0 in both terms. They are never masked and never scored, sit first in the array, left
+to right, before the other clean tokens (whatever the shuffle flags), and the normalisation
+counts only the valid completion (non-prompt) tokens. Without a prompt mask the layouts and
+the loss are bit-identical to the prompt-free objective.
 """
 
 from __future__ import annotations
@@ -70,6 +76,27 @@ class LossOutput:
     masked_tokens: torch.Tensor  # local number of masked (scored) tokens
 
 
+# sort groups of the one-copy layouts: prompt (left to right), clean, masked, padding
+_G_PROMPT, _G_CLEAN, _G_MASKED, _G_PAD = 0, 1, 2, 3
+
+
+def _split_prompt(valid: torch.Tensor, prompt_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(prompt, completion)`` bool masks ``(B, L)``: prompt tokens are valid tokens the mask
+    marks; completion tokens are the other valid tokens (the only ones that can be scored)."""
+    if prompt_mask is None:
+        return torch.zeros_like(valid), valid
+    if prompt_mask.shape != valid.shape:
+        raise ValueError(f"prompt_mask has shape {tuple(prompt_mask.shape)}, expected {tuple(valid.shape)} (that of input_ids)")
+    prompt = prompt_mask.to(valid.device).bool() & valid
+    return prompt, valid & ~prompt
+
+
+def _groups(valid: torch.Tensor, prompt: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """Sort group per slot. Without a prompt this is the old ``clean 0 / masked 1 / pad 2``
+    shifted by one, which gives the same (stable) sort."""
+    return torch.where(~valid, _G_PAD, torch.where(prompt, _G_PROMPT, _G_CLEAN + masked.long()))
+
+
 def _per_sample_noise(seed: int, step: int, gidx: torch.Tensor, L: int):
     """Uniforms for one sample each: ``(t_offset (B,), mask_u (B, L), shuffle (B, L))``."""
     r, mu, sh = [], [], []
@@ -86,48 +113,57 @@ def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
 
 
-def _mdm_layout(x, valid, t, mask_u, shuffle_u, cfg: ObjectiveConfig, weighting: str, mask_id: int):
-    """Layout (d) of the MDM rows: ``(layout, targets (B, L), scored (B, L), weight (B,))``."""
+def _mdm_layout(x, valid, t, mask_u, shuffle_u, cfg: ObjectiveConfig, weighting: str, mask_id: int, prompt_mask=None):
+    """Layout (d) of the MDM rows: ``(layout, targets (B, L), scored (B, L), weight (B,))``.
+
+    Array order: ``[prompt left to right | clean completion | masked completion | padding]``."""
     B, L = x.shape
     dev = x.device
+    prompt, comp = _split_prompt(valid, prompt_mask)
     a_t = alpha(t, cfg.alpha0).to(dev)  # (B,)
-    masked = (mask_u.to(dev) >= a_t[:, None]) & valid  # keep with probability α_t
+    masked = (mask_u.to(dev) >= a_t[:, None]) & comp  # keep with probability α_t; prompts always clean
     pos = torch.arange(L, device=dev).expand(B, L)
-    group = torch.where(valid, masked.long(), torch.full_like(pos, 2))
+    group = _groups(valid, prompt, masked)
     key = shuffle_u.to(dev).argsort(1).argsort(1) if cfg.diffusion_shuffle else pos
+    key = torch.where(prompt, pos, key)  # the prompt stays left to right
     table, _ = sorted_table(x, pos, valid, group, key)
-    is_q = table.steps == 1
+    is_q = table.steps == _G_MASKED
     lay = one_copy_layout(table, is_q, mask_id)
     w = cfg.alpha0 * (1 - EPS) / (1 - a_t) if weighting == "elbo" else torch.ones_like(a_t)
     return lay, table.ids, is_q, w
 
 
-def _ar_layout(x, valid, mask_u, shuffle_u, cfg: ObjectiveConfig, mask_id: int):
-    """Layout (e) of the AR rows: ``(layout, targets (B, Q), scored (B, Q), first query slot)``."""
+def _ar_layout(x, valid, mask_u, shuffle_u, cfg: ObjectiveConfig, mask_id: int, prompt_mask=None):
+    """Layout (e) of the AR rows: ``(layout, targets (B, Q), scored (B, Q), first query slot)``.
+
+    Table order: ``[prompt left to right | clean z0 | masked z0 left to right | padding]``."""
     B, L = x.shape
     dev = x.device
-    masked = (mask_u.to(dev) >= cfg.alpha0) & valid  # z0 keeps each token with probability α0
+    prompt, comp = _split_prompt(valid, prompt_mask)
+    masked = (mask_u.to(dev) >= cfg.alpha0) & comp  # z0 keeps each token with probability α0; prompts always clean
     pos = torch.arange(L, device=dev).expand(B, L)
-    group = torch.where(valid, masked.long(), torch.full_like(pos, 2))
+    group = _groups(valid, prompt, masked)
     clean_key = shuffle_u.to(dev).argsort(1).argsort(1) if cfg.sequential_shuffle else pos
-    key = torch.where(masked, pos, clean_key)  # masked tokens always left to right
+    key = torch.where(masked | prompt, pos, clean_key)  # masked tokens and the prompt always left to right
     table, _ = sorted_table(x, pos, valid, group, key)
-    is_m = table.steps == 1
+    is_m = table.steps == _G_MASKED
     table.steps = torch.where(is_m, is_m.long().cumsum(1), torch.zeros_like(table.steps))
     lay, q_idx, q_valid = sequential_layout(table, mask_id)
     return lay, table.ids.gather(1, q_idx), q_valid, table.shape[1]
 
 
-def mdm_term(model, x, valid, t, mask_u, shuffle_u, cfg: ObjectiveConfig, weighting: str, backend="auto"):
-    """Weighted MDM sum per sample ``(B,)`` and masked counts, with layout (d)."""
-    lay, tgt, is_q, w = _mdm_layout(x, valid, t, mask_u, shuffle_u, cfg, weighting, model_config(model).mask_token_id)
+def mdm_term(model, x, valid, t, mask_u, shuffle_u, cfg: ObjectiveConfig, weighting: str, backend="auto", prompt_mask=None):
+    """Weighted MDM sum per sample ``(B,)`` and masked counts, with layout (d); ``prompt_mask``
+    tokens are clean context at step 0 (never masked or scored)."""
+    lay, tgt, is_q, w = _mdm_layout(x, valid, t, mask_u, shuffle_u, cfg, weighting, model_config(model).mask_token_id, prompt_mask)
     nll = _nll(model(lay.ids, lay.positions, build_mask(lay.desc, lay.desc, backend)), tgt) * is_q
     return nll.sum(1) * w.to(nll.dtype), is_q.sum()
 
 
-def ar_term(model, x, valid, mask_u, shuffle_u, cfg: ObjectiveConfig, backend="auto"):
-    """AR sum per sample ``(B,)`` over the masked tokens of ``z0``, with layout (e)."""
-    lay, tgt, q_valid, M = _ar_layout(x, valid, mask_u, shuffle_u, cfg, model_config(model).mask_token_id)
+def ar_term(model, x, valid, mask_u, shuffle_u, cfg: ObjectiveConfig, backend="auto", prompt_mask=None):
+    """AR sum per sample ``(B,)`` over the masked tokens of ``z0``, with layout (e);
+    ``prompt_mask`` tokens are clean context at step 0 (never masked or scored)."""
+    lay, tgt, q_valid, M = _ar_layout(x, valid, mask_u, shuffle_u, cfg, model_config(model).mask_token_id, prompt_mask)
     logits = model(lay.ids, lay.positions, build_mask(lay.desc, lay.desc, backend), logits_slice=slice(M, None))
     nll = _nll(logits, tgt) * q_valid
     return nll.sum(1), q_valid.sum()
@@ -145,7 +181,7 @@ def _pad_layout(lay: Layout, length: int, mask_id: int) -> Layout:
     return concat(lay, pad)
 
 
-def _fused_terms(model, x_m, v_m, t, mu_m, sh_m, x_a, v_a, mu_a, sh_a, cfg, weighting, backend):
+def _fused_terms(model, x_m, v_m, t, mu_m, sh_m, x_a, v_a, mu_a, sh_a, cfg, weighting, backend, p_m=None, p_a=None):
     """Both terms from ONE forward: layouts (d) and (e) padded to one length and stacked.
 
     DDP and DeepSpeed expect one forward per backward on every rank (DDP broadcasts buffers
@@ -153,8 +189,8 @@ def _fused_terms(model, x_m, v_m, t, mu_m, sh_m, x_a, v_a, mu_a, sh_a, cfg, weig
     mix; two forwards would deadlock or desynchronise ranks with different mixes.
     """
     mask_id = model_config(model).mask_token_id
-    lm, tm, qm, w = _mdm_layout(x_m, v_m, t, mu_m, sh_m, cfg, weighting, mask_id)
-    la, ta, qa, M = _ar_layout(x_a, v_a, mu_a, sh_a, cfg, mask_id)
+    lm, tm, qm, w = _mdm_layout(x_m, v_m, t, mu_m, sh_m, cfg, weighting, mask_id, p_m)
+    la, ta, qa, M = _ar_layout(x_a, v_a, mu_a, sh_a, cfg, mask_id, p_a)
     n = max(len(lm), len(la))
     lay = concat_rows(_pad_layout(lm, n, mask_id), _pad_layout(la, n, mask_id))
     logits = model(lay.ids, lay.positions, build_mask(lay.desc, lay.desc, backend))
@@ -177,6 +213,7 @@ def hybrid_loss(
     eval_weights: bool = False,
     backend: str = "auto",
     single_forward: bool = False,
+    prompt_mask: torch.Tensor | None = None,
 ) -> LossOutput:
     """The hybrid loss of a (local shard of a) global batch.
 
@@ -184,15 +221,25 @@ def hybrid_loss(
         input_ids, valid: ``(B, L)`` tokens and their validity (False on padding).
         global_index: ``(B,)`` index of each sample in the global batch ``[0, G)``.
         global_batch_size: ``G``; the first ``int(κ·G)`` global samples get the MDM term.
-        global_valid_counts: ``(mdm_tokens, ar_tokens)`` of the global batch for normalising;
-            default: this shard's counts (single process).
+        global_valid_counts: ``(mdm_tokens, ar_tokens)`` of the global batch for normalising:
+            valid *completion* (non-prompt) tokens of each global sub-batch; default: this
+            shard's counts (single process).
         eval_weights: use ELBO weights whatever ``cfg.mdm_weighting`` (evaluation / NELBO).
         single_forward: compute both terms in one forward (padded); required under DDP /
             DeepSpeed, where every rank must run the same forwards. Same numbers.
+        prompt_mask: optional ``(B, L)`` bool, True on prompt tokens (SFT). Prompt tokens are
+            clean context at step 0 in both terms: never masked, never scored, first in the
+            array left to right (before the other clean tokens, whatever the shuffle flags);
+            each term is divided by its sub-batch's number of valid non-prompt tokens. The
+            prompt should be a prefix of the row (positions are array indices). ``None`` (or
+            all False) gives exactly the prompt-free loss.
     """
     B, L = input_ids.shape
     dev = input_ids.device
     valid = valid.bool()
+    _, scored = _split_prompt(valid, prompt_mask)
+    pm = None if prompt_mask is None else prompt_mask.to(dev).bool()
+    sub = (lambda idx: None) if pm is None else (lambda idx: pm[idx])  # noqa: E731
     n_mdm = int(cfg.batch_split * global_batch_size)
     is_mdm = global_index.to(dev) < n_mdm
     r, mask_u, shuffle_u = _per_sample_noise(seed, step, global_index, L)
@@ -208,17 +255,17 @@ def hybrid_loss(
         mc, ac = mdm_idx.cpu(), ar_idx.cpu()
         mdm_sum, mm, ar_sum, am = _fused_terms(
             model, input_ids[mdm_idx], valid[mdm_idx], t[mc], mask_u[mc], shuffle_u[mc],
-            input_ids[ar_idx], valid[ar_idx], mask_u[ac], shuffle_u[ac], cfg, w, backend,
+            input_ids[ar_idx], valid[ar_idx], mask_u[ac], shuffle_u[ac], cfg, w, backend, sub(mdm_idx), sub(ar_idx),
         )
         masked = mm + am
     elif mdm_idx.numel():
-        s, m = mdm_term(model, input_ids[mdm_idx], valid[mdm_idx], t[mdm_idx.cpu()], mask_u[mdm_idx.cpu()], shuffle_u[mdm_idx.cpu()], cfg, w, backend)
+        s, m = mdm_term(model, input_ids[mdm_idx], valid[mdm_idx], t[mdm_idx.cpu()], mask_u[mdm_idx.cpu()], shuffle_u[mdm_idx.cpu()], cfg, w, backend, sub(mdm_idx))
         mdm_sum, masked = s.sum(), masked + m
     if not single_forward and ar_idx.numel():
-        s, m = ar_term(model, input_ids[ar_idx], valid[ar_idx], mask_u[ar_idx.cpu()], shuffle_u[ar_idx.cpu()], cfg, backend)
+        s, m = ar_term(model, input_ids[ar_idx], valid[ar_idx], mask_u[ar_idx.cpu()], shuffle_u[ar_idx.cpu()], cfg, backend, sub(ar_idx))
         ar_sum, masked = s.sum(), masked + m
     if global_valid_counts is None:
-        global_valid_counts = (float(valid[is_mdm].sum()), float(valid[~is_mdm].sum()))
+        global_valid_counts = (float(scored[is_mdm].sum()), float(scored[~is_mdm].sum()))
     mdm_n, ar_n = global_valid_counts
     loss = (mdm_sum / mdm_n if mdm_n > 0 else zero) + (ar_sum / ar_n if ar_n > 0 else zero)
     return LossOutput(loss, mdm_sum, ar_sum, torch.tensor(mdm_n), torch.tensor(ar_n), masked)

@@ -134,9 +134,11 @@ def rank_slice(G: int, micro: int, world: int, rank: int, accum: int, m: int) ->
 def evaluate(model, data: dict, cfg: PretrainConfig, accelerator, n_batches: int) -> dict:
     """NELBO per token and PPL on the first ``n_batches × micro_batch_size`` held-out rows, with
     ELBO weights and the training α0/κ (spec §5), deterministic (fixed seed, batches of
-    ``micro_batch_size``). Ranks score disjoint batches; sums are reduced."""
+    ``micro_batch_size``). Ranks score disjoint batches; sums are reduced. When ``data`` holds
+    a ``prompt_mask`` (SFT), prompts are clean context and the NELBO is per completion token."""
     model.eval()
     ids_all, valid_all = data["input_ids"], data["valid"]
+    pm_all = data.get("prompt_mask")
     B, W = cfg.train.micro_batch_size, accelerator.num_processes
     n = min(len(ids_all), n_batches * B)  # the same rows whatever the number of ranks
     starts = list(range(0, n, B))
@@ -149,9 +151,10 @@ def evaluate(model, data: dict, cfg: PretrainConfig, accelerator, n_batches: int
         start = mine[r] if r < len(mine) else 0
         idx = torch.arange(start, min(start + B, n))
         x, v = ids_all[idx].to(accelerator.device), valid_all[idx].to(accelerator.device)
+        pm = {} if pm_all is None else {"prompt_mask": pm_all[idx].to(accelerator.device)}
         # every eval batch is its own "global batch" of the κ split
         out = hybrid_loss(model, x, v, cfg.objective, _EVAL_SEED, int(start), torch.arange(len(idx)), len(idx), eval_weights=True,
-                          backend=cfg.train.attention_backend, single_forward=W > 1)
+                          backend=cfg.train.attention_backend, single_forward=W > 1, **pm)
         if r >= len(mine):
             continue
         n_mdm, n_ar = out.mdm_tokens.item(), out.ar_tokens.item()
@@ -187,9 +190,17 @@ def export_model(accelerator, model, ema: EMA | None, tok, out_dir: Path) -> Non
     accelerator.wait_for_everyone()
 
 
-def run_pretrain(cfg: PretrainConfig, resume: str | bool = False) -> dict:
+def run_pretrain(cfg: PretrainConfig, resume: str | bool = False, data_fn=None, name: str = "pretrain") -> dict:
     """Train; returns the final metrics. Writes ``<output_dir>/{metrics.jsonl, config.yaml,
-    checkpoints/, model/}``."""
+    checkpoints/, model/}``.
+
+    Hooks for other loops that reuse this one (SFT, :mod:`esorl.train.sft`):
+    ``data_fn()`` returns ``(tokenizer, {"train": {...}, "eval": {...}})`` instead of
+    :func:`prepare_data` (run on the main process first); a split may carry a row-level
+    ``prompt_mask`` ``(N, L)`` bool, whose tokens are then clean context at step 0 and never
+    scored (:func:`esorl.objective.hybrid_loss`). ``cfg`` only needs the sections ``model``,
+    ``data`` (``seq_len``, ``source``), ``objective``, ``optim``, ``train``, ``logging``.
+    ``name``: progress-bar label."""
     tcfg = cfg.train
     out_dir = Path(tcfg.output_dir)
     G, micro = tcfg.batch_size, tcfg.micro_batch_size
@@ -203,7 +214,7 @@ def run_pretrain(cfg: PretrainConfig, resume: str | bool = False) -> dict:
     torch.manual_seed(tcfg.seed)  # dropout RNG; the objective never uses global state
 
     with accelerator.main_process_first():
-        tok, data = prepare_data(cfg.data, tcfg.seed)
+        tok, data = data_fn() if data_fn is not None else prepare_data(cfg.data, tcfg.seed)
     train = data["train"]
     if len(train["input_ids"]) == 0:
         raise ValueError(f"data: the training split of {cfg.data.source!r} is empty")
@@ -237,7 +248,7 @@ def run_pretrain(cfg: PretrainConfig, resume: str | bool = False) -> dict:
         accelerator.print(f"[esorl] resumed from {path} at step {step}")
 
     n_rows = len(train["input_ids"])
-    bar = tqdm(total=tcfg.max_steps, initial=step, desc="pretrain", disable=not accelerator.is_main_process, dynamic_ncols=True)
+    bar = tqdm(total=tcfg.max_steps, initial=step, desc=name, disable=not accelerator.is_main_process, dynamic_ncols=True)
     last = {}
     model.train()
     t0 = time.time()
@@ -245,16 +256,19 @@ def run_pretrain(cfg: PretrainConfig, resume: str | bool = False) -> dict:
     while step < tcfg.max_steps:
         rows = global_batch_rows(step, G, n_rows, tcfg.seed)
         x_all, v_all = train["input_ids"][rows], train["valid"][rows].bool()
+        pm_all = train["prompt_mask"][rows].bool() if "prompt_mask" in train else None
+        scored = v_all if pm_all is None else v_all & ~pm_all  # prompts are context, never scored
         is_mdm = torch.arange(G) < int(cfg.objective.batch_split * G)
-        counts = (v_all[is_mdm].sum().item(), v_all[~is_mdm].sum().item())  # global: every rank sees `rows`
+        counts = (scored[is_mdm].sum().item(), scored[~is_mdm].sum().item())  # global: every rank sees `rows`
         loss_sum = 0.0
         for m in range(accum):
             sl = rank_slice(G, micro, world, accelerator.process_index, accum, m)
             gidx = torch.arange(G)[sl]
             x, v = x_all[sl].to(accelerator.device), v_all[sl].to(accelerator.device)
+            pm = {} if pm_all is None else {"prompt_mask": pm_all[sl].to(accelerator.device)}
             with accelerator.accumulate(model):
                 with accelerator.autocast():
-                    out = hybrid_loss(model, x, v, cfg.objective, tcfg.seed, step, gidx, G, counts, backend=tcfg.attention_backend, single_forward=world > 1)
+                    out = hybrid_loss(model, x, v, cfg.objective, tcfg.seed, step, gidx, G, counts, backend=tcfg.attention_backend, single_forward=world > 1, **pm)
                 # DDP/ZeRO average gradients over ranks and accelerate divides by `accum`:
                 # scale back so the summed gradient is that of (global sums / global counts).
                 accelerator.backward(out.loss * world * accum)

@@ -1,0 +1,423 @@
+"""All of issue 6's GPU measurements in one script, under 4 minutes on an H100/H200.
+
+1. Correctness on the GPU path first (float32, small random model, the attention backend
+   ``build_mask(backend="auto")`` picks: flex_attention on CUDA): the KV-cached sampler emits
+   the same tokens as the no-cache one, ``exact`` equals ``replay`` (≤ 1e-4) and the sampler's
+   recorded log-probs, and flex agrees with SDPA on layout (a).
+2. Speed, with random weights, on the spec §9 small model (12 blocks, 768 hidden, 12 heads,
+   vocab 50258), bf16 weights for sampling and scoring, bf16 autocast over float32 weights
+   for training (as ``esorl pretrain``), batch 64, L = 1024:
+
+   * KV-cached sampling α0 = 1 with T = 1024 and T = 128; α0 = 0.125 with T = 1024; pure AR
+     (α0 = 0: one BOS-like prompt token, 1023 steps); no prompt otherwise (P = 0, N = 1024);
+   * MDLM-style sampling without cache, T = 1024: measured on its first steps and
+     extrapolated per forward (said so in the output);
+   * a hybrid training step (α0 = 0.125, κ = 0.5, batch 16 × 1024, fwd + bwd + clip + AdamW +
+     EMA) and an MDM-only one, side by side;
+   * single-pass ``exact`` of 64 rollouts (P = 128, N = 896) vs one plain causal forward of
+     the same batch.
+
+Every section is guarded (an error is recorded and the next section runs), runs under the
+time left (``--budget-s``; a sampler that would run past its share is stopped and its total
+extrapolated from the steps it made, flagged ``extrapolated``), and the JSON is rewritten
+after every section, so a run cut short keeps what it measured. Each sampling section first
+runs a few steps of the same trajectory untimed (compilation), and ``torch._dynamo.reset()``
+runs before each section so every section pays for (and reports) its own compilation.
+
+    python benchmarks/gpu.py                                   # cuda, small model
+    python benchmarks/gpu.py --sections correctness,sample_a1_T1024 --budget-s 120
+    PYTHONPATH=. python benchmarks/gpu.py --device cpu --size tiny    # the CPU smoke run (< 1 min)
+"""
+
+from __future__ import annotations
+
+_T_START = __import__("time").perf_counter()
+
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import datetime as _dt  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import (  # noqa: E402
+    RESULTS, PeakMemory, StepProbe, StopSampling, card_slug, count_params, device_name, extrapolate, fmt_bytes,
+    fmt_time, fmt_x, log, make_model, print_table, resolve_device, setup_threads, sync, write_json,
+)
+
+import torch  # noqa: E402
+
+# issue 6: the reference implementation on one H100 80GB HBM3 (random weights, small model,
+# bf16, batch 64, L = 1024), and the targets for esorl on the same card
+REFERENCE_CARD = "NVIDIA H100 80GB HBM3 (reference implementation, issue 6)"
+REFERENCE = {
+    "sample_a1_T1024": dict(what="KV-cached sampling a0=1, T=1024", ref_s=20.8, ref_ms_step=31.6, target_s=2.0),
+    "sample_a1_T128": dict(what="KV-cached sampling a0=1, T=128", ref_s=3.76),
+    "sample_a0125_T1024": dict(what="KV-cached sampling a0=0.125, T=1024", ref_s=29.9, target_s=3.5),
+    "sample_ar": dict(what="AR with KV cache (a0=0), 1023 steps", ref_s=22.7, ref_ms_step=22.2, target_s=2.5),
+    "mdlm_T1024": dict(what="MDLM-style, no cache, T=1024", ref_s=69.0, ref_ms_step=109.0),
+    "train_hybrid": dict(what="train step hybrid a0=0.125 k=0.5, 16x1024", ref_s=0.280, target_s=0.140),
+    "train_mdm": dict(what="train step MDM-only, 16x1024", ref_s=0.142),
+    "sample_a1_T1024_sdpa": dict(what="KV-cached a0=1, T=1024, SDPA backend", ref_s=20.8, ref_ms_step=31.6, target_s=2.0),
+}
+HF_BAR = "transformers generate, GPT-2-sized, batch 64, 1023 tokens, bf16, H100: 52.7 s default cache, 12.4 s static, 2.48 s static + compile"
+
+#: problem sizes. ``small`` = issue 6; ``tiny`` = the CPU smoke run.
+SHAPES = {
+    "small": dict(model="small", B=64, N=1024, T_big=1024, T_small=128, train_B=16, train_L=1024, exact_B=64, exact_P=128,
+                  exact_N=896, warm_steps=12, mdlm_steps=24, train_repeats=5, exact_repeats=5),
+    "tiny": dict(model="tiny", B=4, N=64, T_big=64, T_small=8, train_B=4, train_L=64, exact_B=4, exact_P=8, exact_N=56,
+                 warm_steps=4, mdlm_steps=8, train_repeats=3, exact_repeats=3),
+}
+#: the correctness model (float32, all sizes): small, but with the real head_dim (64)
+CORRECTNESS_MODEL = dict(vocab_size=1000, hidden_size=128, n_layers=2, n_heads=2, cond_dim=32, max_seq_len=256)
+
+#: section -> (default time cap in s on the small size, least time worth starting it)
+SECTIONS = {
+    "correctness": (45, 15),
+    "sample_a1_T1024": (40, 15),
+    "train": (50, 20),
+    "exact": (25, 10),
+    "sample_ar": (30, 10),
+    "sample_a0125_T1024": (30, 10),
+    "sample_a1_T128": (20, 8),
+    "mdlm_T1024": (20, 8),
+    "sample_a1_T1024_sdpa": (25, 10),
+}
+
+
+class Ctx:
+    """What sections share: device, shapes, models (built lazily), args."""
+
+    def __init__(self, args, device):
+        self.args, self.device = args, device
+        self.shape = SHAPES[args.size]
+        self._m32 = self._m16 = None
+
+    @property
+    def model32(self):
+        """float32 weights (training: autocast to bf16 on CUDA, as ``esorl pretrain``)."""
+        if self._m32 is None:
+            t0 = time.perf_counter()
+            self._m32 = make_model(self.shape["model"], self.device, torch.float32, seed=self.args.seed, dropout=0.1)
+            log(f"  built {self.shape['model']} model ({count_params(self._m32) / 1e6:.1f} M params) in {time.perf_counter() - t0:.1f} s")
+        return self._m32
+
+    @property
+    def model16(self):
+        """The same weights in the sampling dtype (bf16 on CUDA, float32 on CPU), eval mode."""
+        if self._m16 is None:
+            self._m16 = copy.deepcopy(self.model32).to(self.args.sample_dtype).eval()
+        return self._m16
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+def sec_correctness(ctx: Ctx, deadline: float) -> dict:
+    """Cached vs no-cache tokens (float32), exact vs replay, exact vs sampler, flex vs SDPA."""
+    from esorl.likelihood import exact, replay
+    from esorl.sampling import generate, left_pad
+    from esorl.schedule import ScheduleConfig
+
+    dev = ctx.device
+    model = make_model(CORRECTNESS_MODEL, dev, torch.float32, seed=ctx.args.seed + 1, std=0.08).eval()
+    V = model.config.vocab_size
+    gen = torch.Generator().manual_seed(ctx.args.seed + 1)
+    B, N = 4, 24
+    lens = [3, 12, 7, 1]  # prompts of mixed length (left padding exercised)
+    pid, pm = left_pad([torch.randint(5, V - 1, (n,), generator=gen).tolist() for n in lens], 0, dev)
+    checks, ok = [], True
+    for alpha0, T in ((1.0, 6), (0.125, 4), (0.0, 1)):
+        if time.perf_counter() > deadline:
+            checks.append(dict(alpha0=alpha0, T=T, skipped="time budget"))
+            continue
+        traj = ScheduleConfig(alpha0=alpha0, num_steps=T).sample(B, N, gen)
+        u = torch.rand(B, N, generator=gen, dtype=torch.float64)
+        kw = dict(uniforms=u, temperature=0.9, backend="auto")
+        t0 = time.perf_counter()
+        a = generate(model, pid, pm, N, traj, method="cache", **kw)
+        b = generate(model, pid, pm, N, traj, method="replay", **kw)
+        mism = int((a.completion_ids != b.completion_ids).sum())
+        with torch.no_grad():
+            e, _ = exact(model, a)
+            rp, _ = replay(model, a)
+            e_sdpa, _ = exact(model, a, backend="sdpa")
+        d_exact_replay = float((e - rp).abs().max())
+        d_exact_sampler = float((e - a.logp_model.to(e.dtype)).abs().max())
+        d_cache_replay_lp = float((a.logp_model - b.logp_model).abs().max())
+        d_backend = float((e - e_sdpa).abs().max())
+        passed = mism == 0 and d_exact_replay <= 1e-4 and d_exact_sampler <= 1e-4
+        ok &= passed
+        checks.append(dict(alpha0=alpha0, T=T, K=len(traj.step_sizes), token_mismatches=mism, tokens=B * N,
+                           max_abs_exact_minus_replay=d_exact_replay, max_abs_exact_minus_sampler=d_exact_sampler,
+                           max_abs_cache_minus_replay_logp=d_cache_replay_lp, max_abs_exact_auto_minus_sdpa=d_backend,
+                           passed=passed, seconds=time.perf_counter() - t0))
+        log(f"  a0={alpha0} T={T}: token mismatches {mism}/{B * N}, |exact-replay| {d_exact_replay:.2e}, "
+            f"|exact-sampler| {d_exact_sampler:.2e}, |auto-sdpa| {d_backend:.2e} -> {'PASS' if passed else 'FAIL'}")
+    from esorl.attention import flex_available
+
+    return dict(passed=ok and all("skipped" not in c for c in checks), checks=checks, dtype="float32",
+                backend_auto="flex" if flex_available(dev) else "sdpa", tolerance=1e-4)
+
+
+def _sample(ctx: Ctx, deadline: float, alpha0: float, T: int, P: int, N: int, method: str = "cache", backend: str = "auto",
+            max_steps: int | None = None) -> dict:
+    from sampling import make_inputs, token_forwards
+
+    from esorl.sampling import generate
+
+    dev, B = ctx.device, ctx.shape["B"]
+    model = ctx.model16
+    pid, pm, traj, u = make_inputs(model, B, P, N, alpha0, T, ctx.args.seed, dev)
+    sizes = traj.step_sizes.tolist()
+    K = len(sizes)
+
+    def run(probe):
+        probe.start()
+        t0 = time.perf_counter()
+        try:
+            generate(probe, pid, pm, N, traj, uniforms=u, method=method, backend=backend)
+            done = True
+        except StopSampling:
+            done = False
+        sync(dev)
+        return done, time.perf_counter() - t0
+
+    warm = min(ctx.shape["warm_steps"], K)
+    _, warm_s = run(StepProbe(model, dev, max_steps=warm))
+    log(f"  warm-up: {warm} steps in {warm_s:.1f} s (compilation included)")
+    probe = StepProbe(model, dev, max_steps=max_steps, deadline=deadline, min_steps=min(8, K))
+    with PeakMemory(dev) as mem:
+        done, wall = run(probe)
+    m = len(probe.step_times)
+    total, how = (wall, "measured") if done else extrapolate(probe.step_times, K)
+    tf = token_forwards(sizes, P, N)
+    tok = tf["cache" if method == "cache" else method]
+    log(f"  {method} a0={alpha0} T={T}: K={K} steps, {m} run in {wall:.2f} s -> total {total:.2f} s ({how})")
+    return dict(alpha0=alpha0, T=T, P=P, N=N, B=B, method=method, backend=backend, K=K, steps_measured=m, completed=done,
+                measured_s=wall, total_s=total, how=how, ms_per_step=1e3 * total / K, warmup_steps=warm, warmup_s=warm_s,
+                token_forwards_per_sample=tok, token_forwards_all_methods=tf, tokens_per_s=B * tok / total,
+                peak_bytes=mem.peak_bytes, peak_kind=mem.kind, step_sizes=sizes,
+                step_times_ms=[round(1e3 * t, 3) for t in probe.step_times])
+
+
+def sec_sample_a1_T1024(ctx, deadline):
+    return _sample(ctx, deadline, 1.0, ctx.shape["T_big"], 0, ctx.shape["N"])
+
+
+def sec_sample_a1_T128(ctx, deadline):
+    return _sample(ctx, deadline, 1.0, ctx.shape["T_small"], 0, ctx.shape["N"])
+
+
+def sec_sample_a0125_T1024(ctx, deadline):
+    return _sample(ctx, deadline, 0.125, ctx.shape["T_big"], 0, ctx.shape["N"])
+
+
+def sec_sample_ar(ctx, deadline):
+    return _sample(ctx, deadline, 0.0, 1, 1, ctx.shape["N"] - 1)
+
+
+def sec_mdlm_T1024(ctx, deadline):
+    r = _sample(ctx, deadline, 1.0, ctx.shape["T_big"], 0, ctx.shape["N"], method="mdlm", max_steps=ctx.shape["mdlm_steps"])
+    if not r["completed"]:
+        r["how"] += "; MDLM measured on its first steps only, extrapolated per forward"
+    return r
+
+
+def sec_sample_a1_T1024_sdpa(ctx, deadline):
+    return _sample(ctx, deadline, 1.0, ctx.shape["T_big"], 0, ctx.shape["N"], backend="sdpa")
+
+
+def sec_train(ctx: Ctx, deadline: float) -> dict:
+    from train_step import ratio_rows, run_train_variants
+
+    dev = ctx.device
+    B, L = ctx.shape["train_B"], ctx.shape["train_L"]
+    model = ctx.model32
+    gen = torch.Generator().manual_seed(ctx.args.seed)
+    x = torch.randint(0, model.config.vocab_size - 1, (B, L), generator=gen).to(dev)
+    valid = torch.ones(B, L, dtype=torch.bool, device=dev)
+    autocast = ctx.args.sample_dtype if dev.type == "cuda" and ctx.args.sample_dtype != torch.float32 else None
+    budget = max(1.0, deadline - time.perf_counter() - 5)
+    res = run_train_variants(model, x, valid, ["hybrid", "mdm"], dev, autocast, "auto", ctx.shape["train_repeats"], 1,
+                             ctx.args.seed, budget_s=budget)
+    _, ratios = ratio_rows(res, L, B)
+    return dict(batch=B, seq_len=L, autocast=str(autocast) if autocast else None, variants=res, ratios_vs_mdm=ratios)
+
+
+def sec_exact(ctx: Ctx, deadline: float) -> dict:
+    from likelihood import make_rollout, measure
+
+    dev, sh = ctx.device, ctx.shape
+    model = ctx.model16
+    r = make_rollout(model, sh["exact_B"], sh["exact_P"], sh["exact_N"], sh["T_big"], 1.0, ctx.args.seed, dev)
+    res = measure(model, r, ["plain", "exact"], dev, "auto", sh["exact_repeats"], 1, False, memory=True)
+    return dict(batch=sh["exact_B"], P=sh["exact_P"], N=sh["exact_N"], K=len(r.step_sizes), results=res,
+                exact_over_plain=res["exact"]["time_ratio"], token_ratio=res["exact"]["token_ratio"])
+
+
+SECTION_FNS = {name: globals()[f"sec_{name}"] for name in SECTIONS}
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def table_rows(results: dict, card: str) -> list[list]:
+    rows = []
+
+    def status_row(name, what, note):
+        return [name, what, "-", "-", "-", "-", "-", "-", "-", note]
+
+    c = results.get("correctness")
+    if c:
+        if c["status"] == "ok":
+            r = c["result"]
+            worst = max((x.get("max_abs_exact_minus_replay", 0) for x in r["checks"]), default=0)
+            mism = sum(x.get("token_mismatches", 0) for x in r["checks"])
+            rows.append(["correctness", f"cache==no-cache tokens, exact~replay ({r['backend_auto']}, fp32)", "PASS" if r["passed"] else "FAIL",
+                         "-", "-", "-", "-", "<=1e-4", "yes" if r["passed"] else "NO", f"{mism} token mismatches, max|exact-replay| {worst:.1e}"])
+        else:
+            rows.append(status_row("correctness", "GPU-path correctness", c["status"] + ": " + c.get("error", "")[:60]))
+    for name in ("sample_a1_T1024", "sample_a1_T128", "sample_a0125_T1024", "sample_ar", "mdlm_T1024", "sample_a1_T1024_sdpa"):
+        s = results.get(name)
+        if not s:
+            continue
+        ref = REFERENCE[name]
+        if s["status"] != "ok":
+            rows.append(status_row(name, ref["what"], s["status"] + ": " + s.get("error", "")[:60]))
+            continue
+        r = s["result"]
+        tgt = ref.get("target_s")
+        rows.append([name, ref["what"], fmt_time(r["total_s"]), f"{r['ms_per_step']:.2f} ms", r["K"], fmt_time(ref["ref_s"]),
+                     fmt_x(ref["ref_s"] / r["total_s"], 1), f"<= {tgt} s" if tgt else "-",
+                     ("yes" if r["total_s"] <= tgt else "NO") if tgt else "-",
+                     ("measured" if r["how"] == "measured" else f"EXTRAPOLATED from {r['steps_measured']} steps") + f", peak {fmt_bytes(r['peak_bytes'])}"])
+    t = results.get("train")
+    if t:
+        if t["status"] != "ok":
+            rows.append(status_row("train", "training steps", t["status"] + ": " + t.get("error", "")[:60]))
+        else:
+            r = t["result"]
+            for v, key in (("hybrid", "train_hybrid"), ("mdm", "train_mdm")):
+                if v in r["variants"]:
+                    ref = REFERENCE[key]
+                    med = r["variants"][v]["median_s"]
+                    tgt = ref.get("target_s")
+                    rows.append([key, ref["what"], fmt_time(med), "-", "-", fmt_time(ref["ref_s"]), fmt_x(ref["ref_s"] / med, 1),
+                                 f"<= {tgt * 1e3:.0f} ms" if tgt else "-", ("yes" if med <= tgt else "NO") if tgt else "-",
+                                 f"peak {fmt_bytes(r['variants'][v].get('peak_bytes'))}"])
+            rt = r["ratios_vs_mdm"].get("hybrid")
+            if rt and rt["measured"] is not None:
+                rows.append(["train_ratio", "hybrid / MDM-only step time", fmt_x(rt["measured"]), "-", "-", "1.97x", "-",
+                             f"<= 1.1 x {rt['token_layout']:.2f}", "yes" if rt["measured_over_token_layout"] <= 1.1 else "NO",
+                             f"token ratio {rt['token_layout']:.2f}x layout / 1.50x spec / 1.44x masked-only"])
+    e = results.get("exact")
+    if e:
+        if e["status"] != "ok":
+            rows.append(status_row("exact", "exact vs plain forward", e["status"] + ": " + e.get("error", "")[:60]))
+        else:
+            r = e["result"]
+            rows.append(["exact", f"exact / plain fwd, {r['batch']} rollouts P={r['P']} N={r['N']}", fmt_x(r["exact_over_plain"]),
+                         "-", r["K"], "-", "-", "<= 2.3x", "yes" if r["exact_over_plain"] <= 2.3 else "NO",
+                         f"exact {fmt_time(r['results']['exact']['median_s'])}, plain {fmt_time(r['results']['plain']['median_s'])}, token ratio {r['token_ratio']:.2f}x"])
+    for name, s in results.items():
+        if s["status"] == "skipped":
+            rows.append(status_row(name, "-", "skipped: " + s.get("reason", "")))
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", help="cuda (default when available) | cpu")
+    p.add_argument("--size", default=None, choices=list(SHAPES), help="small (issue 6; default on cuda) | tiny (default on cpu)")
+    p.add_argument("--dtype", default="auto", help="sampling/scoring weights and training autocast dtype: auto (bf16 on cuda, float32 on cpu)")
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list, in order, from: {','.join(SECTIONS)}")
+    p.add_argument("--budget-s", type=float, default=None, help="wall-clock budget from process start; sections that do not fit are "
+                   "skipped and samplers are stopped and extrapolated (default 225 on cuda, 50 on cpu)")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/gpu-<date>-<card>.json)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (see common.py)")
+    args = p.parse_args(argv)
+    setup_threads(args.threads)
+    device = resolve_device(args.device)
+    args.size = args.size or ("small" if device.type == "cuda" else "tiny")
+    from common import resolve_dtype
+
+    args.sample_dtype = resolve_dtype(args.dtype, device)
+    budget = args.budget_s if args.budget_s is not None else (225.0 if device.type == "cuda" else 50.0)
+    t_end = _T_START + budget
+    names = [s.strip() for s in args.sections.split(",") if s.strip()]
+    for n in names:
+        if n not in SECTIONS:
+            raise SystemExit(f"unknown section {n!r}; choose from {', '.join(SECTIONS)}")
+    date = _dt.date.today().isoformat()
+    card = card_slug(device)
+    out = args.out or str(RESULTS / f"gpu-{date}-{card}{'' if args.size == 'small' else '-' + args.size}.json")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # float32 correctness checks in true float32
+        torch.backends.cudnn.allow_tf32 = False
+    dname = device_name(device)
+    log(f"gpu.py: {dname}, size {args.size}, sampling dtype {args.sample_dtype}, budget {budget:.0f} s, "
+        f"torch {torch.__version__}, sections {','.join(names)} (start-up {time.perf_counter() - _T_START:.1f} s)")
+    ctx = Ctx(args, device)
+    results: dict[str, dict] = {}
+    scale = 1.0 if args.size == "small" else 0.5
+
+    def save():
+        payload = dict(benchmark="gpu", size=args.size, shapes=SHAPES[args.size], sample_dtype=str(args.sample_dtype),
+                       budget_s=budget, elapsed_s=time.perf_counter() - _T_START, card=dname, sections=results,
+                       reference=dict(card=REFERENCE_CARD, numbers=REFERENCE, transformers_bar=HF_BAR))
+        if table_text is not None:
+            payload["table"] = table_text
+        try:
+            write_json(out, payload, device)
+        except Exception as e:  # never lose the run to a JSON problem
+            log(f"  could not write {out}: {e!r}")
+
+    table_text = None
+    for name in names:
+        cap, least = SECTIONS[name]
+        now = time.perf_counter()
+        left = t_end - now
+        if left < least * scale:
+            results[name] = dict(status="skipped", reason=f"time budget ({left:.0f} s left, needs {least * scale:.0f} s)")
+            log(f"[{name}] skipped: {results[name]['reason']}")
+            continue
+        deadline = now + min(cap * scale, left - 2)
+        log(f"[{name}] start ({left:.0f} s of budget left, section cap {deadline - now:.0f} s)")
+        try:
+            import torch._dynamo as dynamo
+
+            dynamo.reset()
+        except Exception:
+            pass
+        try:
+            res = SECTION_FNS[name](ctx, deadline)
+            results[name] = dict(status="ok", result=res)
+        except Exception as e:
+            tb = traceback.format_exc()
+            results[name] = dict(status="error", error=f"{type(e).__name__}: {e}"[:2000], traceback=tb[-4000:])
+            log(f"[{name}] ERROR {type(e).__name__}: {str(e)[:500]}")
+            log(tb[-2000:])
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        results[name]["elapsed_s"] = time.perf_counter() - now
+        log(f"[{name}] {results[name]['status']} in {results[name]['elapsed_s']:.1f} s")
+        save()
+    rows = table_rows(results, dname)
+    table_text = print_table(
+        f"esorl on {dname} (size {args.size}) vs the reference implementation on {REFERENCE_CARD}",
+        ["section", "what", f"esorl", "per step", "steps", "reference", "ref/esorl", "target", "met?", "note"], rows,
+        [HF_BAR, "EXTRAPOLATED rows: the sampler was stopped at its time share; total = measured steps + linear-trend extrapolation",
+         f"total wall time {time.perf_counter() - _T_START:.0f} s (budget {budget:.0f} s)"])
+    save()
+    return results
+
+
+if __name__ == "__main__":
+    main()

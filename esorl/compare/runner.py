@@ -1,0 +1,169 @@
+"""``esorl compare``: the same RL recipe once per likelihood estimator and seed, with
+identical prompts, rollout seeds and initial weights, then diagnostics and a report.
+
+Layout of the output directory::
+
+    <output_dir>/runs/<estimator>-s<seed>/   metrics.jsonl, checkpoints/, model/ (one RL run)
+    <output_dir>/diagnostics.json             estimator diagnostics on shared trajectories
+    <output_dir>/report.md, *.png             the report
+
+A run whose ``model/`` exists is finished and is not run again; an unfinished one resumes
+from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import load_config, save_config
+from ..policy import EstimatorConfig
+from ..rl.common import PolicyArgs, PromptArgs, RewardSpec
+from ..rl.grpo import EsoGRPOConfig, EsoGRPOTrainer, GRPORecipe
+from ..train.common import LoggingConfig, read_metrics
+
+
+@dataclass
+class EstimatorSpec:
+    """One arm of the comparison: a display ``name`` and the estimator's settings."""
+
+    name: str = "exact"
+    likelihood: str = "exact"
+    mc_samples: int = 4
+    p_mask: float = 0.15
+
+    def config(self) -> EstimatorConfig:
+        return EstimatorConfig(self.likelihood, self.mc_samples, self.p_mask)
+
+
+@dataclass
+class DiagnosticsArgs:
+    """Estimator diagnostics (on trajectories shared by all estimators).
+
+    enabled: run them. draws: noise draws per estimator on the fixed batch.
+    fresh_batches: fresh rollout batches for the total gradient variance.
+    ref_n: size of each MC estimator's own large-``n`` reference.
+    when: ``initial`` (the starting policy) and/or ``final`` (the exact run's final policy).
+    mc_n_scaling: ``n`` values for the 1/n check of mc_elbo's fixed-batch gradient variance.
+    """
+
+    enabled: bool = True
+    draws: int = 6
+    fresh_batches: int = 3
+    ref_n: int = 64
+    when: list[str] = field(default_factory=lambda: ["initial", "final"])
+    mc_n_scaling: list[int] = field(default_factory=lambda: [4, 16])
+
+
+@dataclass
+class CompareConfig:
+    """A comparison: the RL recipe (``policy``, ``prompts``, ``rewards``, ``grpo``), the
+    estimators and seeds, diagnostics, and the report's reward threshold."""
+
+    output_dir: str = "runs/compare"
+    policy: PolicyArgs = field(default_factory=PolicyArgs)
+    prompts: PromptArgs = field(default_factory=PromptArgs)
+    rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec()])
+    grpo: EsoGRPOConfig = field(default_factory=EsoGRPOConfig)
+    estimators: list[EstimatorSpec] = field(default_factory=lambda: [EstimatorSpec("exact", "exact"), EstimatorSpec("mc_elbo_n4", "mc_elbo", 4), EstimatorSpec("one_step", "one_step")])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    diagnostics: DiagnosticsArgs = field(default_factory=DiagnosticsArgs)
+    reward_threshold: float = 0.0
+    logging: LoggingConfig = field(default_factory=lambda: LoggingConfig(wandb_mode="offline"))
+
+    def validate(self):
+        names = [e.name for e in self.estimators]
+        if len(set(names)) != len(names):
+            raise ValueError(f"compare.estimators: names must be unique, got {names}")
+        if not self.seeds:
+            raise ValueError("compare.seeds: at least one seed")
+        for e in self.estimators:
+            e.config().validate()
+
+
+def run_recipe(cfg: CompareConfig, est: EstimatorSpec, seed: int) -> GRPORecipe:
+    g = copy.deepcopy(cfg.grpo)
+    g.likelihood, g.mc_samples, g.p_mask, g.seed = est.likelihood, est.mc_samples, est.p_mask, seed
+    g.output_dir = str(Path(cfg.output_dir) / "runs" / f"{est.name}-s{seed}")
+    return GRPORecipe(policy=cfg.policy, prompts=cfg.prompts, rewards=cfg.rewards, grpo=g, logging=copy.deepcopy(cfg.logging))
+
+
+def run_compare(cfg: CompareConfig) -> dict:
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    jobs = [(e, s) for s in cfg.seeds for e in cfg.estimators]
+    shared_rewards = None
+    bar = tqdm(jobs, desc="compare runs", dynamic_ncols=True)
+    for est, seed in bar:
+        rec = run_recipe(cfg, est, seed)
+        run_dir = Path(rec.grpo.output_dir)
+        bar.set_postfix(run=run_dir.name)
+        if (run_dir / "model" / "config.json").exists():
+            continue  # finished: never run again
+        tr = EsoGRPOTrainer(rec, *(shared_rewards or (None, None)))
+        shared_rewards = (tr.reward_funcs, tr.reward_weights)  # reward models load once
+        tr.run(resume="auto")
+        del tr
+    bar.close()
+    diag = {}
+    if cfg.diagnostics.enabled:
+        diag = run_diagnostics(cfg, shared_rewards)
+        (out / "diagnostics.json").write_text(json.dumps(diag, indent=1))
+    from .report import write_report
+
+    return write_report(cfg, out, diag)
+
+
+def run_diagnostics(cfg: CompareConfig, rewards=None) -> dict:
+    """Diagnostics at the initial policy and/or the exact run's final policy."""
+    from .diagnostics import estimator_diagnostics, mc_elbo_fixed_batch_variance
+
+    res: dict = {}
+    exact_spec = next((e for e in cfg.estimators if e.likelihood == "exact"), EstimatorSpec("exact", "exact"))
+    for when in cfg.diagnostics.when:
+        rec = run_recipe(cfg, exact_spec, cfg.seeds[0])
+        rec.grpo.output_dir = str(Path(cfg.output_dir) / "diagnostics_scratch")
+        rec.logging.wandb_mode = "disabled"
+        if when == "final":
+            final = Path(cfg.output_dir) / "runs" / f"{exact_spec.name}-s{cfg.seeds[0]}" / "model"
+            if not (final / "config.json").exists():
+                continue
+            rec.policy = PolicyArgs(init_from=str(final), tokenizer=rec.policy.tokenizer or str(final))
+        tr = EsoGRPOTrainer(rec, *(rewards or (None, None)))
+        tr.model.eval()
+        batches = [tr.rollout(10_000 + i) for i in range(max(1, cfg.diagnostics.fresh_batches))]
+        for b in batches:
+            b["rollout"] = b["rollout"].to(tr.accelerator.device)
+        ests = {e.name: e.config() for e in cfg.estimators}
+        t0 = time.time()
+        d = estimator_diagnostics(tr.policy, batches, ests, cfg.grpo.sampling_alpha0, cfg.diagnostics.draws, cfg.diagnostics.ref_n)
+        scaling = {str(n): mc_elbo_fixed_batch_variance(tr.policy, batches[0]["rollout"], batches[0]["advantages"], n, cfg.grpo.sampling_alpha0, cfg.diagnostics.draws)
+                   for n in cfg.diagnostics.mc_n_scaling}
+        res[when] = {"estimators": d, "mc_elbo_grad_var_by_n": scaling, "time_s": time.time() - t0, "batch_size": batches[0]["rollout"].batch_size}
+    return res
+
+
+def main(argv=None):
+    import argparse
+
+    p = argparse.ArgumentParser(prog="esorl compare", description="exact vs Monte Carlo likelihoods in RL fine-tuning of an Eso-LM")
+    p.add_argument("--config", help="recipes/compare/<name>.yaml")
+    p.add_argument("--report-only", action="store_true", help="rebuild report.md and the plots from finished runs")
+    p.add_argument("overrides", nargs="*")
+    a = p.parse_args(argv)
+    cfg = load_config(CompareConfig, a.config, a.overrides)
+    if a.report_only:
+        from .report import write_report
+
+        diag_f = Path(cfg.output_dir) / "diagnostics.json"
+        res = write_report(cfg, Path(cfg.output_dir), json.loads(diag_f.read_text()) if diag_f.exists() else {})
+    else:
+        res = run_compare(cfg)
+    print(f"[esorl] report: {res['report']}")

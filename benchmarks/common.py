@@ -360,13 +360,15 @@ def fmt_x(r, digits: int = 2) -> str:
     return "-" if r is None or (isinstance(r, float) and math.isnan(r)) else f"{r:.{digits}f}x"
 
 
-def print_table(title: str, columns: list[str], rows: list[list], notes: list[str] = ()) -> str:
-    """Print (and return) a plain fixed-width table; cells are strings or numbers."""
+def print_table(title: str, columns: list[str], rows: list[list], notes: list[str] = (), left: tuple[int, ...] = (0,)) -> str:
+    """Print (and return) a plain fixed-width table; cells are strings or numbers. Columns
+    whose index is in ``left`` are left-aligned (negative indices count from the end)."""
     cells = [[str(c) for c in columns]] + [["-" if v is None else str(v) for v in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    lefts = {i % len(columns) for i in left}
 
     def line(r):
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+        return "  ".join(c.ljust(w) if i in lefts else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
 
     out = [title, line(cells[0]), "  ".join("-" * w for w in widths)]
     out += [line(r) for r in cells[1:]]
@@ -448,23 +450,16 @@ class StepProbe(torch.nn.Module):
 
 
 def extrapolate(step_times: list[float], total_steps: int) -> tuple[float, str]:
-    """Total time of ``total_steps`` steps from the first ``len(step_times)``: measured time,
-    plus the remaining steps at a linear trend in the step index fitted to the measured steps
-    after the first two (never below the mean of the last quarter). Returns (seconds, how)."""
+    """Total time of ``total_steps`` steps from the first ``len(step_times)``: the measured
+    time plus the remaining steps at the median measured step time (the first two steps left
+    out when there are enough). A trend fitted to a few early steps extrapolates wildly on a
+    noisy machine, so none is fitted; a cached sampler's steps grow slightly more expensive as
+    its cache fills, so for it the estimate is on the low side. Returns (seconds, how)."""
     m = len(step_times)
     done = sum(step_times)
     if m >= total_steps:
         return done, "measured"
-    fit = step_times[2:] if m > 6 else step_times
-    xs = list(range(m - len(fit), m))
-    tail = step_times[-max(1, m // 4):]
-    floor = sum(tail) / len(tail)
-    if len(fit) >= 3:
-        mx, my = statistics.fmean(xs), statistics.fmean(fit)
-        var = sum((x - mx) ** 2 for x in xs)
-        b = sum((x - mx) * (y - my) for x, y in zip(xs, fit)) / var if var else 0.0
-        a = my - b * mx
-        rest = sum(max(a + b * i, floor) for i in range(m, total_steps))
-    else:
-        rest = floor * (total_steps - m)
-    return done + rest, f"extrapolated from {m}/{total_steps} steps (linear trend in step index)"
+    fit = step_times[2:] if m > 4 else step_times
+    med = statistics.median(fit) if fit else 0.0
+    return done + med * (total_steps - m), (f"extrapolated from {m}/{total_steps} steps at their median step time "
+                                           f"({1e3 * med:.2f} ms)")

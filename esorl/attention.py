@@ -134,7 +134,10 @@ def build_mask(q: TokenDesc, k: TokenDesc, backend: str = "auto"):
     """Mask object for :func:`attend`: dense ``(B, 1, Lq, Lk)`` bool (``"sdpa"``) or a
     BlockMask (``"flex"``). ``"auto"`` picks flex on CUDA, SDPA elsewhere."""
     if backend == "auto":
-        backend = "flex" if flex_available(q.step.device) else "sdpa"
+        # flex pays off for big layouts; a sampler window (a few queries) is cheaper as a
+        # small dense mask than as a freshly built BlockMask
+        big = q.step.shape[1] * k.step.shape[1] >= 256 * 256
+        backend = "flex" if big and flex_available(q.step.device) else "sdpa"
     if backend == "flex":
         return flex_block_mask(q, k)
     if backend == "sdpa":

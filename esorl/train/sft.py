@@ -19,7 +19,6 @@ held-out completions, ``metrics.jsonl``, wandb, export of ``<output_dir>/model``
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field

@@ -146,7 +146,12 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | None
         data = _deep_merge(data, loaded)
     data = apply_overrides(data, list(overrides or []))
     cfg = from_dict(cls, data)
-    validate(cfg)
+    try:
+        validate(cfg)
+    except ConfigError:
+        raise
+    except ValueError as e:  # a section's validate(): report it as a config error
+        raise ConfigError(str(e)) from None
     return cfg
 
 

@@ -87,9 +87,6 @@ class EsoKVCache:
     def keys_desc(self, new: TokenDesc, n_write: int) -> TokenDesc:
         """Descriptors of the keys a window attends to: the cache (after writing the window's
         first ``n_write`` clean slots) followed by the window's remaining (query) slots."""
-        end = self.length + n_write
-        if end > self.capacity:
-            raise ValueError(f"KV cache overflow: {end} slots needed, capacity {self.capacity}")
         cached = TokenDesc(
             torch.cat([self.desc.step[:, : self.length], new.step[:, :n_write]], 1),
             torch.cat([self.desc.rank[:, : self.length], new.rank[:, :n_write]], 1),
@@ -127,13 +124,16 @@ class Block(nn.Module):
         q, k, v = qkv[0], qkv[1], qkv[2]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
-            # Clean copies of the window are appended to the preallocated cache; the window's
-            # query copies attend to the cache plus themselves and are never cached.
-            start, end = cache.length, cache.length + n_write
-            cache.k[layer][:, :, start:end] = k[:, :, :n_write]
-            cache.v[layer][:, :, start:end] = v[:, :, :n_write]
-            k = torch.cat([cache.k[layer][:, :, :end], k[:, :, n_write:]], dim=2)
-            v = torch.cat([cache.v[layer][:, :, :end], v[:, :, n_write:]], dim=2)
+            # The window's clean copies are appended to the preallocated cache; its query
+            # copies are written just after them as scratch (the next window's clean copies
+            # overwrite them), so attention reads one contiguous view: no per-step copy of
+            # the cache. Queries are never *kept*: ``length`` only advances by ``n_write``.
+            start, end = cache.length, cache.length + L
+            if end > cache.capacity:
+                raise ValueError(f"KV cache overflow: {end} slots needed, capacity {cache.capacity}")
+            cache.k[layer][:, :, start:end] = k
+            cache.v[layer][:, :, start:end] = v
+            k, v = cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]
         out = attend(q, k, v, mask)
         return self.attn_out(out.transpose(1, 2).reshape(B, L, -1))
 

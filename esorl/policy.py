@@ -111,7 +111,10 @@ class EsoPolicy:
         s = sampling or self.sampling
         pid, pm = self.encode_prompts(prompts)
         N = s.max_new_tokens
-        traj = s.schedule.sample(len(prompts), N, make_generator(seed, _PURPOSE_TRAJ, step))
+        # step sizes: one draw per (seed, step), shared by the whole global batch; orders: one
+        # draw per (seed, step, sample) — the same rollout on any number of ranks
+        rows = [make_generator(seed, _PURPOSE_TRAJ, step, int(i)) for i in sample_ids]
+        traj = s.schedule.sample(len(prompts), N, make_generator(seed, _PURPOSE_TRAJ, step), rows)
         u = rollout_noise(seed, step, sample_ids, N)
         was_training = self.model.training
         self.model.eval()

@@ -96,30 +96,36 @@ def unified_step_sizes(n: int, alpha0: float, num_steps: int, generator: torch.G
     return sizes, n_diff
 
 
-def _rand_perm_rows(b: int, n: int, generator: torch.Generator | None, device=None) -> torch.Tensor:
-    return torch.argsort(torch.rand(b, n, generator=generator, dtype=torch.float64), dim=1).to(device)
+def _rand_perm_rows(b: int, n: int, generator: torch.Generator | None, row_generators=None) -> torch.Tensor:
+    """``b`` random permutations of ``range(n)``; row ``i`` from ``row_generators[i]`` when
+    given (orders keyed per sample: the same sample gets the same σ on 1 or 8 ranks)."""
+    if row_generators is not None:
+        if len(row_generators) != b:
+            raise ValueError(f"{len(row_generators)} row generators for {b} rows")
+        return torch.stack([torch.argsort(torch.rand(n, generator=g, dtype=torch.float64)) for g in row_generators]) if b else torch.empty(0, n, dtype=torch.long)
+    return torch.argsort(torch.rand(b, n, generator=generator, dtype=torch.float64), dim=1)
 
 
-def unified(batch_size: int, n: int, alpha0: float, num_steps: int, generator: torch.Generator | None = None) -> Trajectory:
+def unified(batch_size: int, n: int, alpha0: float, num_steps: int, generator: torch.Generator | None = None, row_generators=None) -> Trajectory:
     """The unified Eso-LM schedule: diffusion positions are a uniformly random subset of the
     completion, revealed in uniformly random order; the rest left to right, one per step.
     ``α0 = 1``: pure diffusion; ``α0 = 0``: pure left-to-right AR."""
     sizes, n_diff = unified_step_sizes(n, alpha0, num_steps, generator)
-    perm = _rand_perm_rows(batch_size, n, generator)
+    perm = _rand_perm_rows(batch_size, n, generator, row_generators)
     diff_part = perm[:, :n_diff]
     seq_part = perm[:, n_diff:].sort(dim=1).values  # sequential phase: left to right
     return Trajectory(torch.cat([diff_part, seq_part], 1), torch.tensor(sizes, dtype=torch.long))
 
 
-def fixed_k(batch_size: int, n: int, k: int, generator: torch.Generator | None = None) -> Trajectory:
+def fixed_k(batch_size: int, n: int, k: int, generator: torch.Generator | None = None, row_generators=None) -> Trajectory:
     """Uniformly random order, ``k`` tokens per step (last step smaller)."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     sizes = [k] * (n // k) + ([n % k] if n % k else [])
-    return Trajectory(_rand_perm_rows(batch_size, n, generator), torch.tensor(sizes, dtype=torch.long))
+    return Trajectory(_rand_perm_rows(batch_size, n, generator, row_generators), torch.tensor(sizes, dtype=torch.long))
 
 
-def block_ar(batch_size: int, n: int, block_size: int, steps_per_block: int, generator: torch.Generator | None = None) -> Trajectory:
+def block_ar(batch_size: int, n: int, block_size: int, steps_per_block: int, generator: torch.Generator | None = None, row_generators=None) -> Trajectory:
     """Block-AR: blocks of ``block_size`` left to right; inside a block a random order revealed
     in ``steps_per_block`` near-equal steps."""
     if block_size < 1 or steps_per_block < 1:
@@ -127,13 +133,13 @@ def block_ar(batch_size: int, n: int, block_size: int, steps_per_block: int, gen
     orders, sizes = [], []
     for start in range(0, n, block_size):
         m = min(block_size, n - start)
-        orders.append(start + _rand_perm_rows(batch_size, m, generator))
+        orders.append(start + _rand_perm_rows(batch_size, m, generator, row_generators))
         s = min(steps_per_block, m)
         sizes += [m // s + (1 if i < m % s else 0) for i in range(s)]
     return Trajectory(torch.cat(orders, 1), torch.tensor(sizes, dtype=torch.long))
 
 
-def subcontext(batch_size: int, n: int, num_steps: int, alpha0: float = 1.0, shuffle: bool = False, generator: torch.Generator | None = None) -> Trajectory:
+def subcontext(batch_size: int, n: int, num_steps: int, alpha0: float = 1.0, shuffle: bool = False, generator: torch.Generator | None = None, row_generators=None) -> Trajectory:
     """The reference's "subcontext" order: cut the sequence into ``n / S`` chunks of length
     ``S = num_steps``; step b reveals position b of every chunk. ``shuffle`` permutes the steps
     and the order inside each step. For ``α0 < 1`` only the first ``int(S·α0)`` steps are
@@ -147,12 +153,13 @@ def subcontext(batch_size: int, n: int, num_steps: int, alpha0: float = 1.0, shu
         step_ids = step_ids[torch.randperm(S, generator=generator)]
     n_diff_steps = S if alpha0 >= 1 else int(S * alpha0)
     rows = []
-    for _ in range(batch_size):
+    for r in range(batch_size):
         parts = []
+        g = row_generators[r] if row_generators is not None else generator
         for b in step_ids[:n_diff_steps].tolist():
             pos = b + S * torch.arange(chunks)
             if shuffle:
-                pos = pos[torch.randperm(chunks, generator=generator)]
+                pos = pos[torch.randperm(chunks, generator=g)]
             parts.append(pos)
         diff = torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
         rest = torch.ones(n, dtype=torch.bool)
@@ -182,15 +189,17 @@ class ScheduleConfig:
     block_size: int = 32
     shuffle: bool = True
 
-    def sample(self, batch_size: int, n: int, generator: torch.Generator | None = None) -> Trajectory:
+    def sample(self, batch_size: int, n: int, generator: torch.Generator | None = None, row_generators=None) -> Trajectory:
+        """Step sizes from ``generator`` (shared by the batch); each row's order from
+        ``row_generators[row]`` if given, else from ``generator``."""
         if self.kind == "unified":
-            return unified(batch_size, n, self.alpha0, self.num_steps, generator)
+            return unified(batch_size, n, self.alpha0, self.num_steps, generator, row_generators)
         if self.kind == "fixed_k":
-            return fixed_k(batch_size, n, self.k, generator)
+            return fixed_k(batch_size, n, self.k, generator, row_generators)
         if self.kind == "block_ar":
-            return block_ar(batch_size, n, self.block_size, self.num_steps, generator)
+            return block_ar(batch_size, n, self.block_size, self.num_steps, generator, row_generators)
         if self.kind == "subcontext":
-            return subcontext(batch_size, n, self.num_steps, self.alpha0, self.shuffle, generator)
+            return subcontext(batch_size, n, self.num_steps, self.alpha0, self.shuffle, generator, row_generators)
         raise ValueError(f"schedule kind must be unified, fixed_k, block_ar or subcontext, got {self.kind!r}")
 
 

@@ -168,7 +168,7 @@ def test_end_to_end(policy_dir, tmp_path, est):
     # 2 epochs × 2 mini-batches × 2 micro-batches: exercises shuffling, accumulation and the
     # per-epoch old log-probs of the MC estimators
     tr = trainer(policy_dir, tmp_path, likelihood=est, max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                 num_mini_batches=2, num_ppo_epochs=2, mc_samples=2)
+                 num_mini_batches=2, num_ppo_epochs=2, mc_samples=2, whiten_rewards=est == "one_step")
     assert tr.cfg.sequence_level == (est == "mc_elbo")
     out = tr.run()
     recs = read_metrics(tmp_path / "run" / "metrics.jsonl")

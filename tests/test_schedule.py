@@ -65,3 +65,14 @@ def test_steps_by_position_and_errors():
         unified(1, 4, 1.5, 4)
     with pytest.raises(ValueError, match="schedule kind"):
         ScheduleConfig(kind="nope").sample(1, 4)
+
+
+def test_orders_keyed_per_sample_do_not_depend_on_the_batch():
+    """Rank 1 of 2 must draw the same σ for its samples as a single process does."""
+    from esorl.schedule import make_generator
+
+    rows = lambda ids: [make_generator(7, 5, 0, i) for i in ids]  # noqa: E731
+    for cfg in (ScheduleConfig(alpha0=0.5, num_steps=4), ScheduleConfig(kind="fixed_k", k=3), ScheduleConfig(kind="block_ar", block_size=4, num_steps=2)):
+        full = cfg.sample(8, 12, make_generator(7, 5, 0), rows(range(8)))
+        half = cfg.sample(4, 12, make_generator(7, 5, 0), rows(range(4, 8)))
+        assert torch.equal(full.order[4:], half.order) and torch.equal(full.step_sizes, half.step_sizes)

@@ -196,3 +196,42 @@ def peak_memory_mb(device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def prepare_reference(ref, accelerator):
+    """A frozen reference model on the accelerator's device. Under DeepSpeed ZeRO-3 it gets
+    its own inference engine (parameters partitioned like the policy's, as TRL's
+    ``prepare_deepspeed``); otherwise it is a plain module. It is *not* registered with the
+    accelerator (``accelerate.prepare_model`` would add it to the models ``save_state``
+    checkpoints, and under DeepSpeed ``save_state`` then fails on a module that is no engine)."""
+    import copy
+
+    ds = getattr(accelerator.state, "deepspeed_plugin", None)
+    if ds is None or ds.zero_stage != 3:
+        return ref.to(accelerator.device)
+    import deepspeed
+
+    cfg = copy.deepcopy(ds.deepspeed_config)
+    d = ref.config.hidden_size
+    zo = cfg.setdefault("zero_optimization", {})
+    zo.update({"reduce_bucket_size": d * d, "stage3_param_persistence_threshold": 10 * d, "stage3_prefetch_bucket_size": int(0.9 * d * d)})
+    cfg.pop("optimizer", None)
+    cfg.pop("scheduler", None)
+    engine, *_ = deepspeed.initialize(model=ref, config=cfg)
+    engine.eval()
+    return engine
+
+
+def backward_micro(accelerator, model, loss: torch.Tensor, sync: bool, world: int) -> None:
+    """Backward of one micro-batch whose loss is already normalised over the whole optimizer
+    batch. ``sync``: last micro-batch before the optimizer step. DeepSpeed steps only at that
+    boundary and must not rescale by 1/gas; DDP skips the all-reduce until then."""
+    if getattr(accelerator.state, "deepspeed_plugin", None) is not None:
+        accelerator.gradient_state._set_sync_gradients(sync)
+        accelerator.backward(loss, scale_wrt_gas=False)
+        accelerator.gradient_state._set_sync_gradients(True)
+    elif not sync and world > 1:
+        with accelerator.no_sync(model):
+            accelerator.backward(loss)
+    else:
+        accelerator.backward(loss)

@@ -31,7 +31,7 @@ from ..rollout import Rollout
 from ..sampling import SamplingConfig
 from ..schedule import ScheduleConfig, make_generator
 from ..train.common import Checkpointer, LoggingConfig, RunLogger, all_reduce_sum, check_finite, configure_deepspeed, make_accelerator
-from .common import PolicyArgs, PromptArgs, RewardSpec, all_gather_cat, build_rewards, ensure_policy, load_prompts, load_tokenizer_for, peak_memory_mb, score_rewards
+from .common import PolicyArgs, PromptArgs, RewardSpec, all_gather_cat, backward_micro, build_rewards, ensure_policy, load_prompts, load_tokenizer_for, peak_memory_mb, prepare_reference, score_rewards
 
 _PURPOSE_PROMPTS, _PURPOSE_EST = 6, 7
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -205,8 +205,7 @@ class EsoGRPOTrainer:
             ref = EsoLMModel.from_pretrained(str(self.model_dir)).eval()
             for p in ref.parameters():
                 p.requires_grad_(False)
-            ds = getattr(acc.state, "deepspeed_plugin", None)
-            self.ref = acc.prepare_model(ref, evaluation_mode=True) if ds is not None else ref.to(acc.device)
+            self.ref = prepare_reference(ref, acc)
         self.policy = EsoPolicy(self.model, self.tokenizer, c.sampling(), acc, c.attention_backend)
         self.ref_policy = EsoPolicy(self.ref, self.tokenizer, c.sampling(), acc, c.attention_backend) if self.ref is not None else None
         if reward_funcs is None:
@@ -313,10 +312,7 @@ class EsoGRPOTrainer:
                 old_mb = lp.detach() if old is None else old[idx]
                 loss_tok, kl, low, high = grpo_token_loss(lp, old_mb, adv[idx], mask, c.epsilon, eps_high, c.beta, None if ref is None else ref[idx])
                 loss = aggregate(loss_tok, mask, c.loss_type, n_tok, self.gen_batch, c.max_completion_length, self.world)
-                sync = j == len(mbs) - 1
-                ctx = acc.no_sync(self.model) if not sync and self.world > 1 and getattr(acc.state, "deepspeed_plugin", None) is None else _null()
-                with ctx:
-                    acc.backward(loss)
+                backward_micro(acc, self.model, loss, j == len(mbs) - 1, self.world)
                 m = mask.float()
                 stats["loss"] += loss.item() / self.world
                 stats["clip_low"] += (low.float() * m).sum().item()
@@ -454,14 +450,6 @@ class EsoGRPOTrainer:
                 shutil.rmtree(out_dir)
             tmp.replace(out_dir)
         acc.wait_for_everyone()
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def main(argv=None):

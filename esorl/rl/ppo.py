@@ -77,7 +77,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..attention import build_mask
-from ..config import load_config, save_config
+from ..config import ConfigError, load_config, save_config
 from ..layout import copies, trajectory_table
 from ..likelihood import exact
 from ..modeling_esolm import EsoLMModel, model_config
@@ -86,7 +86,7 @@ from ..rollout import Rollout
 from ..sampling import SamplingConfig
 from ..schedule import ScheduleConfig, make_generator
 from ..train.common import Checkpointer, LoggingConfig, RunLogger, all_reduce_sum, check_finite, configure_deepspeed, make_accelerator
-from .common import PolicyArgs, PromptArgs, RewardSpec, all_gather_cat, build_rewards, ensure_policy, load_prompts, load_tokenizer_for, peak_memory_mb, score_rewards
+from .common import PolicyArgs, PromptArgs, RewardSpec, all_gather_cat, backward_micro, build_rewards, ensure_policy, load_prompts, load_tokenizer_for, peak_memory_mb, prepare_reference, score_rewards
 
 _PURPOSE_PROMPTS, _PURPOSE_EST, _PURPOSE_SHUFFLE = 6, 7, 8
 DETERMINISTIC = ("exact", "replay")  # estimators whose old log-probs are the sampler's
@@ -175,18 +175,18 @@ class EsoPPOConfig:
 
     def validate(self):
         if self.kl_estimator not in ("k1", "k3"):
-            raise ValueError(f"ppo.kl_estimator must be k1 or k3, got {self.kl_estimator!r}")
+            raise ConfigError(f"ppo.kl_estimator must be k1 or k3, got {self.kl_estimator!r}")
         if self.kl_coef < 0 or self.vf_coef < 0:
-            raise ValueError("ppo.kl_coef and ppo.vf_coef must be >= 0")
+            raise ConfigError("ppo.kl_coef and ppo.vf_coef must be >= 0")
         if not (0.0 <= self.gamma <= 1.0 and 0.0 <= self.lam <= 1.0):
-            raise ValueError(f"ppo.gamma and ppo.lam must be in [0, 1], got {self.gamma}, {self.lam}")
+            raise ConfigError(f"ppo.gamma and ppo.lam must be in [0, 1], got {self.gamma}, {self.lam}")
         if self.cliprange <= 0 or self.cliprange_value <= 0:
-            raise ValueError("ppo.cliprange and ppo.cliprange_value must be > 0")
+            raise ConfigError("ppo.cliprange and ppo.cliprange_value must be > 0")
         for name in ("max_steps", "num_ppo_epochs", "num_mini_batches", "per_device_train_batch_size", "gradient_accumulation_steps", "local_rollout_forward_batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"ppo.{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"ppo.{name} must be >= 1, got {getattr(self, name)}")
         if self.lr_scheduler_type not in ("constant", "cosine"):
-            raise ValueError("ppo.lr_scheduler_type must be constant or cosine")
+            raise ConfigError("ppo.lr_scheduler_type must be constant or cosine")
         self.estimator().validate()
         self.sampling().validate()
 
@@ -395,7 +395,7 @@ class EsoPPOTrainer:
             ref = EsoLMModel.from_pretrained(str(self.model_dir)).eval()
             for p in ref.parameters():
                 p.requires_grad_(False)
-            self.ref = acc.prepare_model(ref, evaluation_mode=True) if self.is_ds else ref.to(acc.device)
+            self.ref = prepare_reference(ref, acc)
         self.policy = EsoPolicy(self.model, self.tokenizer, c.sampling(), acc, c.attention_backend)
         self.ref_policy = EsoPolicy(self.ref, self.tokenizer, c.sampling(), acc, c.attention_backend) if self.ref is not None else None
         if reward_funcs is None:
@@ -422,11 +422,12 @@ class EsoPPOTrainer:
         estimator: a seeded permutation per epoch over the prompts."""
         n = self.gen_batch
         P = len(self.train_prompts)
-        rows = []
+        rows, perms = [], {}
         for f in range(step * n, (step + 1) * n):
             e, i = divmod(f, P)
-            perm = torch.randperm(P, generator=make_generator(self.cfg.seed, _PURPOSE_PROMPTS, e))
-            rows.append(self.train_prompts[int(perm[i])])
+            if e not in perms:
+                perms[e] = torch.randperm(P, generator=make_generator(self.cfg.seed, _PURPOSE_PROMPTS, e))
+            rows.append(self.train_prompts[int(perms[e][i])])
         return rows
 
     def local_slice(self) -> slice:
@@ -538,18 +539,7 @@ class EsoPPOTrainer:
 
     # ------------------------------------------------------------------ update
     def _backward(self, loss: torch.Tensor, sync: bool):
-        acc = self.accelerator
-        if self.is_ds:
-            # DeepSpeed: step only at the mini-batch boundary, and no 1/gas loss scaling (the
-            # loss is already normalised over the whole mini-batch)
-            acc.gradient_state._set_sync_gradients(sync)
-            acc.backward(loss, scale_wrt_gas=False)
-            acc.gradient_state._set_sync_gradients(True)
-        elif not sync and self.world > 1:
-            with acc.no_sync(self.model):
-                acc.backward(loss)
-        else:
-            acc.backward(loss)
+        backward_micro(self.accelerator, self.model, loss, sync, self.world)
 
     def train_step(self, data: dict) -> dict:
         c = self.cfg

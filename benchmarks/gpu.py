@@ -17,12 +17,17 @@
    * single-pass ``exact`` of 64 rollouts (P = 128, N = 896) vs one plain causal forward of
      the same batch.
 
+3. Diagnostics: the same KV-cached sampler with the SDPA backend and cuDNN attention off
+   (``sample_a1_T1024_sdpa_nocudnn``), and where a cached step's time goes (``breakdown``:
+   mask building, model forward, token picking, Python). On request (``--sections``): more
+   SDPA variants and ``attn_micro`` (one attention call per backend, first call vs again).
+
 Every section is guarded (an error is recorded and the next section runs), runs under the
-time left (``--budget-s``; a sampler that would run past its share is stopped and its total
-extrapolated from the steps it made, flagged ``extrapolated``), and the JSON is rewritten
-after every section, so a run cut short keeps what it measured. Each sampling section first
-runs a few steps of the same trajectory untimed (compilation), and ``torch._dynamo.reset()``
-runs before each section so every section pays for (and reports) its own compilation.
+time left (``--budget-s``, counted from process start; sections run most important first
+and those that no longer fit are skipped; a sampler that would run past its section's cap is
+stopped and its total extrapolated from the steps it made, flagged EXTRAPOLATED), and the
+JSON is rewritten after every section, so a run cut short keeps what it measured. Each
+sampling section first runs a few steps of the same trajectory untimed (compilation).
 
     python benchmarks/gpu.py                                   # cuda, small model
     python benchmarks/gpu.py --sections correctness,sample_a1_T1024 --budget-s 120
@@ -62,6 +67,10 @@ REFERENCE = {
     "train_hybrid": dict(what="train step hybrid a0=0.125 k=0.5, 16x1024", ref_s=0.280, target_s=0.140),
     "train_mdm": dict(what="train step MDM-only, 16x1024", ref_s=0.142),
     "sample_a1_T1024_sdpa": dict(what="KV-cached a0=1, T=1024, SDPA backend", ref_s=20.8, ref_ms_step=31.6, target_s=2.0),
+    "sample_a1_T1024_sdpa_nocudnn": dict(what="KV-cached a0=1, T=1024, SDPA without cuDNN", ref_s=20.8, ref_ms_step=31.6, target_s=2.0),
+    "sample_a0125_T1024_sdpa_nocudnn": dict(what="KV-cached a0=0.125, T=1024, SDPA without cuDNN", ref_s=29.9, target_s=3.5),
+    "sample_ar_sdpa_nocudnn": dict(what="AR with KV cache, SDPA without cuDNN", ref_s=22.7, ref_ms_step=22.2, target_s=2.5),
+    "sample_a1_T128_sdpa_nocudnn": dict(what="KV-cached a0=1, T=128, SDPA without cuDNN", ref_s=3.76),
 }
 HF_BAR = "transformers generate, GPT-2-sized, batch 64, 1023 tokens, bf16, H100: 52.7 s default cache, 12.4 s static, 2.48 s static + compile"
 
@@ -76,23 +85,33 @@ SHAPES = {
 CORRECTNESS_MODEL = dict(vocab_size=1000, hidden_size=128, n_layers=2, n_heads=2, cond_dim=32, max_seq_len=256)
 
 #: section -> (default time cap in s on the small size, least time worth starting it, compile
-#: group). ``torch._dynamo.reset()`` runs whenever the group changes: the sampling sections
-#: share one compiled state, like a long-running sampler (esorl's flex kernel is compiled with
-#: ``dynamic=False``, so the first sampling steps use up dynamo's recompile limit of 8 shapes
-#: and later step shapes run flex eagerly); training, exact and MDLM get fresh state, so their
-#: fixed shapes are compiled (the first step's time shows the compilation).
+#: group). ``torch._dynamo.reset()`` runs whenever the group changes, so each group pays for,
+#: and reports in its warm-up / first-step times, its own compilation. Sampling sections in a
+#: row share one compiled state, like a long-running sampler: esorl compiles flex with
+#: ``dynamic=False``, every decoding step has new shapes, so the first steps use up dynamo's
+#: recompile limit (8 shapes) and later steps run flex eagerly. Training, exact and MDLM have
+#: fixed shapes, compiled once.
 SECTIONS = {
-    "correctness": (45, 15, "correctness"),
-    "sample_a1_T1024": (40, 15, "sampler"),
-    "sample_ar": (30, 10, "sampler"),
-    "sample_a0125_T1024": (30, 10, "sampler"),
-    "sample_a1_T128": (20, 8, "sampler"),
+    "correctness": (35, 15, "correctness"),
+    "sample_a1_T1024": (30, 12, "sampler"),
+    "train": (60, 25, "train"),
     "exact": (30, 10, "exact"),
-    "train": (60, 20, "train"),
-    "mdlm_T1024": (25, 8, "mdlm"),
-    "breakdown": (20, 8, "sampler"),
+    "sample_ar": (20, 8, "sampler"),
+    "sample_a0125_T1024": (20, 8, "sampler"),
+    "sample_a1_T128": (15, 6, "sampler"),
+    "mdlm_T1024": (15, 6, "mdlm"),
+    "sample_a1_T1024_sdpa_nocudnn": (15, 6, "sdpa"),
+    "breakdown": (15, 6, "sampler"),
+    # on request (--sections): more SDPA variants and the attention micro-benchmark
     "sample_a1_T1024_sdpa": (25, 10, "sdpa"),
+    "sample_a0125_T1024_sdpa_nocudnn": (25, 10, "sdpa"),
+    "sample_ar_sdpa_nocudnn": (25, 10, "sdpa"),
+    "sample_a1_T128_sdpa_nocudnn": (15, 8, "sdpa"),
+    "attn_micro": (40, 10, "micro"),
 }
+#: sections run by default, in this order (most important first: the budget skips the tail)
+DEFAULT_SECTIONS = ["correctness", "sample_a1_T1024", "train", "exact", "sample_ar", "sample_a0125_T1024", "sample_a1_T128",
+                    "mdlm_T1024", "sample_a1_T1024_sdpa_nocudnn", "breakdown"]
 
 
 class Ctx:
@@ -185,8 +204,9 @@ def _correctness_checks(ctx, model, pid, pm, gen, B, N, checks, ok):
                            passed=passed, seconds=time.perf_counter() - t0))
         log(f"  a0={alpha0} T={T}: token mismatches {mism}/{B * N}, |exact-replay| {d_exact_replay:.2e}, "
             f"|exact-sampler| {d_exact_sampler:.2e}, |flex-sdpa| {d_backend:.2e} -> {'PASS' if passed else 'FAIL'}")
-    return dict(passed=ok and all("skipped" not in c for c in checks), checks=checks, dtype="float32",
-                backend_auto="flex" if flex_available(dev) else "sdpa", tolerance=1e-4)
+    done = [c for c in checks if "skipped" not in c]
+    return dict(passed=ok and bool(done), complete=len(done) == len(checks), checks_run=len(done), checks_total=len(checks),
+                checks=checks, dtype="float32", backend_auto="flex" if flex_available(dev) else "sdpa", tolerance=1e-4)
 
 
 def _sample(ctx: Ctx, deadline: float, alpha0: float, T: int, P: int, N: int, method: str = "cache", backend: str = "auto",
@@ -331,7 +351,7 @@ def sec_breakdown(ctx: Ctx, deadline: float) -> dict:
             self.fwd.append(time.perf_counter() - t0)
             return out
 
-    n_steps = 3 * ctx.shape["warm_steps"] + 24
+    n_steps = ctx.shape["warm_steps"] + 24
     smp.build_mask, smp._pick = timed("build_mask", orig_mask), timed("pick", orig_pick)
     try:
         for phase in ("warm-up", "timed"):
@@ -349,13 +369,125 @@ def sec_breakdown(ctx: Ctx, deadline: float) -> dict:
     finally:
         smp.build_mask, smp._pick = orig_mask, orig_pick
     m = len(probe.step_times)
-    ms = lambda xs: 1e3 * sum(xs[:m]) / max(1, m)  # noqa: E731
-    out = dict(steps=m, ms_per_step=1e3 * wall / max(1, m), build_mask_ms=ms(parts["build_mask"]), model_forward_ms=ms(probe.fwd),
-               pick_ms=ms(parts["pick"]))
-    out["other_python_ms"] = out["ms_per_step"] - out["build_mask_ms"] - out["model_forward_ms"] - out["pick_ms"]
-    out["window_tokens"] = probe.tokens
-    log("  per step: " + ", ".join(f"{k} {v:.2f}" for k, v in out.items() if k.endswith("_ms") or k == "ms_per_step"))
+    warm = ctx.shape["warm_steps"]
+
+    def summary(lo, hi):
+        hi = min(hi, m)
+        n = max(1, hi - lo)
+        ms = lambda xs: 1e3 * sum(xs[lo:hi]) / n  # noqa: E731
+        d = dict(steps=f"{lo + 1}-{hi}", n=hi - lo, ms_per_step=ms(probe.step_times), build_mask_ms=ms(parts["build_mask"]),
+                 model_forward_ms=ms(probe.fwd), pick_ms=ms(parts["pick"]))
+        d["other_python_ms"] = d["ms_per_step"] - d["build_mask_ms"] - d["model_forward_ms"] - d["pick_ms"]
+        return d
+
+    # steps whose shapes the warm-up compiled (dynamo keeps up to 8) vs later, new shapes
+    out = dict(steps=m, all=summary(0, m), compiled_shapes=summary(0, min(8, warm)), new_shapes=summary(warm, m),
+               window_tokens=probe.tokens, step_ms=[round(1e3 * t, 3) for t in probe.step_times],
+               forward_ms=[round(1e3 * t, 3) for t in probe.fwd[:m]], mask_ms=[round(1e3 * t, 3) for t in parts["build_mask"][:m]])
+    for k in ("compiled_shapes", "new_shapes"):
+        d = out[k]
+        log(f"  {k} (steps {d['steps']}): " + ", ".join(f"{x} {d[x]:.2f}" for x in d if x.endswith("_ms")))
+    out.update({k: v for k, v in out["all"].items() if k.endswith("_ms")})
     return out
+
+
+def _sample_nocudnn(ctx, deadline, alpha0, T, P, N):
+    """The SDPA backend with cuDNN attention disabled (flash cannot take a mask, so SDPA uses
+    the memory-efficient or math kernel): tells whether per-shape cuDNN set-up is the cost."""
+    if ctx.device.type != "cuda":
+        return _sample(ctx, deadline, alpha0, T, P, N, backend="sdpa")
+    prev = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        r = _sample(ctx, deadline, alpha0, T, P, N, backend="sdpa")
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(prev)
+    r["cudnn_sdp"] = False
+    return r
+
+
+def sec_sample_a1_T1024_sdpa_nocudnn(ctx, deadline):
+    return _sample_nocudnn(ctx, deadline, 1.0, ctx.shape["T_big"], 0, ctx.shape["N"])
+
+
+def sec_sample_a0125_T1024_sdpa_nocudnn(ctx, deadline):
+    return _sample_nocudnn(ctx, deadline, 0.125, ctx.shape["T_big"], 0, ctx.shape["N"])
+
+
+def sec_sample_ar_sdpa_nocudnn(ctx, deadline):
+    return _sample_nocudnn(ctx, deadline, 0.0, 1, 1, ctx.shape["N"] - 1)
+
+
+def sec_sample_a1_T128_sdpa_nocudnn(ctx, deadline):
+    return _sample_nocudnn(ctx, deadline, 1.0, ctx.shape["T_small"], 0, ctx.shape["N"])
+
+
+def sec_attn_micro(ctx: Ctx, deadline: float) -> dict:
+    """One attention call of a decoding step (B heads of the model, Lq query slots against Lk
+    keys) with each backend, for a shape seen for the first time and then again: SDPA with a
+    boolean mask (default kernels; cuDNN off), flex eager, flex compiled (dynamic=False, as
+    esorl), and ``create_block_mask`` eager / compiled. First-call times include any per-shape
+    set-up (compilation, cuDNN plans)."""
+    import torch.nn.functional as F
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    dev = ctx.device
+    cfg = ctx.model16.config
+    B, H, D = ctx.shape["B"], cfg.n_heads, cfg.head_dim
+    dt = ctx.args.sample_dtype
+    gen = torch.Generator().manual_seed(0)
+    compiled = torch.compile(flex_attention, dynamic=False)
+    rows = []
+
+    def clock(fn, n=10):
+        sync(dev)
+        t0 = time.perf_counter()
+        fn()
+        sync(dev)
+        first = time.perf_counter() - t0
+        ts = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            sync(dev)
+            ts.append(time.perf_counter() - t0)
+        ts.sort()
+        return 1e3 * first, 1e3 * ts[len(ts) // 2]
+
+    shapes = [(2, 257), (3, 700), (9, 1013)] if ctx.args.size == "small" else [(2, 17), (3, 40)]
+    for Lq, Lk in shapes:
+        if time.perf_counter() > deadline:
+            break
+        q = torch.randn(B, H, Lq, D, generator=gen).to(dev, dt)
+        k = torch.randn(B, H, Lk, D, generator=gen).to(dev, dt)
+        v = torch.randn(B, H, Lk, D, generator=gen).to(dev, dt)
+        allow = torch.rand(B, 1, Lq, Lk, generator=gen).to(dev) < 0.7
+        allow[..., 0] = True
+        allow_c = allow[:, 0].contiguous()
+
+        def mask_mod(b, h, qi, kj):
+            return allow_c[b, qi, kj]
+
+        r = dict(Lq=Lq, Lk=Lk, B=B, H=H, D=D)
+        r["sdpa_first_ms"], r["sdpa_ms"] = clock(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=allow))
+        if dev.type == "cuda":
+            prev = torch.backends.cuda.cudnn_sdp_enabled()
+            torch.backends.cuda.enable_cudnn_sdp(False)
+            try:
+                q2 = q.clone()  # a fresh tensor, same shape: no cached plan is involved either way
+                r["sdpa_nocudnn_first_ms"], r["sdpa_nocudnn_ms"] = clock(lambda: F.scaled_dot_product_attention(q2, k, v, attn_mask=allow))
+            finally:
+                torch.backends.cuda.enable_cudnn_sdp(prev)
+        r["block_mask_eager_first_ms"], r["block_mask_eager_ms"] = clock(lambda: create_block_mask(mask_mod, B, None, Lq, Lk, device=dev), 3)
+        bm = create_block_mask(mask_mod, B, None, Lq, Lk, device=dev)
+        r["flex_eager_first_ms"], r["flex_eager_ms"] = clock(lambda: flex_attention(q, k, v, block_mask=bm), 3)
+        if dev.type == "cuda":
+            cbm = torch.compile(create_block_mask)
+            r["block_mask_compiled_first_ms"], r["block_mask_compiled_ms"] = clock(lambda: cbm(mask_mod, B, None, Lq, Lk, device=dev), 3)
+            r["flex_compiled_first_ms"], r["flex_compiled_ms"] = clock(lambda: compiled(q, k, v, block_mask=bm), 5)
+        rows.append(r)
+        log("  " + ", ".join(f"{a}={b:.2f}" if isinstance(b, float) else f"{a}={b}" for a, b in r.items()))
+    return dict(calls=rows)
 
 
 SECTION_FNS = {name: globals()[f"sec_{name}"] for name in SECTIONS}
@@ -384,11 +516,15 @@ def table_rows(results: dict, comparable: bool) -> list[list]:
             r = c["result"]
             worst = max((x.get("max_abs_exact_minus_replay", 0) for x in r["checks"]), default=0)
             mism = sum(x.get("token_mismatches", 0) for x in r["checks"])
-            rows.append(["correctness", f"cache == no-cache tokens, exact ~ replay ({r['backend_auto']}, fp32)", "PASS" if r["passed"] else "FAIL",
-                         "-", "-", "-", "-", "<= 1e-4", "yes" if r["passed"] else "NO", f"{mism} token mismatches, max |exact - replay| {worst:.1e}"])
+            verdict = ("PASS" if r["passed"] else "FAIL") + ("" if r.get("complete", True) else f" ({r['checks_run']}/{r['checks_total']} run)")
+            rows.append(["correctness", f"cache == no-cache tokens, exact ~ replay ({r['backend_auto']}, fp32)", verdict,
+                         "-", "-", "-", "-", "<= 1e-4", "yes" if r["passed"] else "NO",
+                         f"{mism} token mismatches, max |exact - replay| {worst:.1e}"
+                         + ("" if r.get("complete", True) else "; other checks skipped: time")])
         else:
             rows.append(status_row("correctness", "GPU-path correctness", c["status"] + ": " + c.get("error", "")[:80]))
-    for name in ("sample_a1_T1024", "sample_a1_T128", "sample_a0125_T1024", "sample_ar", "mdlm_T1024", "sample_a1_T1024_sdpa"):
+    for name in ("sample_a1_T1024", "sample_a1_T128", "sample_a0125_T1024", "sample_ar", "mdlm_T1024", "sample_a1_T1024_sdpa",
+                 "sample_a1_T1024_sdpa_nocudnn", "sample_a1_T128_sdpa_nocudnn", "sample_a0125_T1024_sdpa_nocudnn", "sample_ar_sdpa_nocudnn"):
         s = results.get(name)
         if not s:
             continue
@@ -399,7 +535,7 @@ def table_rows(results: dict, comparable: bool) -> list[list]:
             continue
         r = s["result"]
         what = (f"{'MDLM no cache' if r['method'] == 'mdlm' else 'KV-cached'} a0={r['alpha0']:g} T={r['T']}, B={r['B']} P={r['P']} N={r['N']}"
-                + ("" if r["backend"] == "auto" else f", {r['backend']}"))
+                + ("" if r["backend"] == "auto" else f", {r['backend']}") + (", no cuDNN" if r.get("cudnn_sdp") is False else ""))
         tgt = ref.get("target_s")
         rows.append([name, what, fmt_time(r["total_s"]), f"{r['ms_per_step']:.2f} ms", r["K"], fmt_time(ref["ref_s"]),
                      vs_ref(ref["ref_s"], r["total_s"]), f"<= {tgt} s" if tgt else "-", met(r["total_s"] <= tgt) if tgt else "-",
@@ -442,9 +578,20 @@ def table_rows(results: dict, comparable: bool) -> list[list]:
             rows.append(status_row("breakdown", "KV-cached step breakdown", b["status"] + ": " + b.get("error", "")[:80]))
         else:
             r = b["result"]
-            rows.append(["breakdown", f"KV-cached step, first {r['steps']} steps (a0=1)", f"{r['ms_per_step']:.2f} ms", "-", r["steps"],
-                         "-", "-", "-", "-", f"mask {r['build_mask_ms']:.2f} + forward {r['model_forward_ms']:.2f} + pick {r['pick_ms']:.2f} "
-                         f"+ python {r['other_python_ms']:.2f} ms"])
+            for k, label in (("compiled_shapes", "shapes compiled in warm-up"), ("new_shapes", "new shapes")):
+                d = r.get(k)
+                if d and d["n"] > 0:
+                    rows.append([f"breakdown", f"KV-cached step a0=1, steps {d['steps']} ({label})", f"{d['ms_per_step']:.2f} ms", "-", d["n"],
+                                 "-", "-", "-", "-", f"mask {d['build_mask_ms']:.2f} + forward {d['model_forward_ms']:.2f} + pick {d['pick_ms']:.2f} "
+                                 f"+ python {d['other_python_ms']:.2f} ms"])
+    a = results.get("attn_micro")
+    if a and a["status"] == "ok":
+        for r in a["result"]["calls"]:
+            keys = [k[:-3] for k in r if k.endswith("_ms") and not k.endswith("_first_ms")]
+            rows.append(["attn_micro", f"one attention call, B={r['B']} H={r['H']} Lq={r['Lq']} Lk={r['Lk']}", "-", "-", "-", "-", "-", "-", "-",
+                         "; ".join(f"{k} {r[k + '_first_ms']:.1f}/{r[k + '_ms']:.2f}" for k in keys) + " ms (first/again)"])
+    elif a:
+        rows.append(status_row("attn_micro", "attention calls", a["status"] + ": " + a.get("error", "")[:80]))
     for name, s in results.items():
         if s["status"] == "skipped":
             rows.append(status_row(name, "-", "skipped: " + s.get("reason", "")))
@@ -456,7 +603,8 @@ def main(argv=None):
     p.add_argument("--device", default="auto", help="cuda (default when available) | cpu")
     p.add_argument("--size", default=None, choices=list(SHAPES), help="small (issue 6; default on cuda) | tiny (default on cpu)")
     p.add_argument("--dtype", default="auto", help="sampling/scoring weights and training autocast dtype: auto (bf16 on cuda, float32 on cpu)")
-    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list, in order, from: {','.join(SECTIONS)}")
+    p.add_argument("--sections", default=",".join(DEFAULT_SECTIONS), help=f"comma list, in order, from: {','.join(SECTIONS)}")
+    p.add_argument("--cap", action="append", default=[], metavar="SECTION=SECONDS", help="override a section's time cap")
     p.add_argument("--budget-s", type=float, default=None, help="wall-clock budget from process start; sections that do not fit are "
                    "skipped and samplers are stopped and extrapolated (default 225 on cuda, 50 on cpu)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/gpu-<date>-<card>.json)")
@@ -500,9 +648,17 @@ def main(argv=None):
             log(f"  could not write {out}: {e!r}")
 
     table_text = None
+    caps = {}
+    for c in args.cap:
+        k, _, v = c.partition("=")
+        if k not in SECTIONS:
+            raise SystemExit(f"--cap: unknown section {k!r}")
+        caps[k] = float(v)
     group = None
     for name in names:
         cap, least, sec_group = SECTIONS[name]
+        if name in caps:
+            cap = caps[name] / scale
         now = time.perf_counter()
         left = t_end - now
         if left < least * scale:

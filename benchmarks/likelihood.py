@@ -19,7 +19,6 @@ Token-forwards per sample (spec §6): plain ``P + N``; exact ``P + 2N``; replay
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import time

@@ -136,7 +136,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, "sampling.json")
     p.add_argument("--quick", action="store_true", help="CPU smoke size: tiny model, batch 4, one repeat")
-    p.add_argument("--size", default=None, choices=["tiny", "cpu", "small"], help="default: small on cuda, cpu on cpu, tiny with --quick")
+    p.add_argument("--size", default=None, choices=["tiny", "cpu", "small"], help="default: small on cuda, tiny on cpu")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--prompt-len", type=int, default=None)
     p.add_argument("--ns", default="64,256", help="completion lengths N")
@@ -154,7 +154,7 @@ def main(argv=None):
     elif args.quick:
         size, B, P, repeats = "tiny", 4, 16, 1
     else:
-        size, B, P, repeats = "cpu", 8, 32, 3
+        size, B, P, repeats = "tiny", 8, 32, 2
     size = args.size or size
     B = args.batch or B
     P = args.prompt_len if args.prompt_len is not None else P

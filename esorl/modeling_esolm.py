@@ -122,7 +122,9 @@ class Block(nn.Module):
         # qkv rows are laid out (three, head, head_dim) as in the reference.
         qkv = self.attn_qkv(h).view(B, L, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # rotary in the angles' precision, then back to v's dtype (under bf16 autocast q/k
+        # would otherwise stay float32 while v is bf16)
+        q, k = apply_rotary(q, cos, sin).to(v.dtype), apply_rotary(k, cos, sin).to(v.dtype)
         if cache is not None:
             # The window's clean copies are appended to the preallocated cache; its query
             # copies are written just after them as scratch (the next window's clean copies
@@ -259,7 +261,9 @@ class EsoLMModel(PreTrainedModel):
             return_hidden: also return the final hidden states ``(B, L, d)`` (value heads).
             raw_logits: keep the MASK logit; by default it is ``-inf`` (spec §1).
         """
-        if positions.max() >= self.config.max_seq_len:
+        # (checked on CPU only: on CUDA the check would synchronise every decoding step;
+        # samplers and estimators validate lengths before they start)
+        if not positions.is_cuda and positions.numel() and positions.max() >= self.config.max_seq_len:
             raise ValueError(f"position {int(positions.max())} exceeds the model's context max_seq_len={self.config.max_seq_len}")
         x = self.vocab_embed(input_ids)
         c = self.conditioning().to(x.dtype)

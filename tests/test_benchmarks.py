@@ -1,0 +1,89 @@
+"""Smoke tests of the benchmark scripts: each runs on CPU at its smallest size as a subprocess
+(as a user would run it), finishes in seconds, and writes JSON with the expected keys and
+self-consistent numbers. They time nothing that matters; they keep the scripts runnable —
+in particular ``benchmarks/gpu.py``, which is run on a lent GPU only rarely."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+
+
+def _run(script: str, tmp_path: Path, *args: str, timeout: int = 50) -> dict:
+    out = tmp_path / f"{script}.json"
+    env = dict(os.environ, PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu", WANDB_MODE="disabled", HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, str(BENCH / f"{script}.py"), "--device", "cpu", "--out", str(out), *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert out.is_file(), f"{script} wrote no JSON"
+    data = json.loads(out.read_text())
+    m = data["machine"]
+    for key in ("date", "device", "device_name", "torch", "cpu_count"):
+        assert key in m, key
+    assert isinstance(data.get("table"), str) and data["table"]
+    return data
+
+
+def test_gpu_script_cpu_tiny(tmp_path):
+    d = _run("gpu", tmp_path, "--size", "tiny")
+    assert list(d["sections"]) == ["correctness", "sample_a1_T1024", "train", "exact", "sample_ar", "sample_a0125_T1024",
+                                   "sample_a1_T128", "mdlm_T1024", "sample_a1_T1024_sdpa_nocudnn", "breakdown"]
+    for name, s in d["sections"].items():
+        assert s["status"] == "ok", (name, s.get("error"), s.get("traceback"))
+    c = d["sections"]["correctness"]["result"]
+    assert c["passed"] and c["complete"]
+    assert all(x["token_mismatches"] == 0 and x["max_abs_exact_minus_replay"] <= 1e-4 for x in c["checks"])
+    s = d["sections"]["sample_a1_T1024"]["result"]
+    assert s["how"] == "measured" and s["steps_measured"] == s["K"] and s["total_s"] > 0
+    assert s["token_forwards_per_sample"] == s["P"] + 2 * s["N"] - s["step_sizes"][-1]
+    ar = d["sections"]["sample_ar"]["result"]
+    assert ar["K"] == ar["N"] and set(ar["step_sizes"]) == {1}
+    t = d["sections"]["train"]["result"]
+    assert set(t["variants"]) == {"hybrid", "mdm"} and t["ratios_vs_mdm"]["hybrid"]["measured"] > 0
+    e = d["sections"]["exact"]["result"]
+    assert e["exact_over_plain"] > 0 and e["token_ratio"] == pytest.approx((e["P"] + 2 * e["N"]) / (e["P"] + e["N"]))
+    assert "reference" in d and d["reference"]["numbers"]["sample_a1_T1024"]["ref_s"] == 20.8
+
+
+def test_train_step_script(tmp_path):
+    d = _run("train_step", tmp_path, "--size", "tiny", "--repeats", "2", "--batch", "4", "--seq-len", "64")
+    v, r = d["variants"], d["ratios_vs_mdm"]
+    assert set(v) == {"hybrid", "hybrid_1f", "mdm", "ar"}
+    assert all(x["median_s"] > 0 and len(x["times_s"]) == 2 for x in v.values())
+    B, L = 4, 64
+    assert v["mdm"]["tokens"] == B * L and v["ar"]["tokens"] == 2 * B * L  # AR: L clean + L query copies
+    assert v["hybrid"]["forwards"] == 2 and v["hybrid_1f"]["forwards"] == 1
+    assert r["hybrid"]["token_spec_full_copies"] == pytest.approx(1.5)
+    assert r["hybrid"]["token_spec_masked_copies"] == pytest.approx(1.4375)
+    assert 1.2 < r["hybrid"]["token_real"] < 1.7  # ≈ 1.44 up to the draw of z0
+
+
+def test_sampling_script(tmp_path):
+    d = _run("sampling", tmp_path, "--quick", "--ns", "32", "--ts", "4,N")
+    assert [(c["N"], c["T"]) for c in d["configs"]] == [(32, 4), (32, 32)]
+    for c in d["configs"]:
+        tf, P, N = c["token_forwards_per_sample"], c["P"], c["N"]
+        assert tf["cache"] == P + 2 * N - c["k_last"] and tf["mdlm"] == c["K"] * (P + N)
+        assert set(c["methods"]) == {"cache", "replay", "mdlm"}
+        for m, r in c["methods"].items():
+            assert r["median_s"] > 0 and r["same_tokens_frac"] >= 0.99, m
+            assert r["token_ratio"] == pytest.approx(tf[m] / tf["cache"])
+        assert "peak_bytes" in c["methods"]["cache"] and "peak_bytes" in c["methods"]["replay"]
+
+
+def test_likelihood_script(tmp_path):
+    d = _run("likelihood", tmp_path, "--quick", "--n", "24", "--prompt-len", "8", "--T", "8", "--repeats", "1")
+    res = d["results"]["forward"]
+    assert set(res) == {"plain", "exact", "replay", "mc_elbo", "one_step", "coupled"}
+    assert res["plain"]["time_ratio"] == pytest.approx(1.0)
+    assert res["exact"]["token_ratio"] == pytest.approx((8 + 48) / (8 + 24))
+    assert res["mc_elbo"]["token_ratio"] == pytest.approx(4.0)
+    assert all(r["finite"] and r["median_s"] > 0 for r in res.values())

@@ -118,7 +118,6 @@ def trajectory_table(
     excluded), completion position j at ``P_b + j``.
     """
     B, P = prompt_ids.shape
-    N = completion_ids.shape[1]
     plen = prompt_mask.long().sum(1, keepdim=True)
     ppos = (torch.arange(P, device=prompt_ids.device)[None] - (P - plen)).clamp(min=0)
     cpos = plen + order

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import torch
 
 from .likelihood import estimate
-from .modeling_esolm import model_config, unwrap
+from .modeling_esolm import unwrap
 from .rollout import Rollout
 from .sampling import SamplingConfig, generate, left_pad, rollout_noise
-from .schedule import ScheduleConfig, make_generator
+from .schedule import make_generator
 
 _PURPOSE_TRAJ = 5
 

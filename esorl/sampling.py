@@ -18,7 +18,7 @@ import torch
 
 from .attention import build_mask
 from .modeling_esolm import model_config
-from .layout import TokenTable, concat, copies, one_copy_layout, replay_layout, trajectory_table
+from .layout import concat, copies, one_copy_layout, replay_layout, trajectory_table
 from .logprobs import filter_logprobs, gather, model_logprobs, sample_inverse_cdf
 from .modeling_esolm import EsoKVCache
 from .rollout import Rollout, first_eos_mask

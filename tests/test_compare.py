@@ -2,7 +2,6 @@
 identical rollouts across estimators."""
 
 import json
-import re
 
 import pytest
 import torch

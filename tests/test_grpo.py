@@ -3,7 +3,6 @@ gradient, learning a trivially learnable reward, every estimator end to end, β 
 resume, and 2-rank DDP / ZeRO-2 / ZeRO-3."""
 
 import dataclasses
-import json
 import os
 import subprocess
 import sys

@@ -3,16 +3,12 @@ promise), exact == AR likelihood for a left-to-right trajectory, equal gradients
 MC estimators against their definitions."""
 
 import itertools
-import math
 
 import pytest
 import torch
 
-from esorl.attention import build_mask
-from esorl.layout import one_copy_layout, sorted_table
 from esorl.likelihood import coupled, estimate, exact, mc_elbo, one_step, replay
 from esorl.objective import ObjectiveConfig, ar_term
-from esorl.rollout import Rollout
 from esorl.sampling import generate
 from esorl.schedule import EPS, ScheduleConfig, Trajectory
 

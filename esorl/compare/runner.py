@@ -16,17 +16,16 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from ..config import load_config, save_config
 from ..policy import EstimatorConfig
 from ..rl.common import PolicyArgs, PromptArgs, RewardSpec
 from ..rl.grpo import EsoGRPOConfig, EsoGRPOTrainer, GRPORecipe
-from ..train.common import LoggingConfig, read_metrics
+from ..train.common import LoggingConfig
 
 
 @dataclass

@@ -16,24 +16,23 @@ over it (each accumulating ``gradient_accumulation_steps`` micro-batches per ran
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from ..config import load_config, save_config
+from ..config import load_config
 from ..modeling_esolm import EsoLMModel
 from ..policy import EsoPolicy, EstimatorConfig
 from ..rollout import Rollout
 from ..sampling import SamplingConfig
-from ..schedule import ScheduleConfig, make_generator
-from ..train.common import Checkpointer, LoggingConfig, RunLogger, all_reduce_sum, check_finite, configure_deepspeed, make_accelerator
-from .common import PolicyArgs, PromptArgs, RewardSpec, all_gather_cat, backward_micro, build_rewards, ensure_policy, load_prompts, load_tokenizer_for, peak_memory_mb, prepare_reference, score_rewards
+from ..schedule import ScheduleConfig
+from ..train.common import LoggingConfig, all_reduce_sum, check_finite, configure_deepspeed
+from .base import RLTrainerBase
+from .common import PolicyArgs, PromptArgs, RewardSpec, all_gather_cat, backward_micro, peak_memory_mb, score_rewards
 
-_PURPOSE_PROMPTS, _PURPOSE_EST = 6, 7
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
@@ -178,78 +177,34 @@ def aggregate(loss_tok: torch.Tensor, mask: torch.Tensor, loss_type: str, n_glob
     return loss_tok.sum() / max(n_global_tokens, 1.0) * world
 
 
-class EsoGRPOTrainer:
+class EsoGRPOTrainer(RLTrainerBase):
     """GRPO over Eso-LM rollouts. ``run()`` trains; the pieces are public for the comparison
     runner (:mod:`esorl.compare`), which measures estimators on the same batches."""
 
-    def __init__(self, recipe: GRPORecipe, reward_funcs=None, reward_weights=None):
-        import os
+    kind = "grpo"
 
-        self.recipe = r = recipe
-        c = r.grpo
-        self.cfg = c
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.accelerator = acc = make_accelerator(c.mixed_precision, 1)
-        self.world = world
-        torch.manual_seed(c.seed)
-        with acc.main_process_first():
-            self.model_dir = ensure_policy(r.policy)
-        self.tokenizer = load_tokenizer_for(r.policy, self.model_dir)
+    def __init__(self, recipe: GRPORecipe, reward_funcs=None, reward_weights=None):
+        c = recipe.grpo
+        self.setup(recipe, c, reward_funcs, reward_weights)
+        acc = self.accelerator
         model = EsoLMModel.from_pretrained(str(self.model_dir))
         self.opt = torch.optim.AdamW(model.parameters(), lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_epsilon, weight_decay=c.weight_decay)
         configure_deepspeed(acc, c.per_device_train_batch_size, c.gradient_accumulation_steps)
         self.model, self.opt = acc.prepare(model, self.opt)
         self.ref = None
-        if c.beta > 0:
-            # the reference reloads from the saved directory (as TRL does from _name_or_path)
-            ref = EsoLMModel.from_pretrained(str(self.model_dir)).eval()
-            for p in ref.parameters():
-                p.requires_grad_(False)
-            self.ref = prepare_reference(ref, acc)
         self.policy = EsoPolicy(self.model, self.tokenizer, c.sampling(), acc, c.attention_backend)
-        self.ref_policy = EsoPolicy(self.ref, self.tokenizer, c.sampling(), acc, c.attention_backend) if self.ref is not None else None
-        if reward_funcs is None:
-            reward_funcs, reward_weights = build_rewards(r.rewards, r.prompts.cache_dir)
-        self.reward_funcs = reward_funcs
-        self.reward_weights = list(c.reward_weights) if c.reward_weights else list(reward_weights)
-        if len(self.reward_weights) != len(self.reward_funcs):
-            raise ValueError(f"grpo.reward_weights has {len(self.reward_weights)} entries for {len(self.reward_funcs)} reward functions")
-        self.train_prompts = load_prompts(r.prompts, r.prompts.split, r.prompts.max_prompts, c.seed)
-        self.eval_prompts = load_prompts(r.prompts, r.prompts.eval_split, r.prompts.eval_prompts, c.seed) if r.prompts.eval_prompts else []
-        self.out = Path(c.output_dir)
-        self.ckpt = Checkpointer(self.out, c.save_total_limit)
-        self.logger = RunLogger(self.out, r.logging, asdict(r), enabled=acc.is_main_process)
-        if acc.is_main_process:
-            save_config(r, self.out / "config.yaml")
-        self.step = 0
+        self.ref_policy = self.make_reference(c.beta > 0)
         self._old_cache: dict = {}
-        self.gen_batch = c.per_device_train_batch_size * c.gradient_accumulation_steps * world
+        self.gen_batch = c.per_device_train_batch_size * c.gradient_accumulation_steps * self.world
         if self.gen_batch % c.num_generations:
             raise ValueError(f"generation batch {self.gen_batch} (per_device_train_batch_size × gradient_accumulation_steps × ranks) must be a multiple of num_generations={c.num_generations}")
 
     # ------------------------------------------------------------------ batches
-    def prompt_rows(self, step: int) -> list[dict]:
-        """The prompts of a step (each repeated ``num_generations`` times), identical on every
-        rank and for every estimator: a seeded permutation per epoch."""
-        n = self.gen_batch // self.cfg.num_generations
-        P = len(self.train_prompts)
-        flat = torch.arange(step * n, (step + 1) * n)
-        rows = []
-        for f in flat.tolist():
-            e, i = divmod(f, P)
-            perm = torch.randperm(P, generator=make_generator(self.cfg.seed, _PURPOSE_PROMPTS, e))
-            rows.append(self.train_prompts[int(perm[i])])
-        return [r for r in rows for _ in range(self.cfg.num_generations)]
-
-    def local_slice(self) -> slice:
-        n = self.gen_batch // self.world
-        return slice(self.accelerator.process_index * n, (self.accelerator.process_index + 1) * n)
-
     def rollout(self, step: int) -> dict:
         """Generate this rank's share of the step's batch and score it (rewards, advantages)."""
         c = self.cfg
-        rows = self.prompt_rows(step)
-        sl = self.local_slice()
+        rows = self.prompt_rows(step, self.gen_batch // c.num_generations, c.num_generations)
+        sl = self.local_slice(self.gen_batch // self.world)
         local = rows[sl]
         sample_ids = torch.arange(step * self.gen_batch, (step + 1) * self.gen_batch)[sl]
         prompts = [x["prompt"] for x in local]
@@ -264,10 +219,6 @@ class EsoGRPOTrainer:
         per_all = {k: all_gather_cat(v.to(self.accelerator.device)).cpu() for k, v in per.items()}
         return {"rollout": ro, "prompts": prompts, "texts": texts, "rewards": total, "advantages": adv_all[sl], "all_rewards": all_rewards,
                 "per_reward": per_all, "t_generate": time.time() - t0, "t_sample": t_gen}
-
-    def estimator_seed(self, step: int, iteration: int) -> int:
-        """One noise seed per inner iteration, shared by current, old and reference passes."""
-        return int(torch.randint(0, 2**31 - 1, (1,), generator=make_generator(self.cfg.seed, _PURPOSE_EST, step, iteration)))
 
     def score(self, policy: EsoPolicy, ro: Rollout, seed: int, grad: bool):
         est = self.cfg.estimator()
@@ -324,7 +275,7 @@ class EsoGRPOTrainer:
             grad_norms.append(float(gn) if gn is not None else float("nan"))
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
-            self._set_lr()
+            self.set_lr()
             t_update += time.time() - t0
         self._old_cache = {}
         tot = all_reduce_sum(torch.tensor([stats["clip_low"], stats["clip_high"], stats["ratio_dev"], stats["kl"]], device=acc.device, dtype=torch.float64)) / (n_tok * c.num_iterations)
@@ -346,32 +297,7 @@ class EsoGRPOTrainer:
             self._old_cache[it] = self.score(self.policy, ro.to(self.accelerator.device), self.estimator_seed(self.step, it), grad=False)[0]
         return time.time() - t0
 
-    def _set_lr(self):
-        import math
-
-        c = self.cfg
-        s = self.step + 1
-        f = min(1.0, s / c.warmup_steps) if c.warmup_steps else 1.0
-        if c.lr_scheduler_type == "cosine":
-            f *= 0.5 * (1 + math.cos(math.pi * min(1.0, s / c.max_steps)))
-        for g in self.opt.param_groups:
-            g["lr"] = c.learning_rate * f
-
     # ------------------------------------------------------------------ eval, logging
-    @torch.no_grad()
-    def evaluate(self) -> dict:
-        """Mean reward on held-out prompts (one completion each, fixed seed)."""
-        if not self.eval_prompts:
-            return {}
-        rows = self.eval_prompts[self.accelerator.process_index :: self.world]
-        prompts = [r["prompt"] for r in rows]
-        ro = self.policy.generate(prompts, self.cfg.seed + 99991, 0, torch.arange(len(prompts)))
-        texts = self.policy.texts(ro)
-        cols = {k: [r[k] for r in rows] for k in self.recipe.prompts.columns}
-        total, _ = score_rewards(self.reward_funcs, self.reward_weights, prompts, texts, cols)
-        s = all_reduce_sum(torch.tensor([total.sum().item(), len(total)], device=self.accelerator.device, dtype=torch.float64))
-        return {"eval/reward": (s[0] / s[1]).item()}
-
     def log_step(self, batch, st, t_step):
         c = self.cfg
         ro = batch["rollout"]
@@ -386,26 +312,7 @@ class EsoGRPOTrainer:
             m[f"rewards/{k}/std"] = v[~v.isnan()].std().item() if (~v.isnan()).sum() > 1 else 0.0
         return m
 
-    def log_completions(self, batch):
-        if not (self.cfg.log_completions and self.accelerator.is_main_process):
-            return
-        with (self.out / "completions.jsonl").open("a") as f:
-            for p, t, r in list(zip(batch["prompts"], batch["texts"], batch["rewards"].tolist()))[: max(self.cfg.num_completions_to_print, 8)]:
-                f.write(json.dumps({"step": self.step, "prompt": p, "completion": t, "reward": r}) + "\n")
-
     # ------------------------------------------------------------------ loop
-    def save(self):
-        self.ckpt.save(self.accelerator, self.step, {"kind": "grpo"})
-
-    def resume(self, resume) -> None:
-        path = self.ckpt.resolve(resume)
-        if path is None:
-            return
-        state, _ = Checkpointer.load(self.accelerator, path)
-        self.step = state["step"]
-        self.logger.truncate_after(self.step)
-        self.accelerator.print(f"[esorl] resumed GRPO from {path} at step {self.step}")
-
     def run(self, resume=False) -> dict:
         c = self.cfg
         self.resume(resume)

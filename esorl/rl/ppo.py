@@ -66,10 +66,8 @@ policy, ``save_pretrained``) and ``value_head.safetensors`` next to it.
 
 from __future__ import annotations
 
-import json
-import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -77,7 +75,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..attention import build_mask
-from ..config import ConfigError, load_config, save_config
+from ..config import ConfigError, load_config
 from ..layout import copies, trajectory_table
 from ..likelihood import exact
 from ..modeling_esolm import EsoLMModel, model_config
@@ -85,10 +83,11 @@ from ..policy import EsoPolicy, EstimatorConfig
 from ..rollout import Rollout
 from ..sampling import SamplingConfig
 from ..schedule import ScheduleConfig, make_generator
-from ..train.common import Checkpointer, LoggingConfig, RunLogger, all_reduce_sum, check_finite, configure_deepspeed, make_accelerator
-from .common import PolicyArgs, PromptArgs, RewardSpec, all_gather_cat, backward_micro, build_rewards, ensure_policy, load_prompts, load_tokenizer_for, peak_memory_mb, prepare_reference, score_rewards
+from ..train.common import LoggingConfig, all_reduce_sum, check_finite, configure_deepspeed
+from .base import RLTrainerBase
+from .common import PolicyArgs, PromptArgs, RewardSpec, all_gather_cat, backward_micro, peak_memory_mb, score_rewards
 
-_PURPOSE_PROMPTS, _PURPOSE_EST, _PURPOSE_SHUFFLE = 6, 7, 8
+_PURPOSE_SHUFFLE = 8
 DETERMINISTIC = ("exact", "replay")  # estimators whose old log-probs are the sampler's
 
 
@@ -366,21 +365,15 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------- trainer
 
 
-class EsoPPOTrainer:
+class EsoPPOTrainer(RLTrainerBase):
     """PPO over Eso-LM denoising steps. ``run()`` trains; the pieces are public."""
 
-    def __init__(self, recipe: PPORecipe, reward_funcs=None, reward_weights=None):
-        import os
+    kind = "ppo"
 
-        self.recipe = r = recipe
-        c = r.ppo
-        self.cfg = c
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.accelerator = acc = make_accelerator(c.mixed_precision, 1)
-        torch.manual_seed(c.seed)
-        with acc.main_process_first():
-            self.model_dir = ensure_policy(r.policy)
-        self.tokenizer = load_tokenizer_for(r.policy, self.model_dir)
+    def __init__(self, recipe: PPORecipe, reward_funcs=None, reward_weights=None):
+        c = recipe.ppo
+        self.setup(recipe, c, reward_funcs, reward_weights)
+        acc = self.accelerator
         lm = EsoLMModel.from_pretrained(str(self.model_dir))
         head = ValueHead(lm.config.hidden_size, c.value_head_init_std)
         container = EsoLMWithValueHead(lm, head)
@@ -390,59 +383,18 @@ class EsoPPOTrainer:
         self.head: ValueHead = acc.unwrap_model(self.model).value_head
         self.is_ds = getattr(acc.state, "deepspeed_plugin", None) is not None
         self.ref = None
-        if c.kl_coef > 0:
-            # the reference reloads from the saved directory (as GRPO's beta > 0)
-            ref = EsoLMModel.from_pretrained(str(self.model_dir)).eval()
-            for p in ref.parameters():
-                p.requires_grad_(False)
-            self.ref = prepare_reference(ref, acc)
         self.policy = EsoPolicy(self.model, self.tokenizer, c.sampling(), acc, c.attention_backend)
-        self.ref_policy = EsoPolicy(self.ref, self.tokenizer, c.sampling(), acc, c.attention_backend) if self.ref is not None else None
-        if reward_funcs is None:
-            reward_funcs, reward_weights = build_rewards(r.rewards, r.prompts.cache_dir)
-        self.reward_funcs = reward_funcs
-        self.reward_weights = list(c.reward_weights) if c.reward_weights else list(reward_weights)
-        if len(self.reward_weights) != len(self.reward_funcs):
-            raise ValueError(f"ppo.reward_weights has {len(self.reward_weights)} entries for {len(self.reward_funcs)} reward functions")
-        self.train_prompts = load_prompts(r.prompts, r.prompts.split, r.prompts.max_prompts, c.seed)
-        self.eval_prompts = load_prompts(r.prompts, r.prompts.eval_split, r.prompts.eval_prompts, c.seed) if r.prompts.eval_prompts else []
-        self.out = Path(c.output_dir)
-        self.ckpt = Checkpointer(self.out, c.save_total_limit)
-        self.logger = RunLogger(self.out, r.logging, asdict(r), enabled=acc.is_main_process)
-        if acc.is_main_process:
-            save_config(r, self.out / "config.yaml")
-        self.step = 0
+        self.ref_policy = self.make_reference(c.kl_coef > 0)
         self.mini_batch = c.per_device_train_batch_size * c.gradient_accumulation_steps  # per rank
         self.local_batch = self.mini_batch * c.num_mini_batches
         self.gen_batch = self.local_batch * self.world
 
     # ------------------------------------------------------------------ batches
-    def prompt_rows(self, step: int) -> list[dict]:
-        """The step's prompts (one rollout each), identical on every rank and for every
-        estimator: a seeded permutation per epoch over the prompts."""
-        n = self.gen_batch
-        P = len(self.train_prompts)
-        rows, perms = [], {}
-        for f in range(step * n, (step + 1) * n):
-            e, i = divmod(f, P)
-            if e not in perms:
-                perms[e] = torch.randperm(P, generator=make_generator(self.cfg.seed, _PURPOSE_PROMPTS, e))
-            rows.append(self.train_prompts[int(perms[e][i])])
-        return rows
-
-    def local_slice(self) -> slice:
-        n = self.local_batch
-        return slice(self.accelerator.process_index * n, (self.accelerator.process_index + 1) * n)
-
-    def estimator_seed(self, step: int, epoch: int) -> int:
-        """One noise seed per PPO epoch, shared by the old, current and reference passes."""
-        return int(torch.randint(0, 2**31 - 1, (1,), generator=make_generator(self.cfg.seed, _PURPOSE_EST, step, epoch)))
-
     def rollout(self, step: int) -> dict:
         """Generate this rank's share of the step's batch and score it."""
         c = self.cfg
-        rows = self.prompt_rows(step)
-        sl = self.local_slice()
+        rows = self.prompt_rows(step, self.gen_batch)
+        sl = self.local_slice(self.local_batch)
         local = rows[sl]
         sample_ids = torch.arange(step * self.gen_batch, (step + 1) * self.gen_batch)[sl]
         prompts = [x["prompt"] for x in local]
@@ -583,7 +535,7 @@ class EsoPPOTrainer:
                 grad_norms.append(float(gn) if gn is not None else float("nan"))
                 self.opt.step()
                 self.opt.zero_grad(set_to_none=True)
-                self._set_lr()
+                self.set_lr()
         t_update = time.time() - t0
         n_updates = c.num_ppo_epochs * c.num_mini_batches
         tot = all_reduce_sum(torch.tensor([st[k] for k in ("pg_loss", "vf_loss", "pg_clip", "vf_clip", "approx_kl", "ratio", "n_tok", "n_val")], device=acc.device, dtype=torch.float64))
@@ -595,30 +547,7 @@ class EsoPPOTrainer:
                 "policy/approx_kl": (tot[4] / tot[6]).item(), "policy/ratio_mean": (tot[5] / tot[6]).item(),
                 "grad_norm": sum(grad_norms) / len(grad_norms), "time/update": t_update}
 
-    def _set_lr(self):
-        c = self.cfg
-        s = self.step + 1
-        f = min(1.0, s / c.warmup_steps) if c.warmup_steps else 1.0
-        if c.lr_scheduler_type == "cosine":
-            f *= 0.5 * (1 + math.cos(math.pi * min(1.0, s / c.max_steps)))
-        for g in self.opt.param_groups:
-            g["lr"] = c.learning_rate * f
-
     # ------------------------------------------------------------------ eval, logging
-    @torch.no_grad()
-    def evaluate(self) -> dict:
-        """Mean reward on held-out prompts (one completion each, fixed seed)."""
-        if not self.eval_prompts:
-            return {}
-        rows = self.eval_prompts[self.accelerator.process_index :: self.world]
-        prompts = [r["prompt"] for r in rows]
-        ro = self.policy.generate(prompts, self.cfg.seed + 99991, 0, torch.arange(len(prompts)))
-        texts = self.policy.texts(ro)
-        cols = {k: [r[k] for r in rows] for k in self.recipe.prompts.columns}
-        total, _ = score_rewards(self.reward_funcs, self.reward_weights, prompts, texts, cols)
-        s = all_reduce_sum(torch.tensor([total.sum().item(), len(total)], device=self.accelerator.device, dtype=torch.float64))
-        return {"eval/reward": (s[0] / s[1]).item()}
-
     def log_step(self, batch: dict, data: dict, st: dict, t_step: float) -> dict:
         c = self.cfg
         dev = self.accelerator.device
@@ -644,28 +573,7 @@ class EsoPPOTrainer:
             m[f"rewards/{k}/std"] = v[~v.isnan()].std().item() if (~v.isnan()).sum() > 1 else 0.0
         return m
 
-    def log_completions(self, batch):
-        if not (self.cfg.log_completions and self.accelerator.is_main_process):
-            return
-        with (self.out / "completions.jsonl").open("a") as f:
-            for p, t, r in list(zip(batch["prompts"], batch["texts"], batch["rewards"].tolist()))[: max(self.cfg.num_completions_to_print, 8)]:
-                f.write(json.dumps({"step": self.step, "prompt": p, "completion": t, "reward": r}) + "\n")
-
     # ------------------------------------------------------------------ loop
-    def save(self):
-        self.ckpt.save(self.accelerator, self.step, {"kind": "ppo"})
-
-    def resume(self, resume) -> None:
-        path = self.ckpt.resolve(resume)
-        if path is None:
-            return
-        state, _ = Checkpointer.load(self.accelerator, path)
-        if state.get("kind", "ppo") != "ppo":
-            raise ValueError(f"checkpoint {path} is a {state.get('kind')!r} checkpoint, not a PPO one")
-        self.step = state["step"]
-        self.logger.truncate_after(self.step)
-        self.accelerator.print(f"[esorl] resumed PPO from {path} at step {self.step}")
-
     def run(self, resume=False) -> dict:
         c = self.cfg
         self.resume(resume)

@@ -1,0 +1,133 @@
+"""What GRPO and PPO share: set-up from a recipe, prompts per step, the estimator's noise
+seeds, LR schedule, held-out evaluation, completion logs and checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from ..config import save_config
+from ..modeling_esolm import EsoLMModel
+from ..policy import EsoPolicy
+from ..schedule import make_generator
+from ..train.common import Checkpointer, RunLogger, all_reduce_sum, make_accelerator
+from .common import build_rewards, ensure_policy, load_prompts, load_tokenizer_for, prepare_reference, score_rewards
+
+_PURPOSE_PROMPTS, _PURPOSE_EST = 6, 7
+
+
+class RLTrainerBase:
+    """Base of :class:`~esorl.rl.grpo.EsoGRPOTrainer` and :class:`~esorl.rl.ppo.EsoPPOTrainer`.
+
+    Subclasses set ``kind`` and call :meth:`setup` first, then build their model/optimizer.
+    ``self.cfg`` is the algorithm section of the recipe (``grpo`` / ``ppo``)."""
+
+    kind = "rl"
+
+    def setup(self, recipe, c, reward_funcs=None, reward_weights=None) -> None:
+        self.recipe, self.cfg = recipe, c
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.accelerator = acc = make_accelerator(c.mixed_precision, 1)
+        torch.manual_seed(c.seed)
+        with acc.main_process_first():
+            self.model_dir = ensure_policy(recipe.policy)
+        self.tokenizer = load_tokenizer_for(recipe.policy, self.model_dir)
+        if reward_funcs is None:
+            reward_funcs, reward_weights = build_rewards(recipe.rewards, recipe.prompts.cache_dir)
+        self.reward_funcs = reward_funcs
+        self.reward_weights = list(c.reward_weights) if c.reward_weights else list(reward_weights)
+        if len(self.reward_weights) != len(self.reward_funcs):
+            raise ValueError(f"{self.kind}.reward_weights has {len(self.reward_weights)} entries for {len(self.reward_funcs)} reward functions")
+        p = recipe.prompts
+        self.train_prompts = load_prompts(p, p.split, p.max_prompts, c.seed)
+        self.eval_prompts = load_prompts(p, p.eval_split, p.eval_prompts, c.seed) if p.eval_prompts else []
+        self.out = Path(c.output_dir)
+        self.ckpt = Checkpointer(self.out, c.save_total_limit)
+        self.logger = RunLogger(self.out, recipe.logging, asdict(recipe), enabled=acc.is_main_process)
+        if acc.is_main_process:
+            save_config(recipe, self.out / "config.yaml")
+        self.step = 0
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def make_reference(self, needed: bool):
+        """The frozen reference policy, reloaded from the policy's saved directory (as TRL does
+        from ``_name_or_path``), or ``None``."""
+        if not needed:
+            return None
+        ref = EsoLMModel.from_pretrained(str(self.model_dir)).eval()
+        for p in ref.parameters():
+            p.requires_grad_(False)
+        self.ref = prepare_reference(ref, self.accelerator)
+        return EsoPolicy(self.ref, self.tokenizer, self.cfg.sampling(), self.accelerator, self.cfg.attention_backend)
+
+    # ------------------------------------------------------------------ batches
+    def prompt_rows(self, step: int, n_prompts: int, repeat: int = 1) -> list[dict]:
+        """The step's prompts, each repeated ``repeat`` times, identical on every rank and for
+        every estimator: a seeded permutation of the prompts per epoch."""
+        P = len(self.train_prompts)
+        rows = []
+        for f in range(step * n_prompts, (step + 1) * n_prompts):
+            e, i = divmod(f, P)
+            if e not in self._perms:
+                self._perms[e] = torch.randperm(P, generator=make_generator(self.cfg.seed, _PURPOSE_PROMPTS, e))
+            rows.append(self.train_prompts[int(self._perms[e][i])])
+        return [r for r in rows for _ in range(repeat)]
+
+    def local_slice(self, n_local: int) -> slice:
+        i = self.accelerator.process_index
+        return slice(i * n_local, (i + 1) * n_local)
+
+    def estimator_seed(self, step: int, k: int) -> int:
+        """One noise seed per inner iteration / epoch, shared by the current, old and
+        reference passes (spec §6)."""
+        return int(torch.randint(0, 2**31 - 1, (1,), generator=make_generator(self.cfg.seed, _PURPOSE_EST, step, k)))
+
+    def set_lr(self) -> None:
+        c = self.cfg
+        s = self.step + 1
+        f = min(1.0, s / c.warmup_steps) if c.warmup_steps else 1.0
+        if c.lr_scheduler_type == "cosine":
+            f *= 0.5 * (1 + math.cos(math.pi * min(1.0, s / c.max_steps)))
+        for g in self.opt.param_groups:
+            g["lr"] = c.learning_rate * f
+
+    # ------------------------------------------------------------------ eval, logging
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Mean reward on held-out prompts (one completion each, fixed seed)."""
+        if not self.eval_prompts:
+            return {}
+        rows = self.eval_prompts[self.accelerator.process_index :: self.world]
+        prompts = [r["prompt"] for r in rows]
+        ro = self.policy.generate(prompts, self.cfg.seed + 99991, 0, torch.arange(len(prompts)))
+        texts = self.policy.texts(ro)
+        cols = {k: [r[k] for r in rows] for k in self.recipe.prompts.columns}
+        total, _ = score_rewards(self.reward_funcs, self.reward_weights, prompts, texts, cols)
+        s = all_reduce_sum(torch.tensor([total.sum().item(), len(total)], device=self.accelerator.device, dtype=torch.float64))
+        return {"eval/reward": (s[0] / s[1]).item()}
+
+    def log_completions(self, batch) -> None:
+        if not (self.cfg.log_completions and self.accelerator.is_main_process):
+            return
+        with (self.out / "completions.jsonl").open("a") as f:
+            for p, t, r in list(zip(batch["prompts"], batch["texts"], batch["rewards"].tolist()))[: max(self.cfg.num_completions_to_print, 8)]:
+                f.write(json.dumps({"step": self.step, "prompt": p, "completion": t, "reward": r}) + "\n")
+
+    def save(self) -> None:
+        self.ckpt.save(self.accelerator, self.step, {"kind": self.kind})
+
+    def resume(self, resume) -> None:
+        path = self.ckpt.resolve(resume)
+        if path is None:
+            return
+        state, _ = Checkpointer.load(self.accelerator, path)
+        if state.get("kind", self.kind) != self.kind:
+            raise ValueError(f"checkpoint {path} is a {state.get('kind')!r} checkpoint, not a {self.kind} one")
+        self.step = state["step"]
+        self.logger.truncate_after(self.step)
+        self.accelerator.print(f"[esorl] resumed {self.kind.upper()} from {path} at step {self.step}")

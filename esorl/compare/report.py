@@ -162,6 +162,10 @@ def write_report(cfg, out: Path, diag: dict) -> dict:
         lines.append(f"- Final reward, {n} − {exact_name}: {dlt:+.3f} (SE {se:.3f}, {len(finals[n])} vs {len(ex)} seeds): {verdict}.")
         if cost[exact_name]["score"] == cost[exact_name]["score"] and cost[n]["score"] == cost[n]["score"]:
             lines.append(f"- Scoring cost, {n} / {exact_name}: {cost[n]['score'] / max(cost[exact_name]['score'], 1e-9):.2f}× (s per step in the score phase); whole step {cost[n]['step'] / max(cost[exact_name]['step'], 1e-9):.2f}×.")
+    if len(cfg.seeds) < 3:
+        lines.append(f"- With {len(cfg.seeds)} seed(s) per estimator the standard errors above are themselves rough: read \"exceeds seed noise\" as indicative (`recipes/compare/sst2_sentiment_full.yaml` runs 3 seeds).")
+    if cfg.notes:
+        lines.append(f"- Set-up: {cfg.notes.strip()}")
     lines += ["", "Plots: " + ", ".join(f"`{p}`" for p in plots), ""]
     (out / "report.md").write_text("\n".join(lines))
     return {"report": str(out / "report.md"), "plots": [str(out / p) for p in plots], "finals": finals, "cost": cost}

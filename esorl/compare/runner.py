@@ -63,7 +63,8 @@ class DiagnosticsArgs:
 @dataclass
 class CompareConfig:
     """A comparison: the RL recipe (``policy``, ``prompts``, ``rewards``, ``grpo``), the
-    estimators and seeds, diagnostics, and the report's reward threshold."""
+    estimators and seeds, diagnostics, the report's reward threshold, and ``notes`` (caveats
+    of the set-up, copied into the report's summary)."""
 
     output_dir: str = "runs/compare"
     policy: PolicyArgs = field(default_factory=PolicyArgs)
@@ -74,6 +75,7 @@ class CompareConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     diagnostics: DiagnosticsArgs = field(default_factory=DiagnosticsArgs)
     reward_threshold: float = 0.0
+    notes: str = ""
     logging: LoggingConfig = field(default_factory=lambda: LoggingConfig(wandb_mode="offline"))
 
     def validate(self):

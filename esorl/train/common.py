@@ -305,7 +305,8 @@ class RunLogger:
         if not enabled:
             return
         Path(output_dir).mkdir(parents=True, exist_ok=True)
-        mode = os.environ.get("WANDB_MODE") or cfg.wandb_mode
+        # an explicit "disabled" in the config wins; otherwise WANDB_MODE (if set) overrides
+        mode = "disabled" if cfg.wandb_mode == "disabled" else (os.environ.get("WANDB_MODE") or cfg.wandb_mode)
         if mode != "disabled":
             try:
                 import wandb

@@ -106,7 +106,7 @@ def write_report(cfg, out: Path, diag: dict) -> dict:
         axes[0].bar(names, [d[n]["grad_var_fresh_rollouts"] for n in names], alpha=0.5, label="fresh rollouts (total)")
         axes[0].set_yscale("symlog", linthresh=1e-8), axes[0].set_title(f"policy-gradient variance ({when} policy)"), axes[0].legend(fontsize=7)
         axes[1].bar(names, [d[n]["abs_error_vs_own_reference"] for n in names])
-        axes[1].set_title("|log-prob estimate − own large-n reference| (per sequence)")
+        axes[1].set_title("|estimate − own large-n ref| per sequence")
         for a in axes:
             a.tick_params(axis="x", rotation=20)
         fig.tight_layout(), fig.savefig(out / "grad_variance_and_logprob_error.png", dpi=120), plt.close(fig)

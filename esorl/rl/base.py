@@ -6,19 +6,77 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..config import save_config
 from ..modeling_esolm import EsoLMModel
-from ..policy import EsoPolicy
-from ..schedule import make_generator
+from ..policy import EsoPolicy, EstimatorConfig
+from ..sampling import SamplingConfig
+from ..schedule import ScheduleConfig, make_generator
 from ..train.common import Checkpointer, RunLogger, all_reduce_sum, make_accelerator
 from .common import build_rewards, ensure_policy, load_prompts, load_tokenizer_for, prepare_reference, score_rewards
 
 _PURPOSE_PROMPTS, _PURPOSE_EST = 6, 7
+
+
+@dataclass
+class EsoRLArgs:
+    """Fields GRPO and PPO share, with TRL's names: optimizer (``learning_rate``,
+    ``adam_beta1/2``, ``adam_epsilon``, ``weight_decay``, ``max_grad_norm``, ``warmup_steps``,
+    ``lr_scheduler_type`` constant | cosine), loop (``max_steps``, ``per_device_train_batch_size``,
+    ``gradient_accumulation_steps``), sampling (``temperature``, ``top_p``, ``top_k``; RL default
+    ``top_p = 1``, spec §7), rewards (``reward_weights``), bookkeeping (``seed``,
+    ``logging_steps``, ``save_steps``, ``save_total_limit``, ``eval_steps``, ``output_dir``,
+    ``log_completions``, ``num_completions_to_print``), and the Eso-LM fields: the estimator
+    (``likelihood``, ``mc_samples``, ``p_mask``, spec §6), the sampling schedule
+    (``sampling_alpha0``, ``diffusion_steps``, ``schedule_kind``), ``attention_backend`` and
+    ``mixed_precision``."""
+
+    output_dir: str = "runs/rl"
+    learning_rate: float = 1e-5
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    warmup_steps: int = 0
+    lr_scheduler_type: str = "constant"
+    max_steps: int = 100
+    per_device_train_batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    reward_weights: list[float] = field(default_factory=list)
+    seed: int = 0
+    logging_steps: int = 1
+    save_steps: int = 50
+    save_total_limit: int = 2
+    eval_steps: int = 0
+    log_completions: bool = True
+    num_completions_to_print: int = 2
+    # --- Eso-LM extensions ---
+    likelihood: str = "exact"
+    mc_samples: int = 4
+    p_mask: float = 0.15
+    sampling_alpha0: float = 1.0
+    diffusion_steps: int = 8
+    schedule_kind: str = "unified"
+    attention_backend: str = "auto"
+    mixed_precision: str = "no"
+
+    completion_length_field = "max_completion_length"
+
+    def estimator(self) -> EstimatorConfig:
+        return EstimatorConfig(self.likelihood, self.mc_samples, self.p_mask)
+
+    def sampling(self) -> SamplingConfig:
+        n = getattr(self, self.completion_length_field)
+        return SamplingConfig(n, ScheduleConfig(kind=self.schedule_kind, alpha0=self.sampling_alpha0, num_steps=self.diffusion_steps),
+                              self.temperature, self.top_k, self.top_p)
 
 
 class RLTrainerBase:

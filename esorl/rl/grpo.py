@@ -25,19 +25,17 @@ from tqdm.auto import tqdm
 
 from ..config import load_config
 from ..modeling_esolm import EsoLMModel
-from ..policy import EsoPolicy, EstimatorConfig
+from ..policy import EsoPolicy
 from ..rollout import Rollout
-from ..sampling import SamplingConfig
-from ..schedule import ScheduleConfig
 from ..train.common import LoggingConfig, all_reduce_sum, check_finite, configure_deepspeed
-from .base import RLTrainerBase
+from .base import EsoRLArgs, RLTrainerBase
 from .common import PolicyArgs, PromptArgs, RewardSpec, all_gather_cat, backward_micro, peak_memory_mb, score_rewards
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
 @dataclass
-class EsoGRPOConfig:
+class EsoGRPOConfig(EsoRLArgs):
     """GRPO settings; names and meanings follow ``trl.GRPOConfig`` (TRL 1.16), plus the
     Eso-LM fields at the end.
 
@@ -62,46 +60,16 @@ class EsoGRPOConfig:
     attention_backend, mixed_precision: as in pretraining.
     """
 
-    output_dir: str = "runs/grpo"
-    learning_rate: float = 1e-5
-    adam_beta1: float = 0.9
+    output_dir: str = "runs/grpo"  # (TRL: required)
     adam_beta2: float = 0.99
-    adam_epsilon: float = 1e-8
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    warmup_steps: int = 0
-    lr_scheduler_type: str = "constant"
-    max_steps: int = 100
-    per_device_train_batch_size: int = 16
-    gradient_accumulation_steps: int = 1
     num_generations: int = 8
     max_completion_length: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
     beta: float = 0.0
     epsilon: float = 0.2
     epsilon_high: float = -1.0
     loss_type: str = "dapo"
     scale_rewards: str = "group"
     num_iterations: int = 1
-    reward_weights: list[float] = field(default_factory=list)
-    seed: int = 0
-    logging_steps: int = 1
-    save_steps: int = 50
-    save_total_limit: int = 2
-    eval_steps: int = 0
-    log_completions: bool = True
-    num_completions_to_print: int = 2
-    # --- Eso-LM extensions ---
-    likelihood: str = "exact"
-    mc_samples: int = 4
-    p_mask: float = 0.15
-    sampling_alpha0: float = 1.0
-    diffusion_steps: int = 8
-    schedule_kind: str = "unified"
-    attention_backend: str = "auto"
-    mixed_precision: str = "no"
 
     def validate(self):
         if self.loss_type not in LOSS_TYPES:
@@ -117,12 +85,7 @@ class EsoGRPOConfig:
         self.estimator().validate()
         self.sampling().validate()
 
-    def estimator(self) -> EstimatorConfig:
-        return EstimatorConfig(self.likelihood, self.mc_samples, self.p_mask)
 
-    def sampling(self) -> SamplingConfig:
-        return SamplingConfig(self.max_completion_length, ScheduleConfig(kind=self.schedule_kind, alpha0=self.sampling_alpha0, num_steps=self.diffusion_steps),
-                              self.temperature, self.top_k, self.top_p)
 
 
 @dataclass

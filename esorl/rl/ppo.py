@@ -79,12 +79,11 @@ from ..config import ConfigError, load_config
 from ..layout import copies, trajectory_table
 from ..likelihood import exact
 from ..modeling_esolm import EsoLMModel, model_config
-from ..policy import EsoPolicy, EstimatorConfig
+from ..policy import EsoPolicy
 from ..rollout import Rollout
-from ..sampling import SamplingConfig
-from ..schedule import ScheduleConfig, make_generator
+from ..schedule import make_generator
 from ..train.common import LoggingConfig, all_reduce_sum, check_finite, configure_deepspeed
-from .base import RLTrainerBase
+from .base import EsoRLArgs, RLTrainerBase
 from .common import PolicyArgs, PromptArgs, RewardSpec, all_gather_cat, backward_micro, peak_memory_mb, score_rewards
 
 _PURPOSE_SHUFFLE = 8
@@ -92,7 +91,7 @@ DETERMINISTIC = ("exact", "replay")  # estimators whose old log-probs are the sa
 
 
 @dataclass
-class EsoPPOConfig:
+class EsoPPOConfig(EsoRLArgs):
     """PPO settings; names and meanings follow TRL's former ``PPOConfig`` (TRL ≤ 0.12,
     ``trl.experimental.ppo`` until 1.12), plus the Eso-LM fields at the end.
 
@@ -126,24 +125,10 @@ class EsoPPOConfig:
     """
 
     output_dir: str = "runs/ppo"
-    learning_rate: float = 1e-5
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    warmup_steps: int = 0
-    lr_scheduler_type: str = "constant"
-    max_steps: int = 100
-    per_device_train_batch_size: int = 16
-    gradient_accumulation_steps: int = 1
     num_mini_batches: int = 1
     num_ppo_epochs: int = 4
     local_rollout_forward_batch_size: int = 64
     response_length: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
     missing_eos_penalty: float | None = None
     gamma: float = 1.0
     lam: float = 0.95
@@ -153,24 +138,9 @@ class EsoPPOConfig:
     kl_coef: float = 0.05
     kl_estimator: str = "k1"
     whiten_rewards: bool = False
-    reward_weights: list[float] = field(default_factory=list)
-    seed: int = 0
-    logging_steps: int = 1
-    save_steps: int = 50
-    save_total_limit: int = 2
-    eval_steps: int = 0
-    log_completions: bool = True
-    num_completions_to_print: int = 2
-    # --- Eso-LM extensions ---
-    likelihood: str = "exact"
-    mc_samples: int = 4
-    p_mask: float = 0.15
-    sampling_alpha0: float = 1.0
-    diffusion_steps: int = 8
-    schedule_kind: str = "unified"
-    attention_backend: str = "auto"
-    mixed_precision: str = "no"
     value_head_init_std: float = 1e-3
+
+    completion_length_field = "response_length"
 
     def validate(self):
         if self.kl_estimator not in ("k1", "k3"):
@@ -189,12 +159,7 @@ class EsoPPOConfig:
         self.estimator().validate()
         self.sampling().validate()
 
-    def estimator(self) -> EstimatorConfig:
-        return EstimatorConfig(self.likelihood, self.mc_samples, self.p_mask)
 
-    def sampling(self) -> SamplingConfig:
-        return SamplingConfig(self.response_length, ScheduleConfig(kind=self.schedule_kind, alpha0=self.sampling_alpha0, num_steps=self.diffusion_steps),
-                              self.temperature, self.top_k, self.top_p)
 
     @property
     def sequence_level(self) -> bool:

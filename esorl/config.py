@@ -179,13 +179,23 @@ def save_config(cfg, path: str | Path) -> None:
 def describe(cls, prefix: str = "") -> list[str]:
     """One line per field (name, type, default, help) – the documentation ``esorl config``
     prints for a config class."""
+    import inspect
+
     lines = []
+    doc = inspect.getdoc(cls) or ""
+    if prefix and doc:
+        # the section's documentation lives in its docstring (one place, next to the fields)
+        lines += [f"# [{prefix.rstrip('.')}] " + ln if i == 0 else "#   " + ln for i, ln in enumerate(doc.splitlines())]
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if _is_dc(tp):
             lines += describe(tp, prefix + f.name + ".")
             continue
+        if typing.get_origin(tp) is list and typing.get_args(tp) and _is_dc(typing.get_args(tp)[0]):
+            lines += describe(typing.get_args(tp)[0], prefix + f.name + "[].")
+            continue
         default = f.default if f.default is not dataclasses.MISSING else (f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
-        lines.append(f"{prefix}{f.name}: {getattr(tp, '__name__', str(tp))} = {default!r}  # {f.metadata.get('help', '')}")
+        h = f.metadata.get("help")
+        lines.append(f"{prefix}{f.name}: {getattr(tp, '__name__', str(tp))} = {default!r}" + (f"  # {h}" if h else ""))
     return lines

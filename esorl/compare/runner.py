@@ -30,7 +30,9 @@ from ..train.common import LoggingConfig
 
 @dataclass
 class EstimatorSpec:
-    """One arm of the comparison: a display ``name`` and the estimator's settings."""
+    """One arm of the comparison: a display ``name`` and the estimator's settings
+    (``likelihood``, ``mc_samples`` for mc_elbo, ``p_mask`` for one_step; see
+    :class:`esorl.policy.EstimatorConfig`)."""
 
     name: str = "exact"
     likelihood: str = "exact"
@@ -63,8 +65,9 @@ class DiagnosticsArgs:
 @dataclass
 class CompareConfig:
     """A comparison: the RL recipe (``policy``, ``prompts``, ``rewards``, ``grpo``), the
-    estimators and seeds, diagnostics, the report's reward threshold, and ``notes`` (caveats
-    of the set-up, copied into the report's summary)."""
+    ``estimators`` and ``seeds``, ``diagnostics``, ``reward_threshold`` (for the report's
+    time-to-threshold column), ``notes`` (caveats of the set-up, copied into the report's
+    summary), ``output_dir`` (runs, diagnostics, report) and ``logging``."""
 
     output_dir: str = "runs/compare"
     policy: PolicyArgs = field(default_factory=PolicyArgs)

@@ -25,7 +25,7 @@ _PURPOSE_PROMPTS, _PURPOSE_EST = 6, 7
 @dataclass
 class EsoRLArgs:
     """Fields GRPO and PPO share, with TRL's names: optimizer (``learning_rate``,
-    ``adam_beta1/2``, ``adam_epsilon``, ``weight_decay``, ``max_grad_norm``, ``warmup_steps``,
+    ``adam_beta1``, ``adam_beta2``, ``adam_epsilon``, ``weight_decay``, ``max_grad_norm``, ``warmup_steps``,
     ``lr_scheduler_type`` constant | cosine), loop (``max_steps``, ``per_device_train_batch_size``,
     ``gradient_accumulation_steps``), sampling (``temperature``, ``top_p``, ``top_k``; RL default
     ``top_p = 1``, spec §7), rewards (``reward_weights``), bookkeeping (``seed``,

@@ -40,6 +40,8 @@ class PromptArgs:
     columns: extra columns passed to reward functions (e.g. ``[answer]``).
     max_prompts / eval_prompts: how many training / held-out prompts to use (0 = all).
     min_words: skip texts shorter than this when cutting prompts.
+    synthetic_size / cache_dir: size of the embedded corpus (``source: synthetic``) and where
+        generated corpora and reward models are cached.
     """
 
     source: str = "synthetic"

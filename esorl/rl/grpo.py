@@ -39,7 +39,7 @@ class EsoGRPOConfig(EsoRLArgs):
     """GRPO settings; names and meanings follow ``trl.GRPOConfig`` (TRL 1.16), plus the
     Eso-LM fields at the end.
 
-    learning_rate, adam_beta1/2, adam_epsilon, weight_decay, max_grad_norm, warmup_steps,
+    learning_rate, adam_beta1, adam_beta2, adam_epsilon, weight_decay, max_grad_norm, warmup_steps,
     lr_scheduler_type (``constant`` | ``cosine``): the optimizer.
     max_steps: generation steps. per_device_train_batch_size: completions per rank per
         micro-batch. gradient_accumulation_steps: micro-batches per optimizer step; the
@@ -90,7 +90,8 @@ class EsoGRPOConfig(EsoRLArgs):
 
 @dataclass
 class GRPORecipe:
-    """A GRPO recipe: starting policy, prompts, reward functions, GRPO settings, logging."""
+    """A GRPO recipe: starting ``policy``, ``prompts``, ``rewards`` (a list of reward
+    functions / models with weights), ``grpo`` settings, ``logging``."""
 
     policy: PolicyArgs = field(default_factory=PolicyArgs)
     prompts: PromptArgs = field(default_factory=PromptArgs)

@@ -95,7 +95,7 @@ class EsoPPOConfig(EsoRLArgs):
     """PPO settings; names and meanings follow TRL's former ``PPOConfig`` (TRL ≤ 0.12,
     ``trl.experimental.ppo`` until 1.12), plus the Eso-LM fields at the end.
 
-    learning_rate, adam_beta1/2, adam_epsilon, weight_decay, max_grad_norm, warmup_steps,
+    learning_rate, adam_beta1, adam_beta2, adam_epsilon, weight_decay, max_grad_norm, warmup_steps,
     lr_scheduler_type (``constant`` | ``cosine``): the optimizer (policy + value head).
     max_steps: rollout steps (each = sample a batch, then num_ppo_epochs × num_mini_batches
         optimizer steps over it).

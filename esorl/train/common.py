@@ -55,8 +55,10 @@ class OptimConfig:
 
 @dataclass
 class LoggingConfig:
-    """wandb_mode: ``offline`` (default: runs sync later with ``wandb sync``), ``online``
-    (needs ``WANDB_API_KEY``) or ``disabled``. The local ``metrics.jsonl`` is always written."""
+    """wandb_project / run_name (default: the output directory's name).
+    wandb_mode: ``offline`` (default: runs sync later with ``wandb sync``), ``online``
+    (needs ``WANDB_API_KEY``) or ``disabled``. The local ``metrics.jsonl`` is always written.
+    log_every: steps between metric records."""
 
     wandb_project: str = "esorl"
     wandb_mode: str = "offline"

@@ -31,6 +31,7 @@ class DataConfig:
     mode: ``wrap`` (concatenate documents with EOS, cut into windows) or ``pad`` (one
         document per row, padded; padding is masked out of attention and loss).
     truncate: in ``pad`` mode, cut documents longer than ``seq_len`` instead of failing.
+    add_bos: start every document with BOS.
     synthetic_size: training sentences of the synthetic corpus (dev/test: 1000 each).
     synthetic_seed: seed of the synthetic corpus.
     cache_dir: where generated corpora, tokenizers and tokenized tensors are cached.

@@ -169,3 +169,25 @@ def write_report(cfg, out: Path, diag: dict) -> dict:
     lines += ["", "Plots: " + ", ".join(f"`{p}`" for p in plots), ""]
     (out / "report.md").write_text("\n".join(lines))
     return {"report": str(out / "report.md"), "plots": [str(out / p) for p in plots], "finals": finals, "cost": cost}
+
+
+def plot_reward_curve(metrics_path: Path, png: Path, title: str = "") -> Path:
+    """Mean training reward per step (and held-out ``eval/reward`` where logged) of one run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = read_metrics(metrics_path)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    tr = _series(recs, "reward")
+    ev = _series(recs, "eval/reward")
+    if tr:
+        ax.plot(*zip(*tr), label="train reward (mean over the step's completions)")
+    if ev:
+        ax.plot(*zip(*ev), "o-", label="held-out prompts (eval/reward)")
+    ax.set_xlabel("step"), ax.set_ylabel("reward"), ax.grid(alpha=0.3), ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout(), fig.savefig(png, dpi=120), plt.close(fig)
+    return png

@@ -176,6 +176,13 @@ class RLTrainerBase:
             for p, t, r in list(zip(batch["prompts"], batch["texts"], batch["rewards"].tolist()))[: max(self.cfg.num_completions_to_print, 8)]:
                 f.write(json.dumps({"step": self.step, "prompt": p, "completion": t, "reward": r}) + "\n")
 
+    def plot(self) -> None:
+        """``<output_dir>/reward_curve.png`` from the run's metrics (main process)."""
+        if self.accelerator.is_main_process:
+            from ..compare.report import plot_reward_curve
+
+            plot_reward_curve(self.out / "metrics.jsonl", self.out / "reward_curve.png", f"{self.kind.upper()} [{self.cfg.likelihood}] {self.out.name}")
+
     def save(self) -> None:
         self.ckpt.save(self.accelerator, self.step, {"kind": self.kind})
 

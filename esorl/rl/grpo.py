@@ -305,6 +305,7 @@ class EsoGRPOTrainer(RLTrainerBase):
                 self.save()
         bar.close()
         self.export(self.out / "model")
+        self.plot()
         self.logger.finish()
         return {"output_dir": str(self.out)}
 

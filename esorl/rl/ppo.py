@@ -567,6 +567,7 @@ class EsoPPOTrainer(RLTrainerBase):
                 self.save()
         bar.close()
         self.export(self.out)
+        self.plot()
         self.logger.finish()
         return {"output_dir": str(self.out), "model_dir": str(self.out / "model"), "value_head": str(self.out / "value_head.safetensors")}
 

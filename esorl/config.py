@@ -199,3 +199,23 @@ def describe(cls, prefix: str = "") -> list[str]:
         h = f.metadata.get("help")
         lines.append(f"{prefix}{f.name}: {getattr(tp, '__name__', str(tp))} = {default!r}" + (f"  # {h}" if h else ""))
     return lines
+
+
+def recipe_argparser(prog: str, description: str):
+    """The CLI shape every recipe command shares: ``--config``, ``--resume [DIR]``, overrides."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--config", help="recipe YAML (see recipes/)")
+    p.add_argument("--resume", nargs="?", const="latest", default=False,
+                   help="resume from the latest checkpoint of the output directory, or from the given checkpoint directory")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-3")
+    return p
+
+
+def parse_recipe_args(parser, argv):
+    a = parser.parse_args(argv)
+    if isinstance(a.resume, str) and "=" in a.resume:  # `--resume key=value ...`: an override, not a directory
+        a.overrides.insert(0, a.resume)
+        a.resume = "latest"
+    return a

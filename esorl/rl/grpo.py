@@ -325,12 +325,8 @@ class EsoGRPOTrainer(RLTrainerBase):
 
 
 def main(argv=None):
-    import argparse
+    from ..config import parse_recipe_args, recipe_argparser
 
-    p = argparse.ArgumentParser(prog="esorl grpo", description="GRPO fine-tuning of an Eso-LM (exact or Monte Carlo likelihoods)")
-    p.add_argument("--config", help="recipe YAML (recipes/rl/)")
-    p.add_argument("--resume", nargs="?", const="latest", default=False)
-    p.add_argument("overrides", nargs="*", help="key=value, e.g. grpo.likelihood=mc_elbo grpo.max_steps=20")
-    a = p.parse_args(argv)
+    a = parse_recipe_args(recipe_argparser("esorl grpo", "GRPO fine-tuning of an Eso-LM (exact or Monte Carlo likelihoods)"), argv)
     recipe = load_config(GRPORecipe, a.config, a.overrides)
     EsoGRPOTrainer(recipe).run(a.resume)

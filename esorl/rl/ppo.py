@@ -596,12 +596,8 @@ class EsoPPOTrainer(RLTrainerBase):
 
 
 def main(argv=None):
-    import argparse
+    from ..config import parse_recipe_args, recipe_argparser
 
-    p = argparse.ArgumentParser(prog="esorl ppo", description="PPO over denoising steps for an Eso-LM (value head on the clean copies)")
-    p.add_argument("--config", help="recipe YAML (recipes/rl/)")
-    p.add_argument("--resume", nargs="?", const="latest", default=False)
-    p.add_argument("overrides", nargs="*", help="key=value, e.g. ppo.likelihood=mc_elbo ppo.max_steps=20")
-    a = p.parse_args(argv)
+    a = parse_recipe_args(recipe_argparser("esorl ppo", "PPO over denoising steps for an Eso-LM (value head on the clean copies)"), argv)
     recipe = load_config(PPORecipe, a.config, a.overrides)
     EsoPPOTrainer(recipe).run(a.resume)

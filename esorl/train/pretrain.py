@@ -310,13 +310,9 @@ def run_pretrain(cfg: PretrainConfig, resume: str | bool = False, data_fn=None, 
 
 
 def main(argv=None):
-    import argparse
+    from ..config import parse_recipe_args, recipe_argparser
 
-    p = argparse.ArgumentParser(prog="esorl pretrain", description=__doc__.split("\n")[0])
-    p.add_argument("--config", required=False, help="recipe YAML (see recipes/pretrain/)")
-    p.add_argument("--resume", nargs="?", const="latest", default=False, help="resume from the latest checkpoint of output_dir, or from a given checkpoint directory")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-3 train.max_steps=100")
-    a = p.parse_args(argv)
+    a = parse_recipe_args(recipe_argparser("esorl pretrain", "train an Eso-LM with the hybrid AR + MDM objective"), argv)
     cfg = load_config(PretrainConfig, a.config, a.overrides)
     res = run_pretrain(cfg, a.resume)
     print(f"[esorl] model written to {res['model_dir']}")

@@ -327,16 +327,9 @@ def run_sft(cfg: SFTConfig, resume: str | bool = False) -> dict:
 
 
 def main(argv=None):
-    import argparse
+    from ..config import parse_recipe_args, recipe_argparser
 
-    p = argparse.ArgumentParser(prog="esorl sft", description=__doc__.split("\n")[0])
-    p.add_argument("--config", required=False, help="recipe YAML (see recipes/sft/)")
-    p.add_argument("--resume", nargs="?", const="latest", default=False, help="resume from the latest checkpoint of output_dir, or from a given checkpoint directory")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4 train.max_steps=100")
-    a = p.parse_args(argv)
-    if isinstance(a.resume, str) and "=" in a.resume:  # `--resume key=value ...`: an override, not a directory
-        a.overrides.insert(0, a.resume)
-        a.resume = "latest"
+    a = parse_recipe_args(recipe_argparser("esorl sft", __doc__.split("\n")[0]), argv)
     cfg = load_config(SFTConfig, a.config, a.overrides)
     res = run_sft(cfg, a.resume)
     print(f"[esorl] model written to {res['model_dir']}")

@@ -49,6 +49,7 @@ def test_compare_end_to_end_report(policy_dir, tmp_path):
         final = sum(r["reward"] for r in recs[-5:]) / len(recs[-5:])
         row = next(line for line in report.splitlines() if line.startswith(f"| {name} |") and "±" in line)
         cells = [c.strip() for c in row.split("|")]
+        assert cells[8] == "—"  # not diverged
         assert float(cells[2]) == pytest.approx(recs[0]["reward"], abs=5e-4)
         assert float(cells[3].split("±")[0]) == pytest.approx(final, abs=5e-4)
         step_time = sum(r["time/step"] for r in recs) / len(recs)
@@ -82,3 +83,32 @@ def test_identical_rollouts_across_estimators(policy_dir, tmp_path):
     for r in ros[1:]:
         assert torch.equal(r.completion_ids, ros[0].completion_ids)
         assert torch.equal(r.order, ros[0].order) and torch.equal(r.step_sizes, ros[0].step_sizes)
+
+
+def test_a_diverged_run_is_reported_not_fatal(policy_dir, tmp_path, monkeypatch):
+    import esorl.rl.grpo as grpo
+    from esorl.train.common import TrainingDiverged
+
+    real = grpo.EsoGRPOTrainer.train_step
+
+    def boom(self, batch):
+        if self.cfg.likelihood == "mc_elbo" and self.step == 1:
+            raise TrainingDiverged("loss is inf at step 1: stopping (test)")
+        return real(self, batch)
+
+    monkeypatch.setattr(grpo.EsoGRPOTrainer, "train_step", boom)
+    cfg = _cfg(policy_dir, tmp_path, diagnostics={"enabled": False})
+    run_compare(cfg)
+    out = tmp_path / "cmp"
+    assert (out / "runs" / "mc4-s0" / "DIVERGED").exists()
+    assert (out / "runs" / "exact-s0" / "model" / "config.json").exists()
+    row = next(line for line in (out / "report.md").read_text().splitlines() if line.startswith("| mc4 |"))
+    assert row.rstrip("| ").endswith("0: 1")  # seed 0 diverged after logged step 1
+
+
+def test_log_ratio_clamp_keeps_the_loss_finite():
+    from esorl.rl.grpo import grpo_token_loss
+
+    lp = torch.tensor([[-900.0, 0.0]])
+    loss, kl, _, _ = grpo_token_loss(lp, torch.zeros(1, 2), torch.tensor([-1.0]), torch.ones(1, 2), 0.2, 0.2, beta=0.1, ref_logp=torch.zeros(1, 2))
+    assert torch.isfinite(loss).all() and torch.isfinite(kl).all()

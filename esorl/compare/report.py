@@ -124,8 +124,8 @@ def write_report(cfg, out: Path, diag: dict) -> dict:
         f"N = {cfg.grpo.max_completion_length} · sampling α0 = {cfg.grpo.sampling_alpha0}, T = {cfg.grpo.diffusion_steps} · β = {cfg.grpo.beta} · μ = {cfg.grpo.num_iterations}.",
         "Every run starts from the same weights and sees the same prompts and the same rollout noise (keyed by seed, step, sample); only the estimator differs. All numbers below are read from the runs' `metrics.jsonl` and `diagnostics.json`.",
         "",
-        "| estimator | initial reward | final reward (mean ± std over seeds, last 5 steps) | time to reward ≥ %.3g (s, per seed) | s / step | score s / step | peak memory (MB) |" % cfg.reward_threshold,
-        "|---|---|---|---|---|---|---|",
+        "| estimator | initial reward | final reward (mean ± std over seeds, last 5 steps) | time to reward ≥ %.3g (s, per seed) | s / step | score s / step | peak memory (MB) | diverged (seed: step) |" % cfg.reward_threshold,
+        "|---|---|---|---|---|---|---|---|",
     ]
     for n in names:
         f = finals[n]
@@ -134,7 +134,10 @@ def write_report(cfg, out: Path, diag: dict) -> dict:
         ttr = [_time_to(runs[n][s], cfg.reward_threshold) for s in cfg.seeds if runs[n][s]]
         ttr_s = ", ".join("—" if t is None else f"{t:.0f}" for t in ttr)
         im = st.mean(initial[n]) if initial[n] else float("nan")
-        lines.append(f"| {n} | {im:.3f} | {fm:.3f} ± {fs:.3f} | {ttr_s} | {cost[n]['step']:.2f} | {cost[n]['score']:.2f} | {cost[n]['memory_mb']:.0f} |")
+        div = [f"{s}: {runs[n][s][-1]['step'] if runs[n][s] else 0}" for s in cfg.seeds if (out / "runs" / f"{n}-s{s}" / "DIVERGED").exists()]
+        lines.append(f"| {n} | {im:.3f} | {fm:.3f} ± {fs:.3f} | {ttr_s} | {cost[n]['step']:.2f} | {cost[n]['score']:.2f} | {cost[n]['memory_mb']:.0f} | {', '.join(div) or '—'} |")
+    if any((out / "runs").glob("*/DIVERGED")):
+        lines += ["", "A diverged run stopped on a non-finite loss (its `DIVERGED` file holds the message); its final reward is the mean of its last 5 logged steps."]
     lines += ["", "## Estimator diagnostics", ""]
     if diag:
         for when, dd in diag.items():

@@ -25,7 +25,7 @@ from ..config import load_config, save_config
 from ..policy import EstimatorConfig
 from ..rl.common import PolicyArgs, PromptArgs, RewardSpec
 from ..rl.grpo import EsoGRPOConfig, EsoGRPOTrainer, GRPORecipe
-from ..train.common import LoggingConfig
+from ..train.common import LoggingConfig, TrainingDiverged
 
 
 @dataclass
@@ -109,11 +109,16 @@ def run_compare(cfg: CompareConfig) -> dict:
         rec = run_recipe(cfg, est, seed)
         run_dir = Path(rec.grpo.output_dir)
         bar.set_postfix(run=run_dir.name)
-        if (run_dir / "model" / "config.json").exists():
-            continue  # finished: never run again
+        if (run_dir / "model" / "config.json").exists() or (run_dir / "DIVERGED").exists():
+            continue  # finished (or diverged): never run again
         tr = EsoGRPOTrainer(rec, *(shared_rewards or (None, None)))
         shared_rewards = (tr.reward_funcs, tr.reward_weights)  # reward models load once
-        tr.run(resume="auto")
+        try:
+            tr.run(resume="auto")
+        except TrainingDiverged as e:
+            # a diverged arm is a result of the comparison, not a crash of it
+            (run_dir / "DIVERGED").write_text(str(e) + "\n")
+            tqdm.write(f"[esorl] {run_dir.name} diverged: {e}")
         del tr
     bar.close()
     diag = {}

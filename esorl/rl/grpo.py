@@ -32,6 +32,7 @@ from .base import EsoRLArgs, RLTrainerBase
 from .common import PolicyArgs, PromptArgs, RewardSpec, all_gather_cat, backward_micro, peak_memory_mb, score_rewards
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+LOG_RATIO_CLAMP = 20.0
 
 
 @dataclass
@@ -113,14 +114,20 @@ def group_advantages(rewards: torch.Tensor, G: int, scale: str) -> torch.Tensor:
 
 
 def grpo_token_loss(logp, old_logp, adv, mask, eps_low, eps_high, beta=0.0, ref_logp=None):
-    """Per-token GRPO loss ``−min(ρA, clip(ρ)A) + β·KL_k3`` and the clip indicators."""
-    ratio = torch.exp(logp - old_logp)
+    """Per-token GRPO loss ``−min(ρA, clip(ρ)A) + β·KL_k3`` and the clip indicators.
+
+    Log-ratios are clamped to ``±LOG_RATIO_CLAMP`` before ``exp``: with an importance-weighted
+    estimator (``mc_elbo``'s per-token values carry ``1/t`` weights up to ``1/ε``) a log-ratio
+    of hundreds is possible and ``exp`` would overflow to ``inf``; the clamp keeps such a step
+    finite (and visible in the logged KL) instead of ending the run. ``exact`` log-ratios stay
+    far inside it."""
+    ratio = torch.exp((logp - old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
     a = adv[:, None].to(logp.dtype)
     clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
     loss = -torch.min(ratio * a, clipped * a)
     kl = None
     if beta > 0 and ref_logp is not None:
-        d = ref_logp - logp
+        d = (ref_logp - logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
         kl = torch.exp(d) - d - 1
         loss = loss + beta * kl
     low = (ratio < 1 - eps_low) & (a < 0)

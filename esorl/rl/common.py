@@ -9,6 +9,10 @@ from pathlib import Path
 import torch
 
 
+# log-ratios are clamped to ±this before exp in GRPO and PPO (see grpo_token_loss)
+LOG_RATIO_CLAMP = 20.0
+
+
 @dataclass
 class PolicyArgs:
     """The starting policy.

@@ -29,10 +29,9 @@ from ..policy import EsoPolicy
 from ..rollout import Rollout
 from ..train.common import LoggingConfig, all_reduce_sum, check_finite, configure_deepspeed
 from .base import EsoRLArgs, RLTrainerBase
-from .common import PolicyArgs, PromptArgs, RewardSpec, all_gather_cat, backward_micro, peak_memory_mb, score_rewards
+from .common import LOG_RATIO_CLAMP, PolicyArgs, PromptArgs, RewardSpec, all_gather_cat, backward_micro, peak_memory_mb, score_rewards
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-LOG_RATIO_CLAMP = 20.0
 
 
 @dataclass

@@ -84,7 +84,7 @@ from ..rollout import Rollout
 from ..schedule import make_generator
 from ..train.common import LoggingConfig, all_reduce_sum, check_finite, configure_deepspeed
 from .base import EsoRLArgs, RLTrainerBase
-from .common import PolicyArgs, PromptArgs, RewardSpec, all_gather_cat, backward_micro, peak_memory_mb, score_rewards
+from .common import LOG_RATIO_CLAMP, PolicyArgs, PromptArgs, RewardSpec, all_gather_cat, backward_micro, peak_memory_mb, score_rewards
 
 _PURPOSE_SHUFFLE = 8
 DETERMINISTIC = ("exact", "replay")  # estimators whose old log-probs are the sampler's
@@ -258,7 +258,7 @@ def token_kl(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1") 
     """Per-token KL estimate of π from π_ref at the sampled tokens."""
     if estimator == "k1":
         return logp - ref_logp
-    d = ref_logp - logp
+    d = (ref_logp - logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # see grpo_token_loss
     return torch.exp(d) - d - 1
 
 
@@ -277,7 +277,7 @@ def step_rewards(scores: torch.Tensor, steps: torch.Tensor, num_steps: int, kl_t
 def ppo_policy_loss(logp, old_logp, adv_tok, mask, cliprange):
     """TRL's clipped policy loss per token ``max(−Aρ, −A·clip(ρ))`` (masked), the clip
     indicators and the ratio."""
-    ratio = torch.exp(logp - old_logp)
+    ratio = torch.exp((logp - old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))  # see grpo_token_loss
     a = adv_tok.to(logp.dtype)
     l1 = -a * ratio
     l2 = -a * torch.clamp(ratio, 1 - cliprange, 1 + cliprange)

@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from ..config import save_config
 from ..modeling_esolm import EsoLMModel
@@ -196,3 +198,48 @@ class RLTrainerBase:
         self.step = state["step"]
         self.logger.truncate_after(self.step)
         self.accelerator.print(f"[esorl] resumed {self.kind.upper()} from {path} at step {self.step}")
+
+    # ------------------------------------------------------------------ the loop
+    def step_once(self, t0: float) -> tuple[dict, dict]:
+        """One RL step (rollout, scoring, update); advances ``self.step``; returns the batch
+        and its metrics."""
+        raise NotImplementedError
+
+    def progress_desc(self) -> str:
+        return f"{self.kind}[{self.cfg.likelihood}]"
+
+    def postfix(self, m: dict) -> dict:
+        return {"reward": f"{m['reward']:.3f}"}
+
+    def export_all(self) -> dict:
+        """Write the trained artefacts; returns their paths."""
+        raise NotImplementedError
+
+    def run(self, resume=False) -> dict:
+        """Train to ``max_steps`` (resuming if asked), with periodic eval, logs, completions
+        and checkpoints; export, plot ``reward_curve.png``."""
+        c = self.cfg
+        self.resume(resume)
+        bar = tqdm(total=c.max_steps, initial=self.step, desc=self.progress_desc(), disable=not self.accelerator.is_main_process, dynamic_ncols=True)
+        if self.step == 0 and c.eval_steps:
+            self.logger.log(self.evaluate(), 0)
+        while self.step < c.max_steps:
+            batch, m = self.step_once(time.time())
+            last = self.step == c.max_steps
+            if c.eval_steps and (self.step % c.eval_steps == 0 or last):
+                m.update(self.evaluate())
+            if self.step % c.logging_steps == 0 or last:
+                self.logger.log(m, self.step)
+                self.log_completions(batch)
+            bar.update(1)
+            bar.set_postfix(**self.postfix(m))
+            if self.accelerator.is_main_process and c.num_completions_to_print and self.step % max(c.logging_steps, 10) == 0:
+                for p, t in list(zip(batch["prompts"], batch["texts"]))[: c.num_completions_to_print]:
+                    tqdm.write(f"  [{self.step}] {p!r} -> {t!r}")
+            if (c.save_steps and self.step % c.save_steps == 0) or last:
+                self.save()
+        bar.close()
+        res = self.export_all()
+        self.plot()
+        self.logger.finish()
+        return {"output_dir": str(self.out), **res}

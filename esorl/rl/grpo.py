@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ..config import load_config
 from ..modeling_esolm import EsoLMModel
@@ -283,37 +282,20 @@ class EsoGRPOTrainer(RLTrainerBase):
         return m
 
     # ------------------------------------------------------------------ loop
-    def run(self, resume=False) -> dict:
-        c = self.cfg
-        self.resume(resume)
-        bar = tqdm(total=c.max_steps, initial=self.step, desc=f"grpo[{c.likelihood}]", disable=not self.accelerator.is_main_process, dynamic_ncols=True)
-        if self.step == 0 and c.eval_steps:
-            self.logger.log(self.evaluate(), 0)
-        while self.step < c.max_steps:
-            t0 = time.time()
-            batch = self.rollout(self.step)
-            t_old = self.precompute_old(batch["rollout"])
-            st = self.train_step(batch)
-            st["time/score"] += t_old
-            self.step += 1
-            m = self.log_step(batch, st, time.time() - t0)
-            if c.eval_steps and (self.step % c.eval_steps == 0 or self.step == c.max_steps):
-                m.update(self.evaluate())
-            if self.step % c.logging_steps == 0 or self.step == c.max_steps:
-                self.logger.log(m, self.step)
-                self.log_completions(batch)
-            bar.update(1)
-            bar.set_postfix(reward=f"{m['reward']:.3f}", kl=f"{m.get('train/kl', 0):.3f}")
-            if self.accelerator.is_main_process and c.num_completions_to_print and self.step % max(c.logging_steps, 10) == 0:
-                for p, t in list(zip(batch["prompts"], batch["texts"]))[: c.num_completions_to_print]:
-                    tqdm.write(f"  [{self.step}] {p!r} -> {t!r}")
-            if (c.save_steps and self.step % c.save_steps == 0) or self.step == c.max_steps:
-                self.save()
-        bar.close()
+    def step_once(self, t0: float) -> tuple[dict, dict]:
+        batch = self.rollout(self.step)
+        t_old = self.precompute_old(batch["rollout"])
+        st = self.train_step(batch)
+        st["time/score"] += t_old
+        self.step += 1
+        return batch, self.log_step(batch, st, time.time() - t0)
+
+    def postfix(self, m: dict) -> dict:
+        return {"reward": f"{m['reward']:.3f}", "kl": f"{m.get('train/kl', 0):.3f}"}
+
+    def export_all(self) -> dict:
         self.export(self.out / "model")
-        self.plot()
-        self.logger.finish()
-        return {"output_dir": str(self.out)}
+        return {"model_dir": str(self.out / "model")}
 
     def export(self, out_dir: Path):
         acc = self.accelerator

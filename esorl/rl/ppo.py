@@ -72,7 +72,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..attention import build_mask
 from ..config import ConfigError, load_config
@@ -539,37 +538,22 @@ class EsoPPOTrainer(RLTrainerBase):
         return m
 
     # ------------------------------------------------------------------ loop
-    def run(self, resume=False) -> dict:
-        c = self.cfg
-        self.resume(resume)
-        mode = "seq" if c.sequence_level else "step"
-        bar = tqdm(total=c.max_steps, initial=self.step, desc=f"ppo[{c.likelihood},{mode}]", disable=not self.accelerator.is_main_process, dynamic_ncols=True)
-        if self.step == 0 and c.eval_steps:
-            self.logger.log(self.evaluate(), 0)
-        while self.step < c.max_steps:
-            t0 = time.time()
-            batch = self.rollout(self.step)
-            data = self.prepare(batch)
-            st = self.train_step(data)
-            self.step += 1
-            m = self.log_step(batch, data, st, time.time() - t0)
-            if c.eval_steps and (self.step % c.eval_steps == 0 or self.step == c.max_steps):
-                m.update(self.evaluate())
-            if self.step % c.logging_steps == 0 or self.step == c.max_steps:
-                self.logger.log(m, self.step)
-                self.log_completions(batch)
-            bar.update(1)
-            bar.set_postfix(reward=f"{m['reward']:.3f}", vf=f"{m['loss/value']:.3f}")
-            if self.accelerator.is_main_process and c.num_completions_to_print and self.step % max(c.logging_steps, 10) == 0:
-                for p, t in list(zip(batch["prompts"], batch["texts"]))[: c.num_completions_to_print]:
-                    tqdm.write(f"  [{self.step}] {p!r} -> {t!r}")
-            if (c.save_steps and self.step % c.save_steps == 0) or self.step == c.max_steps:
-                self.save()
-        bar.close()
+    def step_once(self, t0: float) -> tuple[dict, dict]:
+        batch = self.rollout(self.step)
+        data = self.prepare(batch)
+        st = self.train_step(data)
+        self.step += 1
+        return batch, self.log_step(batch, data, st, time.time() - t0)
+
+    def progress_desc(self) -> str:
+        return f"ppo[{self.cfg.likelihood},{'seq' if self.cfg.sequence_level else 'step'}]"
+
+    def postfix(self, m: dict) -> dict:
+        return {"reward": f"{m['reward']:.3f}", "vf": f"{m['loss/value']:.3f}"}
+
+    def export_all(self) -> dict:
         self.export(self.out)
-        self.plot()
-        self.logger.finish()
-        return {"output_dir": str(self.out), "model_dir": str(self.out / "model"), "value_head": str(self.out / "value_head.safetensors")}
+        return {"model_dir": str(self.out / "model"), "value_head": str(self.out / "value_head.safetensors")}
 
     def export(self, out: Path):
         """``<out>/model`` (the policy, ``save_pretrained`` + tokenizer) and

@@ -19,7 +19,7 @@ from ..policy import EsoPolicy, EstimatorConfig
 from ..sampling import SamplingConfig
 from ..schedule import ScheduleConfig, make_generator
 from ..train.common import Checkpointer, RunLogger, all_reduce_sum, make_accelerator
-from .common import build_rewards, ensure_policy, load_prompts, load_tokenizer_for, prepare_reference, score_rewards
+from .common import all_gather_cat, build_rewards, ensure_policy, load_prompts, load_tokenizer_for, prepare_reference, score_rewards
 
 _PURPOSE_PROMPTS, _PURPOSE_EST = 6, 7
 
@@ -137,6 +137,31 @@ class RLTrainerBase:
                 self._perms[e] = torch.randperm(P, generator=make_generator(self.cfg.seed, _PURPOSE_PROMPTS, e))
             rows.append(self.train_prompts[int(self._perms[e][i])])
         return [r for r in rows for _ in range(repeat)]
+
+    def sample_and_score(self, step: int, n_prompts: int, repeat: int, n_local: int, reward_adjust=None) -> dict:
+        """Generate this rank's share of the step's batch (``n_local`` completions of the
+        global ``prompt_rows(step, n_prompts, repeat)``) and score it with the reward
+        functions. ``reward_adjust(rollout, total) -> total`` may modify the rewards before
+        they are gathered. Returns the rollout, texts, local and gathered rewards, timings."""
+        rows = self.prompt_rows(step, n_prompts, repeat)
+        sl = self.local_slice(n_local)
+        local = rows[sl]
+        n_global = n_prompts * repeat
+        sample_ids = torch.arange(step * n_global, (step + 1) * n_global)[sl]
+        prompts = [x["prompt"] for x in local]
+        t0 = time.time()
+        ro = self.policy.generate(prompts, self.cfg.seed, step, sample_ids)
+        t_sample = time.time() - t0
+        texts = self.policy.texts(ro)
+        cols = {k: [x[k] for x in local] for k in self.recipe.prompts.columns}
+        total, per = score_rewards(self.reward_funcs, self.reward_weights, prompts, texts, cols)
+        if reward_adjust is not None:
+            total = reward_adjust(ro, total)
+        dev = self.accelerator.device
+        return {"rollout": ro, "prompts": prompts, "texts": texts, "rewards": total, "slice": sl,
+                "all_rewards": all_gather_cat(total.to(dev)).cpu(),
+                "per_reward": {k: all_gather_cat(v.to(dev)).cpu() for k, v in per.items()},
+                "t_sample": t_sample, "t_reward": time.time() - t0 - t_sample, "t_generate": time.time() - t0}
 
     def local_slice(self, n_local: int) -> slice:
         i = self.accelerator.process_index

@@ -28,7 +28,7 @@ from ..policy import EsoPolicy
 from ..rollout import Rollout
 from ..train.common import LoggingConfig, all_reduce_sum, check_finite, configure_deepspeed
 from .base import EsoRLArgs, RLTrainerBase
-from .common import LOG_RATIO_CLAMP, PolicyArgs, PromptArgs, RewardSpec, all_gather_cat, backward_micro, peak_memory_mb, score_rewards
+from .common import LOG_RATIO_CLAMP, PolicyArgs, PromptArgs, RewardSpec, all_gather_cat, backward_micro, peak_memory_mb
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
@@ -172,22 +172,9 @@ class EsoGRPOTrainer(RLTrainerBase):
     def rollout(self, step: int) -> dict:
         """Generate this rank's share of the step's batch and score it (rewards, advantages)."""
         c = self.cfg
-        rows = self.prompt_rows(step, self.gen_batch // c.num_generations, c.num_generations)
-        sl = self.local_slice(self.gen_batch // self.world)
-        local = rows[sl]
-        sample_ids = torch.arange(step * self.gen_batch, (step + 1) * self.gen_batch)[sl]
-        prompts = [x["prompt"] for x in local]
-        t0 = time.time()
-        ro = self.policy.generate(prompts, c.seed, step, sample_ids)
-        t_gen = time.time() - t0
-        texts = self.policy.texts(ro)
-        cols = {k: [x[k] for x in local] for k in self.recipe.prompts.columns}
-        total, per = score_rewards(self.reward_funcs, self.reward_weights, prompts, texts, cols)
-        all_rewards = all_gather_cat(total.to(self.accelerator.device)).cpu()
-        adv_all = group_advantages(all_rewards, c.num_generations, c.scale_rewards)
-        per_all = {k: all_gather_cat(v.to(self.accelerator.device)).cpu() for k, v in per.items()}
-        return {"rollout": ro, "prompts": prompts, "texts": texts, "rewards": total, "advantages": adv_all[sl], "all_rewards": all_rewards,
-                "per_reward": per_all, "t_generate": time.time() - t0, "t_sample": t_gen}
+        batch = self.sample_and_score(step, self.gen_batch // c.num_generations, c.num_generations, self.gen_batch // self.world)
+        batch["advantages"] = group_advantages(batch["all_rewards"], c.num_generations, c.scale_rewards)[batch["slice"]]
+        return batch
 
     def score(self, policy: EsoPolicy, ro: Rollout, seed: int, grad: bool):
         est = self.cfg.estimator()

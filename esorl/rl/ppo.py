@@ -83,7 +83,7 @@ from ..rollout import Rollout
 from ..schedule import make_generator
 from ..train.common import LoggingConfig, all_reduce_sum, check_finite, configure_deepspeed
 from .base import EsoRLArgs, RLTrainerBase
-from .common import LOG_RATIO_CLAMP, PolicyArgs, PromptArgs, RewardSpec, all_gather_cat, backward_micro, peak_memory_mb, score_rewards
+from .common import LOG_RATIO_CLAMP, PolicyArgs, PromptArgs, RewardSpec, all_gather_cat, backward_micro, peak_memory_mb
 
 _PURPOSE_SHUFFLE = 8
 DETERMINISTIC = ("exact", "replay")  # estimators whose old log-probs are the sampler's
@@ -357,25 +357,14 @@ class EsoPPOTrainer(RLTrainerBase):
     def rollout(self, step: int) -> dict:
         """Generate this rank's share of the step's batch and score it."""
         c = self.cfg
-        rows = self.prompt_rows(step, self.gen_batch)
-        sl = self.local_slice(self.local_batch)
-        local = rows[sl]
-        sample_ids = torch.arange(step * self.gen_batch, (step + 1) * self.gen_batch)[sl]
-        prompts = [x["prompt"] for x in local]
-        t0 = time.time()
-        ro = self.policy.generate(prompts, c.seed, step, sample_ids)
-        t_sample = time.time() - t0
-        texts = self.policy.texts(ro)
-        cols = {k: [x[k] for x in local] for k in self.recipe.prompts.columns}
-        total, per = score_rewards(self.reward_funcs, self.reward_weights, prompts, texts, cols)
-        if c.missing_eos_penalty is not None and self.tokenizer.eos_token_id is not None:
+
+        def missing_eos(ro, total):
+            if c.missing_eos_penalty is None or self.tokenizer.eos_token_id is None:
+                return total
             no_eos = ~(ro.completion_ids == self.tokenizer.eos_token_id).any(1).cpu()
-            total = total - c.missing_eos_penalty * no_eos.to(total.dtype)
-        dev = self.accelerator.device
-        all_rewards = all_gather_cat(total.to(dev)).cpu()
-        per_all = {k: all_gather_cat(v.to(dev)).cpu() for k, v in per.items()}
-        return {"rollout": ro, "prompts": prompts, "texts": texts, "rewards": total, "all_rewards": all_rewards, "per_reward": per_all,
-                "t_sample": t_sample, "t_reward": time.time() - t0 - t_sample}
+            return total - c.missing_eos_penalty * no_eos.to(total.dtype)
+
+        return self.sample_and_score(step, self.gen_batch, 1, self.local_batch, missing_eos)
 
     # ------------------------------------------------------------------ scoring
     def _chunks(self, n: int, size: int):

@@ -101,6 +101,45 @@ class EsoKVCache:
             dst[:, sl] = src[:, :n_write]
         self.length += n_write
 
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write a window's K/V after the cached slots; return the keys/values to attend to.
+
+        The window's clean copies are appended to the preallocated cache; its query copies
+        are written just after them as scratch (the next window's clean copies overwrite
+        them), so attention reads one contiguous view: no per-step copy of the cache. Queries
+        are never *kept*: ``length`` only advances by ``n_write`` (:meth:`commit_desc`).
+        """
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"KV cache overflow: {end} slots needed, capacity {self.capacity}")
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class StaticKVCache:
+    """A KV cache with one fixed slot per trajectory slot, for static-shape decoding.
+
+    Slot ``j`` always holds table slot ``j`` (prompt, then completion in σ order): the clean
+    copy once it is known, the query copy (scratch) during its own step. Each window writes
+    its K/V at ``slots`` (a device tensor, so a captured CUDA graph can be replayed for every
+    step) and attends over the first ``kv_len`` slots under a mask that hides the rest; see
+    :mod:`esorl.static_sampling`.
+    """
+
+    def __init__(self, config: EsoLMConfig, batch_size: int, capacity: int, device, dtype):
+        H, D = config.n_heads, config.head_dim
+        self.k = [torch.zeros(batch_size, H, capacity, D, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.v = [torch.zeros(batch_size, H, capacity, D, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.capacity = capacity
+        self.slots: torch.Tensor | None = None  # (W,) cache slots of the current window
+        self.kv_len = capacity
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        self.k[layer].index_copy_(2, self.slots, k)
+        self.v[layer].index_copy_(2, self.slots, v)
+        return self.k[layer][:, :, : self.kv_len], self.v[layer][:, :, : self.kv_len]
+
 
 class Block(nn.Module):
     """adaLN-gated pre-norm block; attention sees whatever the mask allows (spec §4)."""
@@ -117,7 +156,7 @@ class Block(nn.Module):
         self.adaLN_modulation = nn.Linear(config.cond_dim, 6 * d)
         self.dropout = config.dropout
 
-    def attention(self, h, cos, sin, mask, cache: EsoKVCache | None, layer: int, n_write: int):
+    def attention(self, h, cos, sin, mask, cache, layer: int):
         B, L, _ = h.shape
         # qkv rows are laid out (three, head, head_dim) as in the reference.
         qkv = self.attn_qkv(h).view(B, L, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -126,23 +165,14 @@ class Block(nn.Module):
         # would otherwise stay float32 while v is bf16)
         q, k = apply_rotary(q, cos, sin).to(v.dtype), apply_rotary(k, cos, sin).to(v.dtype)
         if cache is not None:
-            # The window's clean copies are appended to the preallocated cache; its query
-            # copies are written just after them as scratch (the next window's clean copies
-            # overwrite them), so attention reads one contiguous view: no per-step copy of
-            # the cache. Queries are never *kept*: ``length`` only advances by ``n_write``.
-            start, end = cache.length, cache.length + L
-            if end > cache.capacity:
-                raise ValueError(f"KV cache overflow: {end} slots needed, capacity {cache.capacity}")
-            cache.k[layer][:, :, start:end] = k
-            cache.v[layer][:, :, start:end] = v
-            k, v = cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]
+            k, v = cache.append(layer, k, v)
         out = attend(q, k, v, mask)
         return self.attn_out(out.transpose(1, 2).reshape(B, L, -1))
 
-    def forward(self, x, c, cos, sin, mask, cache, layer, n_write):
+    def forward(self, x, c, cos, sin, mask, cache, layer):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c)[:, None].chunk(6, dim=-1)
         h = modulate(self.norm1(x), shift_msa, scale_msa)
-        a = self.attention(h, cos, sin, mask, cache, layer, n_write)
+        a = self.attention(h, cos, sin, mask, cache, layer)
         x = x + gate_msa * F.dropout(a, self.dropout, self.training)
         h = modulate(self.norm2(x), shift_mlp, scale_mlp)
         return x + gate_mlp * F.dropout(self.mlp(h), self.dropout, self.training)
@@ -242,8 +272,7 @@ class EsoLMModel(PreTrainedModel):
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         mask=None,
-        cache: EsoKVCache | None = None,
-        n_write: int = 0,
+        cache=None,
         logits_slice: slice | torch.Tensor | None = None,
         return_hidden: bool = False,
         raw_logits: bool = False,
@@ -253,9 +282,9 @@ class EsoLMModel(PreTrainedModel):
         Args:
             positions: ``(B, L)`` original positions (rotary).
             mask: dense bool ``(B, 1, L, Lk)`` or flex BlockMask, from :mod:`esorl.attention`.
-            cache: an :class:`EsoKVCache`; the first ``n_write`` slots of the array are clean
-                copies whose K/V are appended to it (their descriptors are committed by the
-                caller through :meth:`EsoKVCache.commit_desc`).
+            cache: an :class:`EsoKVCache` (the window's K/V are appended after its cached
+                slots; the caller commits the clean ones with :meth:`EsoKVCache.commit_desc`)
+                or a :class:`StaticKVCache` (the window's K/V go to ``cache.slots``).
             logits_slice: compute the LM head only on these slots (saves ``L × vocab``
                 memory, e.g. only the query copies of layout (a)).
             return_hidden: also return the final hidden states ``(B, L, d)`` (value heads).
@@ -269,7 +298,7 @@ class EsoLMModel(PreTrainedModel):
         c = self.conditioning().to(x.dtype)
         cos, sin = self.rotary_emb(positions, x.dtype)
         for i, block in enumerate(self.blocks):
-            x = block(x, c, cos, sin, mask, cache, i, n_write)
+            x = block(x, c, cos, sin, mask, cache, i)
         hidden = x
         if logits_slice is not None:
             x = x[:, logits_slice]

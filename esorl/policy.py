@@ -120,7 +120,7 @@ class EsoPolicy:
         self.model.eval()
         with gathered_for_generation(self.model, self.accelerator) as m:
             r = generate(m, pid, pm, N, traj, s.temperature, s.top_k, s.top_p, uniforms=u, eos_token_id=self.eos_id,
-                         method="cache", sample_ids=sample_ids, backend=self.backend)
+                         method="auto", sample_ids=sample_ids, backend=self.backend)
         self.model.train(was_training)
         return r
 

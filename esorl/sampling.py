@@ -1,11 +1,14 @@
 """Samplers (spec §4 b): the KV-cached sampler, its no-cache twin, and an MDLM-style baseline.
 
-All three follow the same trajectory ``(σ, k)`` and draw each token by inverse CDF from one
+All of them follow the same trajectory ``(σ, k)`` and draw each token by inverse CDF from one
 pre-drawn uniform per (sample, position), so for the same noise they emit the same tokens;
 they differ only in cost (token-forwards, spec §4 b):
 
 * ``cache``:   step i forwards the clean copies of step i−1 and the queries of step i
   against a preallocated KV cache — ``P + 2N − k_K`` token-forwards per sample;
+* ``static``:  the same KV-cached sampler with static shapes (a fixed window of ``W`` slots,
+  one cache slot per token): one CUDA graph per step on GPU (:mod:`esorl.static_sampling`);
+  the default;
 * ``replay``:  recomputes ``[clean s < i | queries of step i]`` every step — ``≈ K·P + N(K+1)/2``;
 * ``mdlm``:    runs the whole ``P + N`` sequence every step (MDLM-style) — ``K·(P + N)``.
 """
@@ -23,6 +26,7 @@ from .logprobs import filter_logprobs, gather, model_logprobs, sample_inverse_cd
 from .modeling_esolm import EsoKVCache
 from .rollout import Rollout, first_eos_mask
 from .schedule import ScheduleConfig, Trajectory, make_generator
+from .static_sampling import static_decode
 
 _PURPOSE_ROLLOUT = 3
 
@@ -82,10 +86,11 @@ def generate(
     generator: torch.Generator | None = None,
     uniforms: torch.Tensor | None = None,
     eos_token_id: int | None = None,
-    method: str = "cache",
+    method: str = "auto",
     sample_ids: torch.Tensor | None = None,
     backend: str = "auto",
     teacher_tokens: torch.Tensor | None = None,
+    cuda_graphs: bool | None = None,
 ) -> Rollout:
     """Generate ``max_new_tokens`` tokens after each (left-padded) prompt.
 
@@ -94,9 +99,14 @@ def generate(
             :class:`ScheduleConfig` to draw one with ``generator`` (default: unified α0=1, T=32).
         uniforms: ``(B, N)`` pre-drawn noise, one per (sample, position); drawn from
             ``generator`` if omitted.
-        method: ``cache`` (KV-cached), ``replay`` (no cache), ``mdlm`` (full sequence per step).
+        method: ``static`` (KV-cached with static shapes, CUDA graphs on GPU; the default,
+            ``auto``), ``cache`` (KV-cached, the readable mask-per-window version),
+            ``replay`` (no cache), ``mdlm`` (full sequence per step). All emit the same
+            tokens for the same noise; ``backend`` applies to ``cache``/``replay``/``mdlm``
+            (``static`` builds its own dense mask, see :mod:`esorl.static_sampling`).
         teacher_tokens: ``(B, N)`` tokens to emit instead of sampling (teacher forcing: the
             log-probs are those the sampler assigns to them; used to check fixtures).
+        cuda_graphs: ``static`` only: capture each step once and replay it (default: on CUDA).
 
     Returns a :class:`Rollout` with both log-probs of spec §7.
     """
@@ -128,11 +138,42 @@ def generate(
 
     # completion ids are filled in as they are sampled; placeholder = MASK
     table = trajectory_table(prompt_ids, prompt_mask, torch.full((B, N), cfg.mask_token_id, device=device), order, steps)
-    logp_m = torch.zeros(B, N, device=device, dtype=torch.float64)
-    logp_b = torch.zeros_like(logp_m)
     dtype = next(model.parameters()).dtype
+    forced_sigma = None if teacher_tokens is None else teacher_tokens.to(device).gather(1, order)
+    method = "static" if method == "auto" else method
+    if method == "static":
+        ids_sigma, lm_sigma, lb_sigma = static_decode(model, table, sizes, P, N, u_sigma, temperature, top_k, top_p, forced_sigma,
+                                                      cuda_graphs=cuda_graphs)
+    elif method in ("cache", "replay", "mdlm"):
+        ids_sigma, lm_sigma, lb_sigma = _window_decode(model, method, table, sizes, P, N, u_sigma, temperature, top_k, top_p,
+                                                       forced_sigma, backend)
+    else:
+        raise ValueError(f"sampling method must be 'auto', 'static', 'cache', 'replay' or 'mdlm', got {method!r}")
+    logp_m = torch.zeros(B, N, device=device, dtype=torch.float64).scatter_(1, order, lm_sigma.to(torch.float64))
+    logp_b = torch.zeros(B, N, device=device, dtype=torch.float64).scatter_(1, order, lb_sigma.to(torch.float64))
+
+    completion = torch.empty(B, N, dtype=torch.long, device=device)
+    completion.scatter_(1, order, ids_sigma)
+    return Rollout(
+        prompt_ids=prompt_ids, prompt_mask=prompt_mask.bool(), completion_ids=completion, order=order,
+        step_sizes=trajectory.step_sizes.clone(), steps=steps, completion_mask=torch.ones_like(completion, dtype=torch.bool),
+        text_mask=first_eos_mask(completion, eos_token_id), logp_model=logp_m.float() if dtype != torch.float64 else logp_m,
+        logp_behaviour=logp_b.float() if dtype != torch.float64 else logp_b, temperature=temperature, top_k=top_k, top_p=top_p,
+        sample_ids=sample_ids if sample_ids is not None else torch.arange(B),
+    )
+
+
+def _window_decode(model, method, table, sizes, P, N, u_sigma, temperature, top_k, top_p, forced_sigma, backend):
+    """The ``cache`` / ``replay`` / ``mdlm`` loops: each step builds its window and its mask
+    with :mod:`esorl.layout` and :mod:`esorl.attention` (the readable reference for
+    :mod:`esorl.static_sampling`). Returns ids and log-probs in σ order."""
+    cfg = model_config(model)
+    B = table.ids.shape[0]
+    device = table.ids.device
     mask_id = cfg.mask_token_id
-    cache = EsoKVCache(cfg, B, P + N, device, dtype) if method == "cache" else None
+    lm_sigma = torch.zeros(B, N, device=device, dtype=torch.float64)
+    lb_sigma = torch.zeros_like(lm_sigma)
+    cache = EsoKVCache(cfg, B, P + N, device, next(model.parameters()).dtype) if method == "cache" else None
     c_prev = 0
     for i, k in enumerate(sizes):
         q0, q1 = P + c_prev, P + c_prev + k
@@ -141,35 +182,23 @@ def generate(
             window = concat(copies(table, slice(w0, q0), False, mask_id), copies(table, slice(q0, q1), True, mask_id))
             n_write = q0 - w0
             mask = build_mask(window.desc, cache.keys_desc(window.desc, n_write), backend)
-            logits = model(window.ids, window.positions, mask, cache=cache, n_write=n_write, logits_slice=slice(n_write, None))
+            logits = model(window.ids, window.positions, mask, cache=cache, logits_slice=slice(n_write, None))
             cache.commit_desc(window.desc, n_write)
         elif method == "replay":
             lay, qs = replay_layout(table, q0, q0, q1, mask_id)
             logits = model(lay.ids, lay.positions, build_mask(lay.desc, lay.desc, backend), logits_slice=qs)
-        elif method == "mdlm":
-            # whole sequence: clean copies of what is known, MASKs for the rest, in σ order
+        else:  # mdlm: whole sequence: clean copies of what is known, MASKs for the rest, in σ order
             is_q = torch.zeros_like(table.valid)
             is_q[:, q0:] = True
             lay = one_copy_layout(table, is_q, mask_id)
             logits = model(lay.ids, lay.positions, build_mask(lay.desc, lay.desc, backend), logits_slice=slice(q0, q1))
-        else:
-            raise ValueError(f"sampling method must be 'cache', 'replay' or 'mdlm', got {method!r}")
-        tok, lm, lb = _pick(logits, u_sigma[:, c_prev : c_prev + k], temperature, top_k, top_p, forced=None if teacher_tokens is None else teacher_tokens.to(device).gather(1, order[:, c_prev : c_prev + k]))
+        forced = None if forced_sigma is None else forced_sigma[:, c_prev : c_prev + k]
+        tok, lm, lb = _pick(logits, u_sigma[:, c_prev : c_prev + k], temperature, top_k, top_p, forced=forced)
         table.ids[:, q0:q1] = tok
-        pos_idx = order[:, c_prev : c_prev + k]
-        logp_m.scatter_(1, pos_idx, lm.to(torch.float64))
-        logp_b.scatter_(1, pos_idx, lb.to(torch.float64))
+        lm_sigma[:, c_prev : c_prev + k] = lm.to(torch.float64)
+        lb_sigma[:, c_prev : c_prev + k] = lb.to(torch.float64)
         c_prev += k
-
-    completion = torch.empty(B, N, dtype=torch.long, device=device)
-    completion.scatter_(1, order, table.ids[:, P:])
-    return Rollout(
-        prompt_ids=prompt_ids, prompt_mask=prompt_mask.bool(), completion_ids=completion, order=order,
-        step_sizes=trajectory.step_sizes.clone(), steps=steps, completion_mask=torch.ones_like(completion, dtype=torch.bool),
-        text_mask=first_eos_mask(completion, eos_token_id), logp_model=logp_m.float() if dtype != torch.float64 else logp_m,
-        logp_behaviour=logp_b.float() if dtype != torch.float64 else logp_b, temperature=temperature, top_k=top_k, top_p=top_p,
-        sample_ids=sample_ids if sample_ids is not None else torch.arange(B),
-    )
+    return table.ids[:, P:], lm_sigma, lb_sigma
 
 
 def left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -52,14 +52,16 @@ def test_reference_sampler_cases_exact_layout(name):
 
 @pytest.mark.parametrize("name", SAMPLER_CASES)
 def test_reference_sampler_cases_kv_cached_sampler(name):
-    """esorl's KV-cached sampler, teacher-forced, records the reference log-probs."""
+    """esorl's KV-cached samplers (mask-per-window and static-shape), teacher-forced, record
+    the reference log-probs."""
     need_fixtures()
     C = load_file(FIXTURES / "cases.safetensors")
     model = reference_model()
     prompt, comp, traj, P = _case(C, name)
-    r = generate(model, prompt, torch.ones_like(prompt, dtype=torch.bool), comp.shape[1], traj, teacher_tokens=comp, method="cache", backend="sdpa")
-    assert torch.equal(r.completion_ids, comp)
-    assert (r.logp_model - C[name + "_logprobs"][:, P:]).abs().max() < 1e-4
+    for method in ("cache", "static"):
+        r = generate(model, prompt, torch.ones_like(prompt, dtype=torch.bool), comp.shape[1], traj, teacher_tokens=comp, method=method, backend="sdpa")
+        assert torch.equal(r.completion_ids, comp)
+        assert (r.logp_model - C[name + "_logprobs"][:, P:]).abs().max() < 1e-4, method
 
 
 def test_reference_training_layouts():

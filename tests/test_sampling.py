@@ -1,9 +1,14 @@
 """The KV-cached sampler emits the same tokens as the no-cache sampler (and the MDLM-style
-one) for the same noise, across schedules, prompts of mixed length and top-p; bad input
-gives clear errors."""
+one) for the same noise, across schedules, prompts of mixed length and top-p; so does the
+static-shape sampler (the CUDA-graph path, run eagerly here); bad input gives clear errors."""
+
+import functools
 
 import pytest
 import torch
+
+import esorl.sampling as sampling_mod
+from esorl.static_sampling import static_decode
 
 from esorl.rollout import Rollout, first_eos_mask
 from esorl.sampling import generate
@@ -33,6 +38,48 @@ def test_cached_equals_uncached_tokens(alpha0, T, top_p):
     if alpha0 == 0.0:
         assert torch.equal(cached.order, torch.arange(N).expand(4, N))  # pure AR: left to right
         assert cached.step_sizes.tolist() == [1] * N
+
+
+@pytest.mark.parametrize("alpha0", [0.0, 0.125, 1.0])
+@pytest.mark.parametrize("T", [1, 5, 24])
+@pytest.mark.parametrize("bucket", [3, 256])
+def test_static_sampler_equals_cached(alpha0, T, bucket, monkeypatch):
+    """The static-shape sampler (one fixed window, causal mask over cache slots, padded picks
+    into a sink) against the mask-per-window KV-cached sampler, in float64: the same tokens
+    and log-probs. ``bucket=3`` makes the cache length change many times (one graph per
+    length on GPU); mixed-length prompts exercise the left-padding mask."""
+    monkeypatch.setattr(sampling_mod, "static_decode", functools.partial(static_decode, bucket=bucket))
+    model = tiny_model()
+    gen = torch.Generator().manual_seed(11 + T + int(alpha0 * 100))
+    pid, pm = random_prompts(5, 7, 40, gen)
+    N = 18
+    traj = ScheduleConfig(alpha0=alpha0, num_steps=T).sample(5, N, gen)
+    u = torch.rand(5, N, generator=gen, dtype=torch.float64)
+    for top_k, top_p in ((0, 1.0), (6, 0.8)):
+        kw = dict(top_k=top_k, top_p=top_p, temperature=0.8, uniforms=u, eos_token_id=2, backend="sdpa")
+        a = generate(model, pid, pm, N, traj, method="cache", **kw)
+        b = generate(model, pid, pm, N, traj, method="static", **kw)
+        assert torch.equal(a.completion_ids, b.completion_ids)
+        assert torch.allclose(a.logp_model, b.logp_model, atol=1e-12)
+        assert torch.allclose(a.logp_behaviour, b.logp_behaviour, atol=1e-12)
+        b.validate(model.config.max_seq_len)
+
+
+def test_static_sampler_teacher_forcing_and_default():
+    """Teacher-forced static sampling records the cached sampler's log-probs of the forced
+    tokens; ``method="auto"`` (the default) is the static sampler; graphs need CUDA."""
+    model = tiny_model()
+    gen = torch.Generator().manual_seed(5)
+    pid, pm = random_prompts(3, 5, 40, gen)
+    traj = fixed_k(3, 10, 3, gen)
+    forced = torch.randint(5, 39, (3, 10), generator=gen)
+    a = generate(model, pid, pm, 10, traj, teacher_tokens=forced, method="cache", backend="sdpa")
+    b = generate(model, pid, pm, 10, traj, teacher_tokens=forced)
+    assert torch.equal(b.completion_ids, forced) and torch.allclose(a.logp_model, b.logp_model, atol=1e-12)
+    with pytest.raises(ValueError, match="CUDA"):
+        generate(model, pid, pm, 10, traj, cuda_graphs=True)
+    with pytest.raises(ValueError, match="sampling method"):
+        generate(model, pid, pm, 10, traj, method="fast")
 
 
 def test_other_schedules_and_top_k():

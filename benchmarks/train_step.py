@@ -123,7 +123,10 @@ def run_train_variants(model, x, valid, variants: list[str], device, autocast_dt
     from esorl.train.common import EMA
 
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    from esorl.train.common import OptimConfig, make_optimizer
+
+    # as ``esorl pretrain`` on one process (fused AdamW on a GPU)
+    opt, _ = make_optimizer(model.parameters(), OptimConfig(lr=1e-4, weight_decay=0.0), 1000, device=device)
     ema = EMA(model.parameters(), 0.9999)
     B, L = x.shape
     counter = TokenCounter(model)

@@ -286,7 +286,10 @@ class EsoLMModel(PreTrainedModel):
                 slots; the caller commits the clean ones with :meth:`EsoKVCache.commit_desc`)
                 or a :class:`StaticKVCache` (the window's K/V go to ``cache.slots``).
             logits_slice: compute the LM head only on these slots (saves ``L × vocab``
-                memory, e.g. only the query copies of layout (a)).
+                memory, e.g. only the query copies of layout (a)): a slice or index tensor
+                (logits ``(B, L', vocab)``), or a ``(B, L)`` bool mask (logits ``(M, vocab)``
+                of the ``M`` selected slots in row-major order, e.g. the masked tokens of a
+                training layout).
             return_hidden: also return the final hidden states ``(B, L, d)`` (value heads).
             raw_logits: keep the MASK logit; by default it is ``-inf`` (spec §1).
         """
@@ -300,12 +303,17 @@ class EsoLMModel(PreTrainedModel):
         for i, block in enumerate(self.blocks):
             x = block(x, c, cos, sin, mask, cache, i)
         hidden = x
-        if logits_slice is not None:
+        flat = isinstance(logits_slice, torch.Tensor) and logits_slice.dtype == torch.bool
+        if flat:
+            x = x[logits_slice][None]  # only the selected slots, flattened: (1, M, d)
+        elif logits_slice is not None:
             x = x[:, logits_slice]
         logits = self.output_layer(x, c)
         if not raw_logits:
-            logits = logits.clone()
+            # in place: the head's backward needs its input and weight, not its output
             logits[..., self.config.mask_token_id] = float("-inf")
+        if flat:
+            logits = logits[0]
         return (logits, hidden) if return_hidden else logits
 
 

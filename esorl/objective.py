@@ -109,8 +109,9 @@ def _per_sample_noise(seed: int, step: int, gidx: torch.Tensor, L: int):
 
 
 def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``−log p(target)`` per token; ``logits`` is ``targets.shape + (vocab,)``."""
     logits = logits if logits.dtype == torch.float64 else logits.float()
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none").view(targets.shape)
 
 
 def _mdm_layout(x, valid, t, mask_u, shuffle_u, cfg: ObjectiveConfig, weighting: str, mask_id: int, prompt_mask=None):
@@ -156,8 +157,11 @@ def mdm_term(model, x, valid, t, mask_u, shuffle_u, cfg: ObjectiveConfig, weight
     """Weighted MDM sum per sample ``(B,)`` and masked counts, with layout (d); ``prompt_mask``
     tokens are clean context at step 0 (never masked or scored)."""
     lay, tgt, is_q, w = _mdm_layout(x, valid, t, mask_u, shuffle_u, cfg, weighting, model_config(model).mask_token_id, prompt_mask)
-    nll = _nll(model(lay.ids, lay.positions, build_mask(lay.desc, lay.desc, backend)), tgt) * is_q
-    return nll.sum(1) * w.to(nll.dtype), is_q.sum()
+    # the LM head runs on the masked slots only (about half the array, and the logits are
+    # the largest activation of the step)
+    nll = _nll(model(lay.ids, lay.positions, build_mask(lay.desc, lay.desc, backend), logits_slice=is_q), tgt[is_q])
+    per_sample = torch.zeros(x.shape[0], dtype=nll.dtype, device=nll.device).index_add_(0, is_q.nonzero()[:, 0], nll)
+    return per_sample * w.to(nll.dtype), is_q.sum()
 
 
 def ar_term(model, x, valid, mask_u, shuffle_u, cfg: ObjectiveConfig, backend="auto", prompt_mask=None):
@@ -193,11 +197,17 @@ def _fused_terms(model, x_m, v_m, t, mu_m, sh_m, x_a, v_a, mu_a, sh_a, cfg, weig
     la, ta, qa, M = _ar_layout(x_a, v_a, mu_a, sh_a, cfg, mask_id, p_a)
     n = max(len(lm), len(la))
     lay = concat_rows(_pad_layout(lm, n, mask_id), _pad_layout(la, n, mask_id))
-    logits = model(lay.ids, lay.positions, build_mask(lay.desc, lay.desc, backend))
-    bm = x_m.shape[0]
-    nll_m = _nll(logits[:bm, : tm.shape[1]], tm) * qm
-    nll_a = _nll(logits[bm:, M : M + ta.shape[1]], ta) * qa
-    return (nll_m.sum(1) * w.to(nll_m.dtype)).sum(), qm.sum(), nll_a.sum(), qa.sum()
+    bm, ba = x_m.shape[0], x_a.shape[0]
+    # scored slots of both kinds of rows; the LM head runs on these only
+    sel = torch.zeros(bm + ba, n, dtype=torch.bool, device=lay.ids.device)
+    tgt = torch.zeros(bm + ba, n, dtype=torch.long, device=lay.ids.device)
+    sel[:bm, : tm.shape[1]], tgt[:bm, : tm.shape[1]] = qm, tm
+    sel[bm:, M : M + ta.shape[1]], tgt[bm:, M : M + ta.shape[1]] = qa, ta
+    nll = _nll(model(lay.ids, lay.positions, build_mask(lay.desc, lay.desc, backend), logits_slice=sel), tgt[sel])
+    rows = sel.nonzero()[:, 0]
+    is_m = rows < bm
+    w_tok = w.to(nll.dtype)[rows.clamp(max=max(bm - 1, 0))] if bm else torch.zeros_like(nll)
+    return (nll * w_tok * is_m).sum(), qm.sum(), (nll * ~is_m).sum(), qa.sum()
 
 
 def hybrid_loss(

@@ -81,8 +81,10 @@ def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(params, cfg: OptimConfig, max_steps: int):
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
+def make_optimizer(params, cfg: OptimConfig, max_steps: int, device=None):
+    """AdamW (the fused CUDA kernel when training on a GPU) and its LR schedule."""
+    fused = True if device is not None and torch.device(device).type == "cuda" else None
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fused)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg, max_steps))
     return opt, sched
 
@@ -158,8 +160,8 @@ class EMA:
     def update(self):
         self.num_updates += 1
         d = self.decay
-        for s, p in zip(self.shadow, self.params):
-            s.mul_(d).add_(self._data(p).float(), alpha=1 - d)
+        # one multi-tensor kernel rather than two kernels per parameter
+        torch._foreach_lerp_(self.shadow, [self._data(p).float() for p in self.params], 1 - d)
 
     def state_dict(self):
         return {"decay": self.decay, "num_updates": self.num_updates, "shadow": [s.cpu() for s in self.shadow]}

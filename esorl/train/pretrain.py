@@ -221,7 +221,9 @@ def run_pretrain(cfg: PretrainConfig, resume: str | bool = False, data_fn=None, 
     model = build_model(cfg.model, tok, cfg.data.seq_len)
     if cfg.data.seq_len > model.config.max_seq_len:  # (model is not wrapped yet here)
         raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds the model context max_seq_len={model.config.max_seq_len}")
-    opt, sched = make_optimizer(model.parameters(), cfg.optim, tcfg.max_steps)
+    # the fused AdamW kernel on GPUs (DeepSpeed keeps its own optimizer partitions: foreach)
+    ds = getattr(accelerator.state, "deepspeed_plugin", None) is not None
+    opt, sched = make_optimizer(model.parameters(), cfg.optim, tcfg.max_steps, device=None if ds else accelerator.device)
     # The LR scheduler is stepped by us, once per optimizer step: accelerate's wrapper would
     # step it once per *rank* (it assumes per-rank batches grow with the world size).
     configure_deepspeed(accelerator, micro, accum)

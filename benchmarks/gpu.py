@@ -1,19 +1,23 @@
 """All of issue 6's GPU measurements in one script, under 4 minutes on an H100/H200.
 
-1. Correctness on the GPU path first (float32, small random model, the attention backend
-   ``build_mask(backend="auto")`` picks: flex_attention on CUDA): the KV-cached sampler emits
-   the same tokens as the no-cache one, ``exact`` equals ``replay`` (≤ 1e-4) and the sampler's
-   recorded log-probs, and flex agrees with SDPA on layout (a).
+1. Correctness on the GPU path first (float32, small random model): the static sampler with
+   CUDA graphs (several graphs: small cache buckets) emits the same tokens as without graphs,
+   as the mask-per-window KV-cached sampler and as the no-cache one; ``exact`` equals
+   ``replay`` (≤ 1e-4) and the sampler's recorded log-probs; flex agrees with SDPA on layout
+   (a) (first case only: flex compiles per shape).
 2. Speed, with random weights, on the spec §9 small model (12 blocks, 768 hidden, 12 heads,
    vocab 50258), bf16 weights for sampling and scoring, bf16 autocast over float32 weights
    for training (as ``esorl pretrain``), batch 64, L = 1024:
 
-   * KV-cached sampling α0 = 1 with T = 1024 and T = 128; α0 = 0.125 with T = 1024; pure AR
-     (α0 = 0: one BOS-like prompt token, 1023 steps); no prompt otherwise (P = 0, N = 1024);
+   * KV-cached sampling (the default: static shapes + CUDA graphs; whole calls timed, the
+     first one, with the graph captures, reported beside) α0 = 1 with T = 1024 and T = 128;
+     α0 = 0.125 with T = 1024; pure AR (α0 = 0: one BOS-like prompt token, 1023 steps); no
+     prompt otherwise (P = 0, N = 1024); side by side, the mask-per-window sampler
+     (``method="cache"``) and the static one without graphs, stopped and extrapolated;
    * MDLM-style sampling without cache, T = 1024: measured on its first steps and
      extrapolated per forward (said so in the output);
    * a hybrid training step (α0 = 0.125, κ = 0.5, batch 16 × 1024, fwd + bwd + clip + AdamW +
-     EMA) and an MDM-only one, side by side;
+     EMA) and an MDM-only one, side by side, then one profiled step of each (top ops);
    * single-pass ``exact`` of 64 rollouts (P = 128, N = 896) vs one plain causal forward of
      the same batch.
 
@@ -71,6 +75,9 @@ REFERENCE = {
     "sample_a0125_T1024_sdpa_nocudnn": dict(what="KV-cached a0=0.125, T=1024, SDPA without cuDNN", ref_s=29.9, target_s=3.5),
     "sample_ar_sdpa_nocudnn": dict(what="AR with KV cache, SDPA without cuDNN", ref_s=22.7, ref_ms_step=22.2, target_s=2.5),
     "sample_a1_T128_sdpa_nocudnn": dict(what="KV-cached a0=1, T=128, SDPA without cuDNN", ref_s=3.76),
+    "sample_a1_T1024_cache": dict(what="mask-per-window KV-cached a0=1, T=1024", ref_s=20.8, ref_ms_step=31.6, target_s=2.0),
+    "sample_a1_T1024_static_eager": dict(what="static sampler a0=1, T=1024, no CUDA graphs", ref_s=20.8, ref_ms_step=31.6, target_s=2.0),
+    "sample_ar_cache": dict(what="mask-per-window KV-cached AR, 1023 steps", ref_s=22.7, ref_ms_step=22.2, target_s=2.5),
 }
 HF_BAR = "transformers generate, GPT-2-sized, batch 64, 1023 tokens, bf16, H100: 52.7 s default cache, 12.4 s static, 2.48 s static + compile"
 
@@ -101,6 +108,9 @@ SECTIONS = {
     "sample_a1_T128": (15, 6, "sampler"),
     "mdlm_T1024": (15, 6, "mdlm"),
     "sample_a1_T1024_sdpa_nocudnn": (15, 6, "sdpa"),
+    "sample_a1_T1024_cache": (12, 6, "sdpa"),
+    "sample_a1_T1024_static_eager": (12, 6, "sdpa"),
+    "sample_ar_cache": (10, 6, "sdpa"),
     "breakdown": (15, 6, "sampler"),
     # on request (--sections): more SDPA variants and the attention micro-benchmark
     "sample_a1_T1024_sdpa": (25, 10, "sdpa"),
@@ -110,8 +120,8 @@ SECTIONS = {
     "attn_micro": (40, 10, "micro"),
 }
 #: sections run by default, in this order (most important first: the budget skips the tail)
-DEFAULT_SECTIONS = ["correctness", "sample_a1_T1024", "train", "exact", "sample_ar", "sample_a0125_T1024", "sample_a1_T128",
-                    "mdlm_T1024", "sample_a1_T1024_sdpa_nocudnn", "breakdown"]
+DEFAULT_SECTIONS = ["correctness", "sample_a1_T1024", "sample_ar", "sample_a0125_T1024", "sample_a1_T128", "train",
+                    "sample_a1_T1024_cache", "sample_a1_T1024_static_eager", "sample_ar_cache", "exact", "mdlm_T1024"]
 
 
 class Ctx:
@@ -176,41 +186,64 @@ def _correctness_checks(ctx, model, pid, pm, gen, B, N, checks, ok):
 
     dev = ctx.device
     deadline = ctx.deadline
-    for alpha0, T in ((1.0, 6), (0.125, 4), (0.0, 1)):
+    import functools
+
+    import esorl.sampling as smp
+    from esorl.static_sampling import static_decode
+
+    for alpha0, T in ((1.0, 6), (1.0, 24), (0.125, 4), (0.0, 1)):
         if time.perf_counter() > deadline:
             checks.append(dict(alpha0=alpha0, T=T, skipped="time budget"))
             continue
         traj = ScheduleConfig(alpha0=alpha0, num_steps=T).sample(B, N, gen)
         u = torch.rand(B, N, generator=gen, dtype=torch.float64)
-        kw = dict(uniforms=u, temperature=0.9, backend="auto")
+        # flex (compiled per shape: slow to start) is compared with SDPA on the first case only
+        first = alpha0 == 1.0 and T == 6
+        kw = dict(uniforms=u, temperature=0.9, backend="auto" if first else "sdpa")
         t0 = time.perf_counter()
         a = generate(model, pid, pm, N, traj, method="cache", **kw)
         b = generate(model, pid, pm, N, traj, method="replay", **kw)
+        # the static sampler as the default runs it (CUDA graphs on GPU), with small cache
+        # buckets so that several graphs are captured and replayed on this small problem
+        orig = smp.static_decode
+        smp.static_decode = functools.partial(static_decode, bucket=8)
+        try:
+            c = generate(model, pid, pm, N, traj, method="static", **kw)
+            c_eager = generate(model, pid, pm, N, traj, method="static", cuda_graphs=False, **kw)
+        finally:
+            smp.static_decode = orig
+        mism_static = int((a.completion_ids != c.completion_ids).sum())
+        mism_graph_eager = int((c.completion_ids != c_eager.completion_ids).sum())
+        d_static_lp = float((a.logp_model - c.logp_model).abs().max())
         mism = int((a.completion_ids != b.completion_ids).sum())
         with torch.no_grad():
-            e, _ = exact(model, a)
-            rp, _ = replay(model, a)
+            e, _ = exact(model, a, backend=kw["backend"])
+            rp, _ = replay(model, a, backend=kw["backend"])
             e_sdpa, _ = exact(model, a, backend="sdpa")
-            e_flex, _ = exact(model, a, backend="flex")  # CPU: eager flex (forward only)
+            e_flex, _ = exact(model, a, backend="flex") if first else (e_sdpa, None)  # CPU: eager flex (forward only)
         d_exact_replay = float((e - rp).abs().max())
         d_exact_sampler = float((e - a.logp_model.to(e.dtype)).abs().max())
         d_cache_replay_lp = float((a.logp_model - b.logp_model).abs().max())
         d_backend = float((e_flex - e_sdpa).abs().max())
-        passed = mism == 0 and d_exact_replay <= 1e-4 and d_exact_sampler <= 1e-4 and d_backend <= 1e-4
+        passed = (mism == 0 and mism_static == 0 and mism_graph_eager == 0 and d_static_lp <= 1e-4 and d_exact_replay <= 1e-4
+                  and d_exact_sampler <= 1e-4 and d_backend <= 1e-4)
         ok &= passed
         checks.append(dict(alpha0=alpha0, T=T, K=len(traj.step_sizes), token_mismatches=mism, tokens=B * N,
+                           static_vs_cache_token_mismatches=mism_static, static_graph_vs_eager_token_mismatches=mism_graph_eager,
+                           max_abs_static_minus_cache_logp=d_static_lp,
                            max_abs_exact_minus_replay=d_exact_replay, max_abs_exact_minus_sampler=d_exact_sampler,
                            max_abs_cache_minus_replay_logp=d_cache_replay_lp, max_abs_exact_flex_minus_sdpa=d_backend,
                            passed=passed, seconds=time.perf_counter() - t0))
-        log(f"  a0={alpha0} T={T}: token mismatches {mism}/{B * N}, |exact-replay| {d_exact_replay:.2e}, "
+        log(f"  a0={alpha0} T={T}: token mismatches cache/replay {mism}, static/cache {mism_static}, graph/eager {mism_graph_eager} "
+            f"of {B * N}, |static-cache| logp {d_static_lp:.2e}, |exact-replay| {d_exact_replay:.2e}, "
             f"|exact-sampler| {d_exact_sampler:.2e}, |flex-sdpa| {d_backend:.2e} -> {'PASS' if passed else 'FAIL'}")
     done = [c for c in checks if "skipped" not in c]
     return dict(passed=ok and bool(done), complete=len(done) == len(checks), checks_run=len(done), checks_total=len(checks),
                 checks=checks, dtype="float32", backend_auto="flex" if flex_available(dev) else "sdpa", tolerance=1e-4)
 
 
-def _sample(ctx: Ctx, deadline: float, alpha0: float, T: int, P: int, N: int, method: str = "cache", backend: str = "auto",
-            max_steps: int | None = None) -> dict:
+def _sample(ctx: Ctx, deadline: float, alpha0: float, T: int, P: int, N: int, method: str = "static", backend: str = "auto",
+            max_steps: int | None = None, cuda_graphs: bool | None = None) -> dict:
     from sampling import make_inputs, token_forwards
 
     from esorl.sampling import generate
@@ -220,12 +253,33 @@ def _sample(ctx: Ctx, deadline: float, alpha0: float, T: int, P: int, N: int, me
     pid, pm, traj, u = make_inputs(model, B, P, N, alpha0, T, ctx.args.seed, dev)
     sizes = traj.step_sizes.tolist()
     K = len(sizes)
+    tf = token_forwards(sizes, P, N)
+    if method == "static" and (cuda_graphs if cuda_graphs is not None else dev.type == "cuda"):
+        # CUDA graphs: steps cannot be timed one by one (a sync would break the capture), so
+        # whole calls are timed: the first (graph capture, kernel set-up) and the next ones
+        calls = []
+        with PeakMemory(dev) as mem:
+            while True:
+                sync(dev)
+                t0 = time.perf_counter()
+                generate(model, pid, pm, N, traj, uniforms=u, method="static", cuda_graphs=True)
+                sync(dev)
+                calls.append(time.perf_counter() - t0)
+                if len(calls) >= 3 or time.perf_counter() + calls[-1] > deadline:
+                    break
+        total = min(calls[1:]) if len(calls) > 1 else calls[0]
+        how = "measured" if len(calls) > 1 else "measured (first call only, capture included)"
+        log(f"  static+graphs a0={alpha0} T={T}: K={K} steps, calls {', '.join(f'{c:.2f}' for c in calls)} s -> {total:.2f} s")
+        return dict(alpha0=alpha0, T=T, P=P, N=N, B=B, method="static", cuda_graphs=True, backend="auto", K=K, steps_measured=K,
+                    completed=True, measured_s=total, total_s=total, how=how, ms_per_step=1e3 * total / K, calls_s=calls,
+                    first_call_s=calls[0], token_forwards_per_sample=tf["cache"], token_forwards_all_methods=tf,
+                    tokens_per_s=B * tf["cache"] / total, peak_bytes=mem.peak_bytes, peak_kind=mem.kind, step_sizes=sizes)
 
     def run(probe):
         probe.start()
         t0 = time.perf_counter()
         try:
-            generate(probe, pid, pm, N, traj, uniforms=u, method=method, backend=backend)
+            generate(probe, pid, pm, N, traj, uniforms=u, method=method, backend=backend, cuda_graphs=False)
             done = True
         except StopSampling:
             done = False
@@ -240,8 +294,7 @@ def _sample(ctx: Ctx, deadline: float, alpha0: float, T: int, P: int, N: int, me
         done, wall = run(probe)
     m = len(probe.step_times)
     total, how = (wall, "measured") if done else extrapolate(probe.step_times, K)
-    tf = token_forwards(sizes, P, N)
-    tok = tf["cache" if method == "cache" else method]
+    tok = tf["cache" if method in ("cache", "static") else method]
     log(f"  {method} a0={alpha0} T={T}: K={K} steps, {m} run in {wall:.2f} s -> total {total:.2f} s ({how})")
     return dict(alpha0=alpha0, T=T, P=P, N=N, B=B, method=method, backend=backend, K=K, steps_measured=m, completed=done,
                 measured_s=wall, total_s=total, how=how, ms_per_step=1e3 * total / K, warmup_steps=warm, warmup_s=warm_s,
@@ -273,6 +326,20 @@ def sec_mdlm_T1024(ctx, deadline):
     return r
 
 
+def sec_sample_a1_T1024_cache(ctx, deadline):
+    """The mask-per-window KV-cached sampler (``method="cache"``), side by side."""
+    return _sample(ctx, deadline, 1.0, ctx.shape["T_big"], 0, ctx.shape["N"], method="cache", backend="sdpa")
+
+
+def sec_sample_ar_cache(ctx, deadline):
+    return _sample(ctx, deadline, 0.0, 1, 1, ctx.shape["N"] - 1, method="cache", backend="sdpa")
+
+
+def sec_sample_a1_T1024_static_eager(ctx, deadline):
+    """The static sampler without CUDA graphs: what the graphs save."""
+    return _sample(ctx, deadline, 1.0, ctx.shape["T_big"], 0, ctx.shape["N"], method="static", cuda_graphs=False)
+
+
 def sec_sample_a1_T1024_sdpa(ctx, deadline):
     return _sample(ctx, deadline, 1.0, ctx.shape["T_big"], 0, ctx.shape["N"], backend="sdpa")
 
@@ -290,7 +357,13 @@ def sec_train(ctx: Ctx, deadline: float) -> dict:
     backend, first_error = "auto", None
     try:
         res = run_train_variants(model, x, valid, ["hybrid", "mdm"], dev, autocast, backend, ctx.shape["train_repeats"], 1,
-                                 ctx.args.seed, budget_s=max(1.0, deadline - time.perf_counter() - 5))
+                                 ctx.args.seed, budget_s=max(1.0, deadline - time.perf_counter() - 5), profile=True)
+        for v, r in res.items():
+            pr = r.get("profile", {})
+            if "top" in pr:
+                log(f"  profile {v}: wall {pr['wall_ms']:.1f} ms, device busy {pr['device_busy_ms'] or 0:.1f} ms, {pr['n_ops']} ops; top:")
+                for row in pr["top"][:22]:
+                    log(f"    {row['self_ms']:8.2f} ms  x{row['calls']:<5d} {row['name'][:90]}")
     except Exception as e:
         if dev.type != "cuda":
             raise
@@ -515,15 +588,17 @@ def table_rows(results: dict, comparable: bool) -> list[list]:
         if c["status"] == "ok":
             r = c["result"]
             worst = max((x.get("max_abs_exact_minus_replay", 0) for x in r["checks"]), default=0)
-            mism = sum(x.get("token_mismatches", 0) for x in r["checks"])
+            mism = sum(x.get("token_mismatches", 0) + x.get("static_vs_cache_token_mismatches", 0)
+                       + x.get("static_graph_vs_eager_token_mismatches", 0) for x in r["checks"])
             verdict = ("PASS" if r["passed"] else "FAIL") + ("" if r.get("complete", True) else f" ({r['checks_run']}/{r['checks_total']} run)")
-            rows.append(["correctness", f"cache == no-cache tokens, exact ~ replay ({r['backend_auto']}, fp32)", verdict,
+            rows.append(["correctness", f"static(+graphs) == cache == no-cache tokens, exact ~ replay ({r['backend_auto']}, fp32)", verdict,
                          "-", "-", "-", "-", "<= 1e-4", "yes" if r["passed"] else "NO",
                          f"{mism} token mismatches, max |exact - replay| {worst:.1e}"
                          + ("" if r.get("complete", True) else "; other checks skipped: time")])
         else:
             rows.append(status_row("correctness", "GPU-path correctness", c["status"] + ": " + c.get("error", "")[:80]))
-    for name in ("sample_a1_T1024", "sample_a1_T128", "sample_a0125_T1024", "sample_ar", "mdlm_T1024", "sample_a1_T1024_sdpa",
+    for name in ("sample_a1_T1024", "sample_a1_T128", "sample_a0125_T1024", "sample_ar", "sample_a1_T1024_cache",
+                 "sample_a1_T1024_static_eager", "sample_ar_cache", "mdlm_T1024", "sample_a1_T1024_sdpa",
                  "sample_a1_T1024_sdpa_nocudnn", "sample_a1_T128_sdpa_nocudnn", "sample_a0125_T1024_sdpa_nocudnn", "sample_ar_sdpa_nocudnn"):
         s = results.get(name)
         if not s:
@@ -534,12 +609,15 @@ def table_rows(results: dict, comparable: bool) -> list[list]:
                 rows.append(status_row(name, ref["what"], "error: " + s.get("error", "")[:80]))
             continue
         r = s["result"]
-        what = (f"{'MDLM no cache' if r['method'] == 'mdlm' else 'KV-cached'} a0={r['alpha0']:g} T={r['T']}, B={r['B']} P={r['P']} N={r['N']}"
+        kind = {"mdlm": "MDLM no cache", "cache": "KV-cached (mask per window)", "replay": "no cache (replay)"}.get(
+            r["method"], "static KV-cached" + (" + CUDA graphs" if r.get("cuda_graphs") else ", eager"))
+        what = (f"{kind} a0={r['alpha0']:g} T={r['T']}, B={r['B']} P={r['P']} N={r['N']}"
                 + ("" if r["backend"] == "auto" else f", {r['backend']}") + (", no cuDNN" if r.get("cudnn_sdp") is False else ""))
         tgt = ref.get("target_s")
         rows.append([name, what, fmt_time(r["total_s"]), f"{r['ms_per_step']:.2f} ms", r["K"], fmt_time(ref["ref_s"]),
                      vs_ref(ref["ref_s"], r["total_s"]), f"<= {tgt} s" if tgt else "-", met(r["total_s"] <= tgt) if tgt else "-",
-                     ("measured" if r["how"] == "measured" else f"EXTRAPOLATED from {r['steps_measured']}/{r['K']} steps")
+                     ((f"measured (best of {len(r['calls_s']) - 1} calls after the first, {r['first_call_s']:.2f} s)" if r.get("calls_s") else "measured")
+                      if r["how"].startswith("measured") else f"EXTRAPOLATED from {r['steps_measured']}/{r['K']} steps")
                      + f", peak {fmt_bytes(r['peak_bytes'])}"])
     t = results.get("train")
     if t:

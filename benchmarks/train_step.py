@@ -113,12 +113,39 @@ def make_step(model, opt, ema, x, valid, variant: dict, device, autocast_dtype, 
     return step
 
 
+def profile_step(step, device, top: int = 30) -> dict:
+    """One step under ``torch.profiler``: the top ops by self device time (CPU time on CPU),
+    the device-busy total and the wall time (busy << wall means the step waits on Python)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        step()
+        sync(device)
+    wall = time.perf_counter() - t0
+    ev = prof.key_averages()
+    dev_attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+
+    def self_us(e):
+        return float(getattr(e, dev_attr, 0.0) or getattr(e, "self_cuda_time_total", 0.0) or 0.0)
+
+    rows = sorted(ev, key=self_us, reverse=True)
+    busy = sum(self_us(e) for e in ev) if device.type == "cuda" else None
+    top_rows = [dict(name=e.key[:120], self_ms=self_us(e) / 1e3, calls=e.count, cpu_total_ms=e.cpu_time_total / 1e3) for e in rows[:top]]
+    return dict(wall_ms=1e3 * wall, device_busy_ms=busy / 1e3 if busy is not None else None, top=top_rows,
+                n_ops=sum(e.count for e in ev))
+
+
 def run_train_variants(model, x, valid, variants: list[str], device, autocast_dtype, backend: str = "auto", repeats: int = 5,
-                       warmup: int = 1, seed: int = 0, budget_s: float | None = None, measure_memory: bool = True) -> dict:
+                       warmup: int = 1, seed: int = 0, budget_s: float | None = None, measure_memory: bool = True,
+                       profile: bool = False) -> dict:
     """Time each variant's training step on the same model and batch (interleaved rounds).
 
     Returns ``{variant: {median_s, times_s, warmup_s, tokens, real_tokens, forwards, loss,
     peak_bytes, ...}}``. ``budget_s`` caps the timed rounds (at least one round runs).
+    ``profile``: also one profiled step per variant (``profile``: see :func:`profile_step`).
     """
     from esorl.train.common import EMA
 
@@ -160,6 +187,12 @@ def run_train_variants(model, x, valid, variants: list[str], device, autocast_dt
             if budget_s is not None and time.perf_counter() - t_start > budget_s:
                 log(f"  time budget reached after {r + 1} round(s)")
                 break
+        if profile:
+            for name in variants:
+                try:
+                    res[name]["profile"] = profile_step(steps[name], device)
+                except Exception as e:  # the profiler is a diagnostic: never lose the timings
+                    res[name]["profile"] = dict(error=f"{type(e).__name__}: {e}"[:500])
         if measure_memory:
             for name in variants:
                 with PeakMemory(device) as m:

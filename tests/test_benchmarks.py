@@ -34,13 +34,19 @@ def _run(script: str, tmp_path: Path, *args: str, timeout: int = 50) -> dict:
 
 def test_gpu_script_cpu_tiny(tmp_path):
     d = _run("gpu", tmp_path, "--size", "tiny")
-    assert list(d["sections"]) == ["correctness", "sample_a1_T1024", "train", "exact", "sample_ar", "sample_a0125_T1024",
-                                   "sample_a1_T128", "mdlm_T1024", "sample_a1_T1024_sdpa_nocudnn", "breakdown"]
+    sys.path.insert(0, str(BENCH))
+    try:
+        from gpu import DEFAULT_SECTIONS
+    finally:
+        sys.path.remove(str(BENCH))
+    assert list(d["sections"]) == DEFAULT_SECTIONS
+    assert DEFAULT_SECTIONS[:2] == ["correctness", "sample_a1_T1024"] and "train" in DEFAULT_SECTIONS
     for name, s in d["sections"].items():
         assert s["status"] == "ok", (name, s.get("error"), s.get("traceback"))
     c = d["sections"]["correctness"]["result"]
     assert c["passed"] and c["complete"]
     assert all(x["token_mismatches"] == 0 and x["max_abs_exact_minus_replay"] <= 1e-4 for x in c["checks"])
+    assert all(x["static_vs_cache_token_mismatches"] == 0 and x["static_graph_vs_eager_token_mismatches"] == 0 for x in c["checks"])
     s = d["sections"]["sample_a1_T1024"]["result"]
     assert s["how"] == "measured" and s["steps_measured"] == s["K"] and s["total_s"] > 0
     assert s["token_forwards_per_sample"] == s["P"] + 2 * s["N"] - s["step_sizes"][-1]
@@ -48,6 +54,7 @@ def test_gpu_script_cpu_tiny(tmp_path):
     assert ar["K"] == ar["N"] and set(ar["step_sizes"]) == {1}
     t = d["sections"]["train"]["result"]
     assert set(t["variants"]) == {"hybrid", "mdm"} and t["ratios_vs_mdm"]["hybrid"]["measured"] > 0
+    assert all(v["profile"]["top"] and v["profile"]["wall_ms"] > 0 for v in t["variants"].values())
     e = d["sections"]["exact"]["result"]
     assert e["exact_over_plain"] > 0 and e["token_ratio"] == pytest.approx((e["P"] + 2 * e["N"]) / (e["P"] + e["N"]))
     assert "reference" in d and d["reference"]["numbers"]["sample_a1_T1024"]["ref_s"] == 20.8

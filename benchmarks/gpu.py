@@ -99,9 +99,10 @@ CORRECTNESS_MODEL = dict(vocab_size=1000, hidden_size=128, n_layers=2, n_heads=2
 #: recompile limit (8 shapes) and later steps run flex eagerly. Training, exact and MDLM have
 #: fixed shapes, compiled once.
 SECTIONS = {
-    "correctness": (35, 15, "correctness"),
+    "correctness": (60, 15, "correctness"),
     "sample_a1_T1024": (30, 12, "sampler"),
     "train": (60, 25, "train"),
+    "train_flex": (60, 40, "train"),
     "exact": (30, 10, "exact"),
     "sample_ar": (20, 8, "sampler"),
     "sample_a0125_T1024": (20, 8, "sampler"),
@@ -121,7 +122,7 @@ SECTIONS = {
 }
 #: sections run by default, in this order (most important first: the budget skips the tail)
 DEFAULT_SECTIONS = ["correctness", "sample_a1_T1024", "sample_ar", "sample_a0125_T1024", "sample_a1_T128", "train",
-                    "sample_a1_T1024_cache", "sample_a1_T1024_static_eager", "sample_ar_cache", "exact", "mdlm_T1024"]
+                    "sample_a1_T1024_cache", "exact", "train_flex", "sample_a1_T1024_static_eager", "sample_ar_cache", "mdlm_T1024"]
 
 
 class Ctx:
@@ -198,7 +199,7 @@ def _correctness_checks(ctx, model, pid, pm, gen, B, N, checks, ok):
         traj = ScheduleConfig(alpha0=alpha0, num_steps=T).sample(B, N, gen)
         u = torch.rand(B, N, generator=gen, dtype=torch.float64)
         # flex (compiled per shape: slow to start) is compared with SDPA on the first case only
-        first = alpha0 == 1.0 and T == 6
+        first = alpha0 == 0.0  # the last case
         kw = dict(uniforms=u, temperature=0.9, backend="auto" if first else "sdpa")
         t0 = time.perf_counter()
         a = generate(model, pid, pm, N, traj, method="cache", **kw)
@@ -344,7 +345,14 @@ def sec_sample_a1_T1024_sdpa(ctx, deadline):
     return _sample(ctx, deadline, 1.0, ctx.shape["T_big"], 0, ctx.shape["N"], backend="sdpa")
 
 
-def sec_train(ctx: Ctx, deadline: float) -> dict:
+def sec_train_flex(ctx: Ctx, deadline: float) -> dict:
+    """The same steps with every mask as a flex BlockMask: the attention backend side by side."""
+    if ctx.device.type != "cuda":
+        return dict(skipped="flex_attention has no backward on CPU")
+    return sec_train(ctx, deadline, backend="flex")
+
+
+def sec_train(ctx: Ctx, deadline: float, backend: str = "auto") -> dict:
     from train_step import ratio_rows, run_train_variants
 
     dev = ctx.device
@@ -354,7 +362,7 @@ def sec_train(ctx: Ctx, deadline: float) -> dict:
     x = torch.randint(0, model.config.vocab_size - 1, (B, L), generator=gen).to(dev)
     valid = torch.ones(B, L, dtype=torch.bool, device=dev)
     autocast = ctx.args.sample_dtype if dev.type == "cuda" and ctx.args.sample_dtype != torch.float32 else None
-    backend, first_error = "auto", None
+    first_error = None
     try:
         res = run_train_variants(model, x, valid, ["hybrid", "mdm"], dev, autocast, backend, ctx.shape["train_repeats"], 1,
                                  ctx.args.seed, budget_s=max(1.0, deadline - time.perf_counter() - 5), profile=True)
@@ -569,6 +577,35 @@ SECTION_FNS = {name: globals()[f"sec_{name}"] for name in SECTIONS}
 # ----------------------------------------------------------------------------- report
 
 
+def _train_rows(rows, t, t_name, vs_ref, met, status_row):
+    """Rows of a training section (``train``: the default backend; ``train_flex``: flex)."""
+    if not t:
+        return
+    if t["status"] != "ok":
+        rows.append(status_row(t_name, "training steps", t["status"] + ": " + t.get("error", "")[:80]))
+        return
+    r = t["result"]
+    if "skipped" in r:
+        rows.append(status_row(t_name, "training steps", "skipped: " + r["skipped"]))
+        return
+    fb = f", {r['backend']} (after flex failed)" if r.get("fallback_from_error") else ("" if r["backend"] == "auto" else f", {r['backend']}")
+    sfx = "" if t_name == "train" else "_" + t_name.split("_", 1)[1]
+    for v, key in (("hybrid", "train_hybrid"), ("mdm", "train_mdm")):
+        if v in r["variants"]:
+            ref = REFERENCE[key]
+            med = r["variants"][v]["median_s"]
+            tgt = ref.get("target_s")
+            what = f"train step {'hybrid a0=0.125 k=0.5' if v == 'hybrid' else 'MDM-only'}, {r['batch']}x{r['seq_len']}{fb}"
+            rows.append([key + sfx, what, fmt_time(med), "-", "-", fmt_time(ref["ref_s"]), vs_ref(ref["ref_s"], med),
+                         f"<= {tgt * 1e3:.0f} ms" if tgt else "-", met(med <= tgt) if tgt else "-",
+                         f"first step {fmt_time(r['variants'][v]['warmup_s'][0])}, peak {fmt_bytes(r['variants'][v].get('peak_bytes'))}"])
+    rt = r["ratios_vs_mdm"].get("hybrid")
+    if rt and rt["measured"] is not None:
+        rows.append(["train_ratio" + sfx, f"hybrid / MDM-only step time{fb}", fmt_x(rt["measured"]), "-", "-", "1.97x", "-",
+                     f"<= 1.1 x {rt['token_layout']:.2f}", "yes" if rt["measured_over_token_layout"] <= 1.1 else "NO",
+                     f"token ratio {rt['token_layout']:.2f}x (layouts) / 1.50x (spec) / 1.44x (masked copies only)"])
+
+
 def table_rows(results: dict, comparable: bool) -> list[list]:
     """One row per measurement; reference columns only where the run is comparable (the
     small model on a GPU)."""
@@ -619,27 +656,8 @@ def table_rows(results: dict, comparable: bool) -> list[list]:
                      ((f"measured (best of {len(r['calls_s']) - 1} calls after the first, {r['first_call_s']:.2f} s)" if r.get("calls_s") else "measured")
                       if r["how"].startswith("measured") else f"EXTRAPOLATED from {r['steps_measured']}/{r['K']} steps")
                      + f", peak {fmt_bytes(r['peak_bytes'])}"])
-    t = results.get("train")
-    if t:
-        if t["status"] != "ok":
-            rows.append(status_row("train", "training steps", t["status"] + ": " + t.get("error", "")[:80]))
-        else:
-            r = t["result"]
-            fb = f", {r['backend']} (after flex failed)" if r.get("fallback_from_error") else ""
-            for v, key in (("hybrid", "train_hybrid"), ("mdm", "train_mdm")):
-                if v in r["variants"]:
-                    ref = REFERENCE[key]
-                    med = r["variants"][v]["median_s"]
-                    tgt = ref.get("target_s")
-                    what = f"train step {'hybrid a0=0.125 k=0.5' if v == 'hybrid' else 'MDM-only'}, {r['batch']}x{r['seq_len']}{fb}"
-                    rows.append([key, what, fmt_time(med), "-", "-", fmt_time(ref["ref_s"]), vs_ref(ref["ref_s"], med),
-                                 f"<= {tgt * 1e3:.0f} ms" if tgt else "-", met(med <= tgt) if tgt else "-",
-                                 f"first step {fmt_time(r['variants'][v]['warmup_s'][0])}, peak {fmt_bytes(r['variants'][v].get('peak_bytes'))}"])
-            rt = r["ratios_vs_mdm"].get("hybrid")
-            if rt and rt["measured"] is not None:
-                rows.append(["train_ratio", "hybrid / MDM-only step time", fmt_x(rt["measured"]), "-", "-", "1.97x", "-",
-                             f"<= 1.1 x {rt['token_layout']:.2f}", "yes" if rt["measured_over_token_layout"] <= 1.1 else "NO",
-                             f"token ratio {rt['token_layout']:.2f}x (layouts) / 1.50x (spec) / 1.44x (masked copies only)"])
+    for t_name in ("train", "train_flex"):
+        _train_rows(rows, results.get(t_name), t_name, vs_ref, met, status_row)
     e = results.get("exact")
     if e:
         if e["status"] != "ok":

@@ -134,9 +134,12 @@ def build_mask(q: TokenDesc, k: TokenDesc, backend: str = "auto"):
     """Mask object for :func:`attend`: dense ``(B, 1, Lq, Lk)`` bool (``"sdpa"``) or a
     BlockMask (``"flex"``). ``"auto"`` picks flex on CUDA, SDPA elsewhere."""
     if backend == "auto":
-        # flex pays off for big layouts; a sampler window (a few queries) is cheaper as a
-        # small dense mask than as a freshly built BlockMask
-        big = q.step.shape[1] * k.step.shape[1] >= 256 * 256
+        # Dense masks with SDPA's fused (memory-efficient) kernel up to 2^28 entries (every
+        # layout of issue 6's sizes: a training step, ``exact`` of 64 rollouts of 1024
+        # tokens, a sampler window); flex only beyond, where the dense mask's memory gets
+        # costly. On an H200 the compiled flex kernel ran these layouts at a small fraction
+        # of SDPA's speed, and compiles for every new shape.
+        big = q.step.shape[0] * q.step.shape[1] * k.step.shape[1] > 2**28
         backend = "flex" if big and flex_available(q.step.device) else "sdpa"
     if backend == "flex":
         return flex_block_mask(q, k)
@@ -147,9 +150,18 @@ def build_mask(q: TokenDesc, k: TokenDesc, backend: str = "auto"):
 
 _compiled_flex = None
 
+#: a mask that is plain causal attention in array order (see :func:`is_causal_layout`):
+#: SDPA's ``is_causal`` path (FlashAttention on GPUs), no mask tensor at all
+CAUSAL = "causal"
+
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
-    """Scaled dot-product attention ``(B, H, Lq, D)`` under a mask from :func:`build_mask`."""
+    """Scaled dot-product attention ``(B, H, Lq, D)`` under a mask from :func:`build_mask`
+    (or :data:`CAUSAL`)."""
+    if isinstance(mask, str):
+        if mask != CAUSAL:
+            raise ValueError(f"unknown mask {mask!r}")
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     if isinstance(mask, torch.Tensor) or mask is None:
         if q.is_cuda and mask is not None:
             # cuDNN's SDPA pays a large set-up cost for every new shape, and a sampler's

@@ -38,12 +38,17 @@ class LayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.dtype == x.dtype:
+            # one fused kernel; it normalises and applies the weight in float32 for bf16/fp16
+            # inputs and rounds once, which is the reference's float32 LayerNorm
+            return F.layer_norm(x, (x.shape[-1],), self.weight, None, self.eps)
         y = F.layer_norm(x.to(_compute_dtype(x)), (x.shape[-1],), eps=self.eps)
         return (y * self.weight.to(y.dtype)).to(x.dtype)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale) + shift
+    """``x · (1 + scale) + shift`` (adaLN), in one fused multiply-add."""
+    return torch.addcmul(shift, x, 1 + scale)
 
 
 class Rotary(nn.Module):
@@ -55,16 +60,19 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=True)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype):
-        """cos, sin of shape ``(B, 1, L, D)`` for integer positions ``(B, L)``."""
+        """``cos`` and *signed* ``sin`` of shape ``(B, 1, L, D)`` for integer positions
+        ``(B, L)``: ``sin`` carries rotate-half's sign, ``[-sin θ | sin θ]``."""
         ang_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         ang = positions.to(ang_dtype)[..., None] * self.inv_freq.to(ang_dtype)
-        ang = torch.cat([ang, ang], dim=-1)[:, None]
-        return ang.cos().to(dtype), ang.sin().to(dtype)
+        cos, sin = ang.cos(), ang.sin()
+        return torch.cat([cos, cos], dim=-1)[:, None].to(dtype), torch.cat([-sin, sin], dim=-1)[:, None].to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rotary: ``x·cos + [-x2 | x1]·sin`` = ``x·cos + [x2 | x1]·[-sin | sin]``
+    (three kernels: swap halves, multiply, multiply-add; any leading dims)."""
+    swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
+    return torch.addcmul(x * cos, swapped, sin_signed)
 
 
 class EsoKVCache:
@@ -160,10 +168,10 @@ class Block(nn.Module):
         B, L, _ = h.shape
         # qkv rows are laid out (three, head, head_dim) as in the reference.
         qkv = self.attn_qkv(h).view(B, L, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        # rotary in the angles' precision, then back to v's dtype (under bf16 autocast q/k
-        # would otherwise stay float32 while v is bf16)
-        q, k = apply_rotary(q, cos, sin).to(v.dtype), apply_rotary(k, cos, sin).to(v.dtype)
+        v = qkv[2]
+        # rotary on q and k together, in the angles' precision, then back to v's dtype (under
+        # bf16 autocast q/k would otherwise stay float32 while v is bf16)
+        q, k = apply_rotary(qkv[:2], cos, sin).to(v.dtype).unbind(0)
         if cache is not None:
             k, v = cache.append(layer, k, v)
         out = attend(q, k, v, mask)
@@ -173,9 +181,9 @@ class Block(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c)[:, None].chunk(6, dim=-1)
         h = modulate(self.norm1(x), shift_msa, scale_msa)
         a = self.attention(h, cos, sin, mask, cache, layer)
-        x = x + gate_msa * F.dropout(a, self.dropout, self.training)
+        x = torch.addcmul(x, gate_msa, F.dropout(a, self.dropout, self.training))  # x + gate · a
         h = modulate(self.norm2(x), shift_mlp, scale_mlp)
-        return x + gate_mlp * F.dropout(self.mlp(h), self.dropout, self.training)
+        return torch.addcmul(x, gate_mlp, F.dropout(self.mlp(h), self.dropout, self.training))
 
 
 class EmbeddingLayer(nn.Module):
@@ -184,7 +192,8 @@ class EmbeddingLayer(nn.Module):
         self.embedding = nn.Parameter(torch.empty(vocab_size, dim))
 
     def forward(self, ids):
-        return self.embedding[ids]
+        # F.embedding: its backward is a dense scatter-add, far faster than indexing's
+        return F.embedding(ids, self.embedding)
 
 
 class TimestepEmbedder(nn.Module):
@@ -281,7 +290,8 @@ class EsoLMModel(PreTrainedModel):
 
         Args:
             positions: ``(B, L)`` original positions (rotary).
-            mask: dense bool ``(B, 1, L, Lk)`` or flex BlockMask, from :mod:`esorl.attention`.
+            mask: dense bool ``(B, 1, L, Lk)`` or flex BlockMask, from :mod:`esorl.attention`
+                (or an additive float mask of that shape: the static sampler's).
             cache: an :class:`EsoKVCache` (the window's K/V are appended after its cached
                 slots; the caller commits the clean ones with :meth:`EsoKVCache.commit_desc`)
                 or a :class:`StaticKVCache` (the window's K/V go to ``cache.slots``).

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .attention import build_mask
+from .attention import CAUSAL, build_mask
 from .modeling_esolm import model_config
 from .attention import TokenDesc
 from .layout import Layout, concat, concat_rows, one_copy_layout, sequential_layout, sorted_table
@@ -157,9 +157,13 @@ def mdm_term(model, x, valid, t, mask_u, shuffle_u, cfg: ObjectiveConfig, weight
     """Weighted MDM sum per sample ``(B,)`` and masked counts, with layout (d); ``prompt_mask``
     tokens are clean context at step 0 (never masked or scored)."""
     lay, tgt, is_q, w = _mdm_layout(x, valid, t, mask_u, shuffle_u, cfg, weighting, model_config(model).mask_token_id, prompt_mask)
+    # Layout (d) sorted [prompt | clean (step 0) | masked (step 1) | padding] is plain causal
+    # attention for every valid slot (rules 1-3 allow exactly the slots before it; padding
+    # comes last), so it needs no mask tensor (tested against the rule's mask).
+    mask = CAUSAL if backend == "auto" else build_mask(lay.desc, lay.desc, backend)
     # the LM head runs on the masked slots only (about half the array, and the logits are
     # the largest activation of the step)
-    nll = _nll(model(lay.ids, lay.positions, build_mask(lay.desc, lay.desc, backend), logits_slice=is_q), tgt[is_q])
+    nll = _nll(model(lay.ids, lay.positions, mask, logits_slice=is_q), tgt[is_q])
     per_sample = torch.zeros(x.shape[0], dtype=nll.dtype, device=nll.device).index_add_(0, is_q.nonzero()[:, 0], nll)
     return per_sample * w.to(nll.dtype), is_q.sum()
 

@@ -86,10 +86,13 @@ def _step(model, st: _State, W: int, kmax: int, kv_len: int, temperature: float,
     # causal in table order; a row always sees itself (left padding would leave a pad row
     # with no key: its output is never read, but must stay finite)
     allow = (kidx <= slots[:, None]) & (st.key_ok[:, None, :kv_len] | (kidx == slots[:, None]))
+    # additive mask in the attention dtype, built once per step (a boolean mask would be
+    # converted by every layer's attention call)
+    bias = torch.zeros(allow.shape, dtype=st.cache.k[0].dtype, device=dev).masked_fill_(~allow, float("-inf"))
     st.cache.slots, st.cache.kv_len = slots, kv_len
     ar = torch.arange(kmax, device=dev)
     qsel = (q0 - start + ar).clamp(max=W - 1)  # window slots of this step's queries (+ padding)
-    logits = model(ids, pos, allow[:, None], cache=st.cache, logits_slice=qsel)
+    logits = model(ids, pos, bias[:, None], cache=st.cache, logits_slice=qsel)
     live = ar < (q1 - q0)
     u = st.u.index_select(1, c0 + ar)
     lp_model = model_logprobs(logits, temperature)

@@ -89,3 +89,36 @@ def test_single_forward_gives_the_same_loss():
         a = hybrid_loss(model, x, v, cfg, 3, 1, torch.arange(8), 8, backend="sdpa")
         b = hybrid_loss(model, x, v, cfg, 3, 1, torch.arange(8), 8, backend="sdpa", single_forward=True)
         assert torch.allclose(a.loss, b.loss, atol=1e-12) and a.masked_tokens == b.masked_tokens
+
+
+def test_mdm_layout_is_causal_and_the_causal_path_gives_the_same_loss():
+    """Layout (d) — [prompt | clean | masked | padding] — allows every valid slot exactly the
+    slots before it, so the MDM term runs as plain causal attention (``backend="auto"``):
+    the rule's dense mask and the causal path give the same loss and gradients."""
+    from esorl.objective import _mdm_layout
+    from esorl.schedule import EPS
+
+    model = tiny_model()
+    x, v = _batch(B=6, L=14, seed=3)
+    pm = torch.zeros_like(v)
+    pm[:3, :4] = True  # prompts on half of the rows
+    g = torch.Generator().manual_seed(1)
+    cfg = ObjectiveConfig(alpha0=1.0, batch_split=1.0)
+    t = (1 - EPS) * torch.rand(6, generator=g, dtype=torch.float64) + EPS
+    lay, _, _, _ = _mdm_layout(x, v, t, torch.rand(6, 14, generator=g, dtype=torch.float64),
+                               torch.rand(6, 14, generator=g, dtype=torch.float64), cfg, "elbo", 40, pm)
+    dense = build_mask(lay.desc, lay.desc, "sdpa")[:, 0]
+    causal = torch.ones(14, 14, dtype=torch.bool).tril()
+    rows = lay.desc.valid
+    assert torch.equal(dense[rows], causal.expand(6, 14, 14)[rows])
+    for a0, k, p in ((1.0, 1.0, None), (0.25, 0.5, pm)):
+        cfg = ObjectiveConfig(alpha0=a0, batch_split=k)
+        losses, grads = [], []
+        for backend in ("auto", "sdpa"):
+            model.zero_grad()
+            out = hybrid_loss(model, x, v, cfg, 5, 2, torch.arange(6), 6, backend=backend, prompt_mask=p)
+            out.loss.backward()
+            losses.append(out.loss.detach())
+            grads.append(torch.cat([q.grad.flatten() for q in model.parameters() if q.grad is not None]))
+        assert torch.allclose(losses[0], losses[1], atol=1e-12)
+        assert torch.allclose(grads[0], grads[1], atol=1e-10)

@@ -155,9 +155,33 @@ _compiled_flex = None
 CAUSAL = "causal"
 
 
+@dataclass
+class PrefixCausalMask:
+    """The first ``n`` array slots attend causally among themselves (and to nothing after);
+    the other rows follow ``rest``, a dense mask ``(B, 1, Lq − n, Lk)`` from :func:`build_mask`.
+
+    Layout (e) (sequential training) is this shape: its clean copies come first in table
+    order, where rule 1 is plain causal attention. The prefix then runs as SDPA's causal
+    (FlashAttention) path and only the query copies need a mask — about half the dense work.
+    """
+
+    n: int
+    rest: torch.Tensor
+
+    @staticmethod
+    def build(desc: TokenDesc, n: int) -> "PrefixCausalMask":
+        """For an array whose first ``n`` slots are clean copies with ranks ``0..n−1`` and
+        padding only after the valid ones (callers guarantee it; tests check the equivalence)."""
+        return PrefixCausalMask(n, allowed(desc.slice(slice(n, None)), desc)[:, None])
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
     """Scaled dot-product attention ``(B, H, Lq, D)`` under a mask from :func:`build_mask`
-    (or :data:`CAUSAL`)."""
+    (or :data:`CAUSAL`, or a :class:`PrefixCausalMask`)."""
+    if isinstance(mask, PrefixCausalMask):
+        n = mask.n
+        head = F.scaled_dot_product_attention(q[:, :, :n], k[:, :, :n], v[:, :, :n], is_causal=True)
+        return torch.cat([head, attend(q[:, :, n:], k, v, mask.rest)], dim=2)
     if isinstance(mask, str):
         if mask != CAUSAL:
             raise ValueError(f"unknown mask {mask!r}")

@@ -91,10 +91,11 @@ def test_single_forward_gives_the_same_loss():
         assert torch.allclose(a.loss, b.loss, atol=1e-12) and a.masked_tokens == b.masked_tokens
 
 
-def test_mdm_layout_is_causal_and_the_causal_path_gives_the_same_loss():
+def test_training_layouts_causal_paths_give_the_same_loss():
     """Layout (d) — [prompt | clean | masked | padding] — allows every valid slot exactly the
-    slots before it, so the MDM term runs as plain causal attention (``backend="auto"``):
-    the rule's dense mask and the causal path give the same loss and gradients."""
+    slots before it, and so do layout (e)'s clean copies, so ``backend="auto"`` runs them as
+    causal attention (plus a mask for (e)'s query copies): the same loss and gradients as the
+    rule's dense mask, with and without prompts, in two forwards or one."""
     from esorl.objective import _mdm_layout
     from esorl.schedule import EPS
 
@@ -111,12 +112,22 @@ def test_mdm_layout_is_causal_and_the_causal_path_gives_the_same_loss():
     causal = torch.ones(14, 14, dtype=torch.bool).tril()
     rows = lay.desc.valid
     assert torch.equal(dense[rows], causal.expand(6, 14, 14)[rows])
-    for a0, k, p in ((1.0, 1.0, None), (0.25, 0.5, pm)):
+    # layout (e): its clean copies (the first L slots) are causal too — the prefix-causal
+    # split (flash for the prefix, a mask for the query copies) equals the rule's mask
+    from esorl.objective import _ar_layout
+
+    lay_e, _, _, M = _ar_layout(x, v, torch.rand(6, 14, generator=g, dtype=torch.float64),
+                                torch.rand(6, 14, generator=g, dtype=torch.float64), ObjectiveConfig(alpha0=0.25), 40, pm)
+    dense_e = build_mask(lay_e.desc, lay_e.desc, "sdpa")[:, 0, :M]
+    rows_e = lay_e.desc.valid[:, :M]
+    assert torch.equal(dense_e[rows_e], torch.ones(M, len(lay_e), dtype=torch.bool).tril().expand(6, M, -1)[rows_e])
+    cases = [(a0, k, p, f) for a0, k in ((1.0, 1.0), (0.25, 0.5), (0.0, 0.0)) for p in (None, pm) for f in (False, True)]
+    for a0, k, p, fused in cases:
         cfg = ObjectiveConfig(alpha0=a0, batch_split=k)
         losses, grads = [], []
         for backend in ("auto", "sdpa"):
             model.zero_grad()
-            out = hybrid_loss(model, x, v, cfg, 5, 2, torch.arange(6), 6, backend=backend, prompt_mask=p)
+            out = hybrid_loss(model, x, v, cfg, 5, 2, torch.arange(6), 6, backend=backend, prompt_mask=p, single_forward=fused)
             out.loss.backward()
             losses.append(out.loss.detach())
             grads.append(torch.cat([q.grad.flatten() for q in model.parameters() if q.grad is not None]))

@@ -16,9 +16,13 @@ The rule (one rule, every layout):
 3. query j → query k  iff ``step_k == step_j and rank_k <= rank_j``;
 4. clean → query never; nobody attends to an invalid (pad) key.
 
-Layouts (:mod:`esorl.layout`) only fill these tensors; nothing else in the project builds a
-mask. Two backends evaluate the rule: a dense boolean mask for SDPA (CPU, float64, the
-reference) and a ``flex_attention`` BlockMask on CUDA.
+Layouts (:mod:`esorl.layout`) only fill these tensors. Two backends evaluate the rule: a
+dense boolean mask for SDPA (the default everywhere up to 2^28 mask entries, and the
+reference in float64) and a ``flex_attention`` BlockMask (CUDA; beyond that size, or on
+request). Where the rule reduces to plain causal attention, SDPA's causal path needs no mask
+at all: layout (d) (:data:`CAUSAL`), layout (e)'s clean copies (:class:`PrefixCausalMask`)
+and the static sampler's windows (:mod:`esorl.static_sampling`); tests check each shortcut
+against the rule's mask.
 """
 
 from __future__ import annotations
@@ -132,7 +136,7 @@ def flex_block_mask(q: TokenDesc, k: TokenDesc):
 
 def build_mask(q: TokenDesc, k: TokenDesc, backend: str = "auto"):
     """Mask object for :func:`attend`: dense ``(B, 1, Lq, Lk)`` bool (``"sdpa"``) or a
-    BlockMask (``"flex"``). ``"auto"`` picks flex on CUDA, SDPA elsewhere."""
+    BlockMask (``"flex"``). ``"auto"`` picks SDPA up to 2^28 entries, flex beyond (CUDA)."""
     if backend == "auto":
         # Dense masks with SDPA's fused (memory-efficient) kernel up to 2^28 entries (every
         # layout of issue 6's sizes: a training step, ``exact`` of 64 rollouts of 1024

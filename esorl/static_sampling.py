@@ -110,7 +110,8 @@ def static_decode(model, table, sizes: list[int], P: int, N: int, u_sigma: torch
     """Run every step of the trajectory over ``table`` (prompt + MASK placeholders in σ order).
 
     Returns ``(ids (B, N), logp_model (B, N), logp_behaviour (B, N))``, all in σ order.
-    ``cuda_graphs``: capture and replay the steps after the first (default: on CUDA).
+    ``cuda_graphs``: capture and replay the steps after the first (default: on CUDA, except
+    under DeepSpeed ZeRO-3, whose module hooks must run every step).
     ``bucket``: attention reads the cache in multiples of this many slots (one graph each).
     """
     cfg = model_config(model)
@@ -121,7 +122,10 @@ def static_decode(model, table, sizes: list[int], P: int, N: int, u_sigma: torch
         raise ValueError(f"bucket must be >= 1, got {bucket}")
     cache = StaticKVCache(cfg, B, C, dev, dtype)
     st = _State(table, sizes, P, N, u_sigma, forced_sigma, cfg.mask_token_id, cache)
-    use_graphs = (dev.type == "cuda") if cuda_graphs is None else cuda_graphs
+    # DeepSpeed ZeRO-3 keeps forward hooks on the modules (parameter fetch/release, possibly
+    # collectives): they must run on every forward, which a replayed graph would skip
+    zero3 = any(hasattr(p, "ds_id") for p in model.parameters())
+    use_graphs = (dev.type == "cuda" and not zero3) if cuda_graphs is None else cuda_graphs
     if use_graphs and dev.type != "cuda":
         raise ValueError("cuda_graphs=True needs the model on a CUDA device")
     kw = dict(temperature=temperature, top_k=top_k, top_p=top_p)

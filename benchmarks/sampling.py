@@ -81,7 +81,7 @@ def measure_config(model, device, B: int, P: int, N: int, T: int, alpha0: float,
     inputs = make_inputs(model, B, P, N, alpha0, T, seed, device)
     sizes = inputs[2].step_sizes.tolist()
     tf = token_forwards(sizes, P, N)
-    out = {"N": N, "T": T, "P": P, "B": B, "alpha0": alpha0, "K": len(sizes), "k_last": sizes[-1],
+    out = {"N": N, "T": T, "P": P, "B": B, "alpha0": alpha0, "K": len(sizes), "k_last": sizes[-1], "step_sizes": sizes,
            "token_forwards_per_sample": tf, "methods": {}}
     ref_tokens = None
     for m in methods:

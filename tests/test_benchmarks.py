@@ -79,7 +79,11 @@ def test_sampling_script(tmp_path):
     for c in d["configs"]:
         tf, P, N = c["token_forwards_per_sample"], c["P"], c["N"]
         assert tf["cache"] == P + 2 * N - c["k_last"] and tf["mdlm"] == c["K"] * (P + N)
-        assert set(c["methods"]) == {"cache", "replay", "mdlm"}
+        assert set(c["methods"]) == {"cache", "static", "replay", "mdlm"}
+        sizes = c["step_sizes"]
+        assert sum(sizes) == N and len(sizes) == c["K"] > 1
+        W = max(a + b for a, b in zip(sizes, sizes[1:]))
+        assert tf["static"] == P + sizes[0] + (len(sizes) - 1) * W
         for m, r in c["methods"].items():
             assert r["median_s"] > 0 and r["same_tokens_frac"] >= 0.99, m
             assert r["token_ratio"] == pytest.approx(tf[m] / tf["cache"])

@@ -75,7 +75,7 @@ def test_nan_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(pt, "hybrid_loss", poisoned)
-    with pytest.raises(TrainingDiverged, match="step 4.*step-0000003"):
+    with pytest.raises(TrainingDiverged, match="step 5.*step-0000003"):
         run_pretrain(tiny_cfg(tmp_path))
     ck = tmp_path / "run" / "checkpoints"
     assert (ck / "step-0000003" / "trainer_state.json").exists()

@@ -18,7 +18,7 @@ from ..modeling_esolm import EsoLMModel
 from ..policy import EsoPolicy, EstimatorConfig
 from ..sampling import SamplingConfig
 from ..schedule import ScheduleConfig, make_generator
-from ..train.common import Checkpointer, RunLogger, all_reduce_sum, make_accelerator
+from ..train.common import Checkpointer, NonFiniteGuard, RunLogger, all_reduce_sum, check_resume, flat_config, lr_factor, make_accelerator, set_learning_rate
 from .common import all_gather_cat, build_rewards, ensure_policy, load_prompts, load_tokenizer_for, prepare_reference, score_rewards
 
 _PURPOSE_PROMPTS, _PURPOSE_EST = 6, 7
@@ -172,14 +172,27 @@ class RLTrainerBase:
         reference passes (spec §6)."""
         return int(torch.randint(0, 2**31 - 1, (1,), generator=make_generator(self.cfg.seed, _PURPOSE_EST, step, k)))
 
-    def set_lr(self) -> None:
+    # optimizer updates per RL step (GRPO: num_iterations; PPO: epochs × mini-batches)
+    updates_per_step = 1
+
+    def learning_rate(self, update: int) -> float:
+        """The learning rate of optimizer update ``update`` (0-based, counted over the whole
+        run: ``step × updates_per_step + k``), from the current config: linear warm-up over
+        ``warmup_steps`` updates, then constant or cosine to 0 at the last update."""
         c = self.cfg
-        s = self.step + 1
-        f = min(1.0, s / c.warmup_steps) if c.warmup_steps else 1.0
-        if c.lr_scheduler_type == "cosine":
-            f *= 0.5 * (1 + math.cos(math.pi * min(1.0, s / c.max_steps)))
-        for g in self.opt.param_groups:
-            g["lr"] = c.learning_rate * f
+        return c.learning_rate * lr_factor(update, c.warmup_steps, c.lr_scheduler_type, c.max_steps * self.updates_per_step)
+
+    def make_guard(self) -> None:
+        self.guard = NonFiniteGuard(self.accelerator, self.model, self.opt, self.ckpt)
+
+    def update(self, k: int) -> tuple[float, bool]:
+        """Apply the accumulated gradients as update ``k`` of the current step: the learning
+        rate and AdamW settings of the current config, then clip and step unless a gradient is
+        non-finite (:class:`~esorl.train.common.NonFiniteGuard`). Returns ``(grad_norm, applied)``."""
+        c = self.cfg
+        set_learning_rate(self.opt, self.learning_rate(self.step * self.updates_per_step + k),
+                          betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_epsilon, weight_decay=c.weight_decay)
+        return self.guard.step(c.max_grad_norm, self.step + 1)
 
     # ------------------------------------------------------------------ eval, logging
     @torch.no_grad()
@@ -210,19 +223,30 @@ class RLTrainerBase:
 
             plot_reward_curve(self.out / "metrics.jsonl", self.out / "reward_curve.png", f"{self.kind.upper()} [{self.cfg.likelihood}] {self.out.name}")
 
+    def resume_fixed(self) -> dict[str, str]:
+        """Settings (dotted names; a trailing ``.`` = a whole section) a resumed run cannot
+        change, with the reason; every other change is honoured from the new config."""
+        return {"policy.": "the checkpoint holds the weights of the policy it started from",
+                f"{self.kind}.seed": "rollouts, prompt order and estimator noise are keyed by it"}
+
     def save(self) -> None:
-        self.ckpt.save(self.accelerator, self.step, {"kind": self.kind})
+        self.ckpt.save(self.accelerator, self.step, {"kind": self.kind, "config": flat_config(self.recipe), **self.guard.state_dict()},
+                       verify=(self.model, self.opt))
 
     def resume(self, resume) -> None:
         path = self.ckpt.resolve(resume)
         if path is None:
             return
-        state, _ = Checkpointer.load(self.accelerator, path)
+        state = Checkpointer.read_state(path)
         if state.get("kind", self.kind) != self.kind:
             raise ValueError(f"checkpoint {path} is a {state.get('kind')!r} checkpoint, not a {self.kind} one")
+        changed = check_resume(state, path, self.accelerator, flat_config(self.recipe), self.resume_fixed())
+        state, _ = Checkpointer.load(self.accelerator, path)
         self.step = state["step"]
+        self.guard.load_state_dict(state)
         self.logger.truncate_after(self.step)
-        self.accelerator.print(f"[esorl] resumed {self.kind.upper()} from {path} at step {self.step}")
+        self.accelerator.print(f"[esorl] resumed {self.kind.upper()} from {path} at step {self.step}"
+                               + (f" with changed settings: {'; '.join(changed)}" if changed else ""))
 
     # ------------------------------------------------------------------ the loop
     def step_once(self, t0: float) -> tuple[dict, dict]:

@@ -226,18 +226,3 @@ def prepare_reference(ref, accelerator):
     engine, *_ = deepspeed.initialize(model=ref, config=cfg)
     engine.eval()
     return engine
-
-
-def backward_micro(accelerator, model, loss: torch.Tensor, sync: bool, world: int) -> None:
-    """Backward of one micro-batch whose loss is already normalised over the whole optimizer
-    batch. ``sync``: last micro-batch before the optimizer step. DeepSpeed steps only at that
-    boundary and must not rescale by 1/gas; DDP skips the all-reduce until then."""
-    if getattr(accelerator.state, "deepspeed_plugin", None) is not None:
-        accelerator.gradient_state._set_sync_gradients(sync)
-        accelerator.backward(loss, scale_wrt_gas=False)
-        accelerator.gradient_state._set_sync_gradients(True)
-    elif not sync and world > 1:
-        with accelerator.no_sync(model):
-            accelerator.backward(loss)
-    else:
-        accelerator.backward(loss)

@@ -28,7 +28,7 @@ from ..policy import EsoPolicy
 from ..rollout import Rollout
 from ..train.common import LoggingConfig, all_reduce_sum, check_finite, configure_deepspeed
 from .base import EsoRLArgs, RLTrainerBase
-from .common import LOG_RATIO_CLAMP, PolicyArgs, PromptArgs, RewardSpec, all_gather_cat, backward_micro, peak_memory_mb
+from .common import LOG_RATIO_CLAMP, PolicyArgs, PromptArgs, RewardSpec, all_gather_cat, peak_memory_mb
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
@@ -158,8 +158,10 @@ class EsoGRPOTrainer(RLTrainerBase):
         acc = self.accelerator
         model = EsoLMModel.from_pretrained(str(self.model_dir))
         self.opt = torch.optim.AdamW(model.parameters(), lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_epsilon, weight_decay=c.weight_decay)
-        configure_deepspeed(acc, c.per_device_train_batch_size, c.gradient_accumulation_steps)
+        configure_deepspeed(acc, c.per_device_train_batch_size, c.gradient_accumulation_steps, c.max_grad_norm)
         self.model, self.opt = acc.prepare(model, self.opt)
+        self.updates_per_step = c.num_iterations
+        self.make_guard()
         self.ref = None
         self.policy = EsoPolicy(self.model, self.tokenizer, c.sampling(), acc, c.attention_backend)
         self.ref_policy = self.make_reference(c.beta > 0)
@@ -219,7 +221,7 @@ class EsoGRPOTrainer(RLTrainerBase):
                 old_mb = lp.detach() if old is None else old[idx]
                 loss_tok, kl, low, high = grpo_token_loss(lp, old_mb, adv[idx], mask, c.epsilon, eps_high, c.beta, None if ref is None else ref[idx])
                 loss = aggregate(loss_tok, mask, c.loss_type, n_tok, self.gen_batch, c.max_completion_length, self.world)
-                backward_micro(acc, self.model, loss, j == len(mbs) - 1, self.world)
+                self.guard.backward(loss, j == len(mbs) - 1, self.world)
                 m = mask.float()
                 stats["loss"] += loss.item() / self.world
                 stats["clip_low"] += (low.float() * m).sum().item()
@@ -227,17 +229,14 @@ class EsoGRPOTrainer(RLTrainerBase):
                 stats["ratio_dev"] += ((lp.detach() - old_mb).abs() * m).sum().item()
                 if kl is not None:
                     stats["kl"] += (kl.detach() * m).sum().item()
-            gn = acc.clip_grad_norm_(self.model.parameters(), c.max_grad_norm) if c.max_grad_norm > 0 else None
-            grad_norms.append(float(gn) if gn is not None else float("nan"))
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
-            self.set_lr()
+            gn, _ = self.update(it)
+            grad_norms.append(gn)
             t_update += time.time() - t0
         self._old_cache = {}
         tot = all_reduce_sum(torch.tensor([stats["clip_low"], stats["clip_high"], stats["ratio_dev"], stats["kl"]], device=acc.device, dtype=torch.float64)) / (n_tok * c.num_iterations)
         loss = all_reduce_sum(torch.tensor(stats["loss"], device=acc.device)).item() / c.num_iterations
-        check_finite(loss, self.step, self.ckpt)
-        return {"loss": loss, "clip_ratio/low": tot[0].item(), "clip_ratio/high": tot[1].item(), "clip_ratio/region": (tot[0] + tot[1]).item(),
+        check_finite(loss, self.step + 1, self.ckpt)
+        return {"loss": loss, "skipped_updates": self.guard.skipped_updates, "learning_rate": self.opt.param_groups[0]["lr"], "clip_ratio/low": tot[0].item(), "clip_ratio/high": tot[1].item(), "clip_ratio/region": (tot[0] + tot[1]).item(),
                 "ratio_abs_log_dev": tot[2].item(), "kl": tot[3].item(), "grad_norm": sum(grad_norms) / len(grad_norms),
                 "time/score": t_score, "time/update": t_update}
 

@@ -83,7 +83,7 @@ from ..rollout import Rollout
 from ..schedule import make_generator
 from ..train.common import LoggingConfig, all_reduce_sum, check_finite, configure_deepspeed
 from .base import EsoRLArgs, RLTrainerBase
-from .common import LOG_RATIO_CLAMP, PolicyArgs, PromptArgs, RewardSpec, all_gather_cat, backward_micro, peak_memory_mb
+from .common import LOG_RATIO_CLAMP, PolicyArgs, PromptArgs, RewardSpec, all_gather_cat, peak_memory_mb
 
 _PURPOSE_SHUFFLE = 8
 DETERMINISTIC = ("exact", "replay")  # estimators whose old log-probs are the sampler's
@@ -342,8 +342,10 @@ class EsoPPOTrainer(RLTrainerBase):
         head = ValueHead(lm.config.hidden_size, c.value_head_init_std)
         container = EsoLMWithValueHead(lm, head)
         self.opt = torch.optim.AdamW(container.parameters(), lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_epsilon, weight_decay=c.weight_decay)
-        configure_deepspeed(acc, c.per_device_train_batch_size, c.gradient_accumulation_steps)
+        configure_deepspeed(acc, c.per_device_train_batch_size, c.gradient_accumulation_steps, c.max_grad_norm)
         self.model, self.opt = acc.prepare(container, self.opt)
+        self.updates_per_step = c.num_ppo_epochs * c.num_mini_batches
+        self.make_guard()
         self.head: ValueHead = acc.unwrap_model(self.model).value_head
         self.is_ds = getattr(acc.state, "deepspeed_plugin", None) is not None
         self.ref = None
@@ -444,7 +446,7 @@ class EsoPPOTrainer(RLTrainerBase):
 
     # ------------------------------------------------------------------ update
     def _backward(self, loss: torch.Tensor, sync: bool):
-        backward_micro(self.accelerator, self.model, loss, sync, self.world)
+        self.guard.backward(loss, sync, self.world)
 
     def train_step(self, data: dict) -> dict:
         c = self.cfg
@@ -484,18 +486,15 @@ class EsoPPOTrainer(RLTrainerBase):
                     st["ratio"] += (ratio.detach() * mf).sum().item()
                     st["n_tok"] += mf.sum().item()
                     st["n_val"] += vf.numel()
-                gn = acc.clip_grad_norm_(self.model.parameters(), c.max_grad_norm) if c.max_grad_norm > 0 else None
-                grad_norms.append(float(gn) if gn is not None else float("nan"))
-                self.opt.step()
-                self.opt.zero_grad(set_to_none=True)
-                self.set_lr()
+                gn, _ = self.update(e * c.num_mini_batches + mb)
+                grad_norms.append(gn)
         t_update = time.time() - t0
         n_updates = c.num_ppo_epochs * c.num_mini_batches
         tot = all_reduce_sum(torch.tensor([st[k] for k in ("pg_loss", "vf_loss", "pg_clip", "vf_clip", "approx_kl", "ratio", "n_tok", "n_val")], device=acc.device, dtype=torch.float64))
         pg_loss, vf_loss = tot[0].item() / n_updates, tot[1].item() / n_updates  # sums over ranks of per-rank shares
         loss = pg_loss + c.vf_coef * vf_loss
-        check_finite(loss, self.step, self.ckpt)
-        return {"loss/policy": pg_loss, "loss/value": vf_loss, "loss/total": loss,
+        check_finite(loss, self.step + 1, self.ckpt)
+        return {"loss/policy": pg_loss, "skipped_updates": self.guard.skipped_updates, "loss/value": vf_loss, "loss/total": loss,
                 "policy/clipfrac": (tot[2] / tot[6]).item(), "value/clipfrac": (tot[3] / tot[7]).item(),
                 "policy/approx_kl": (tot[4] / tot[6]).item(), "policy/ratio_mean": (tot[5] / tot[6]).item(),
                 "grad_norm": sum(grad_norms) / len(grad_norms), "time/update": t_update}

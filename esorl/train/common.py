@@ -44,6 +44,10 @@ class OptimConfig:
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
 
+    def factor(self, step: int, max_steps: int) -> float:
+        """The learning-rate multiplier at optimizer step ``step`` (0-based)."""
+        return lr_factor(step, self.warmup_steps, self.lr_schedule, max_steps, self.min_lr_ratio)
+
     def validate(self):
         if self.lr <= 0:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}")
@@ -72,21 +76,169 @@ class LoggingConfig:
             raise ValueError("logging.log_every must be >= 1")
 
 
-def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.lr_schedule == "constant":
+def lr_factor(step: int, warmup_steps: int, schedule: str, max_steps: int, min_lr_ratio: float = 0.0) -> float:
+    """Multiplier of the peak learning rate at optimizer step ``step`` (0-based: the first
+    update is step 0), a pure function of the step and the *current* settings, so a resumed
+    run follows its new schedule from its first step.
+
+    Linear warm-up ``(step + 1) / warmup_steps`` (the first update already moves), then
+    ``constant`` (1) or ``cosine`` from 1 at the first update after warm-up towards
+    ``min_lr_ratio`` at ``max_steps`` (``transformers.get_cosine_schedule_with_warmup``'s
+    decay with a floor; no update is ever taken at the floor's end point)."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
         return 1.0
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    if schedule != "cosine":
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}: use constant or cosine")
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(params, cfg: OptimConfig, max_steps: int, device=None):
-    """AdamW (the fused CUDA kernel when training on a GPU) and its LR schedule."""
+def set_learning_rate(optimizer, lr: float, **hparams) -> None:
+    """Write the learning rate (and optionally ``betas``, ``eps``, ``weight_decay``) into every
+    parameter group. Called before each update with values from the current config: loading
+    an optimizer state restores the *saved* hyper-parameters, which would silently override a
+    change the user made between a run and its resume."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+        for k, v in hparams.items():
+            if k in g:
+                g[k] = v
+
+
+def make_optimizer(params, cfg: OptimConfig, device=None):
+    """AdamW (the fused CUDA kernel when training on a GPU). The learning rate is set before
+    every update by :func:`set_learning_rate` with :func:`lr_factor` (no scheduler state: a
+    resumed run follows its current config)."""
     fused = True if device is not None and torch.device(device).type == "cuda" else None
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fused)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg, max_steps))
-    return opt, sched
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fused)
+
+
+# ----------------------------------------------------------------------------- updates
+
+# consecutive updates skipped for a non-finite gradient before the run is declared diverged
+MAX_CONSECUTIVE_SKIPPED = 5
+
+
+class NonFiniteGuard:
+    """Keeps non-finite gradients away from the weights and the optimizer state.
+
+    :meth:`step` clips and applies an update only when the global gradient norm is finite,
+    as AMP's ``GradScaler`` does: otherwise the gradients are dropped, the update is skipped
+    and counted (``skipped_updates``, logged as ``train/skipped_updates``), and after
+    :data:`MAX_CONSECUTIVE_SKIPPED` skips in a row the run stops (:class:`TrainingDiverged`).
+    The norm is the all-reduced one (DDP) or DeepSpeed's partition-wide overflow check, so
+    every rank takes the same decision. Under DeepSpeed the step is taken inside the
+    engine; a non-finite gradient there stops the run *before* the engine's step (DeepSpeed
+    has no bf16/fp32 skip). With fp16 mixed precision accelerate's ``GradScaler`` already
+    skips and rescales; its decision is counted.
+    """
+
+    def __init__(self, accelerator, model, optimizer, checkpointer: "Checkpointer"):
+        self.acc, self.model, self.opt, self.ckpt = accelerator, model, optimizer, checkpointer
+        self.skipped_updates = 0
+        self.consecutive = 0
+        self.is_ds = getattr(accelerator.state, "deepspeed_plugin", None) is not None
+
+    def backward(self, loss: torch.Tensor, sync: bool, world: int) -> None:
+        """Backward of one micro-batch whose loss is already normalised over the whole
+        optimizer batch; ``sync``: the last micro-batch before the update. DeepSpeed must not
+        rescale by 1/gas and only reduces at that boundary; DDP skips the all-reduce until then."""
+        acc = self.acc
+        if self.is_ds:
+            engine = acc.deepspeed_engine_wrapped.engine
+            engine.set_gradient_accumulation_boundary(is_boundary=sync)
+            engine.backward(loss)
+        elif not sync and world > 1:
+            with acc.no_sync(self.model):
+                acc.backward(loss)
+        else:
+            acc.backward(loss)
+
+    def step(self, max_grad_norm: float, step: int) -> tuple[float, bool]:
+        """Clip (``max_grad_norm`` > 0) and apply the accumulated gradients if they are finite.
+        ``step``: the step number shown in the logs (for messages). Returns ``(grad_norm,
+        applied)``; the gradients are cleared either way."""
+        acc = self.acc
+        if self.is_ds:
+            engine = acc.deepspeed_engine_wrapped.engine
+            if _ds_overflow(engine):
+                engine.optimizer.zero_grad()
+                raise TrainingDiverged(self._message(f"a gradient is non-finite at step {step} (DeepSpeed: stopped before its update)"))
+            engine.step()
+            gn = engine.get_global_grad_norm()
+            gn = float(gn) if gn is not None else float("nan")
+            return gn, True
+        # the total norm of the (DDP-reduced) gradients: `inf` as the max norm measures without clipping
+        gn = acc.clip_grad_norm_(self.model.parameters(), max_grad_norm if max_grad_norm > 0 else float("inf"))
+        gn = float(gn) if gn is not None else float("nan")
+        scaler = getattr(acc, "scaler", None)
+        if scaler is not None:  # fp16: GradScaler skips non-finite steps and lowers its scale
+            self.opt.step()
+            applied = not getattr(self.opt, "step_was_skipped", False)
+        elif math.isfinite(gn):
+            self.opt.step()
+            applied = True
+        else:
+            applied = False
+        self.opt.zero_grad(set_to_none=True)
+        if applied:
+            self.consecutive = 0
+        else:
+            self.skipped_updates += 1
+            self.consecutive += 1
+            acc.print(f"[esorl] step {step}: gradient norm {gn} is not finite; update skipped ({self.skipped_updates} skipped so far)")
+            if self.consecutive >= MAX_CONSECUTIVE_SKIPPED and scaler is None:
+                raise TrainingDiverged(self._message(f"the gradient was non-finite in {self.consecutive} consecutive updates up to step {step}"))
+        return gn, applied
+
+    def _message(self, what: str) -> str:
+        last = self.ckpt.latest()
+        return (f"{what}: stopping. No update with a non-finite value was applied. The last good checkpoint is "
+                f"{last if last else '(none written yet)'}; resume from it with a lower learning rate.")
+
+    def state_dict(self) -> dict:
+        return {"skipped_updates": self.skipped_updates}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.skipped_updates = int(sd.get("skipped_updates", 0))
+
+
+def _ds_overflow(engine) -> bool:
+    """Whether any (partitioned) gradient of a DeepSpeed engine is inf/NaN, agreed by all ranks."""
+    opt = engine.optimizer
+    if hasattr(opt, "has_overflow"):
+        try:
+            return bool(opt.has_overflow(partition_gradients=getattr(opt, "partition_gradients", True)))
+        except TypeError:
+            return bool(opt.has_overflow())
+    bad = torch.zeros((), device=engine.device)
+    for p in engine.module.parameters():
+        if p.grad is not None:
+            bad = torch.maximum(bad, (~torch.isfinite(p.grad)).any().float())
+    return bool(all_reduce_sum(bad).item() > 0)
+
+
+def parameters_finite(model, optimizer=None) -> bool:
+    """Whether every parameter (this rank's shard under ZeRO-3) and every floating tensor of
+    the optimizer state is finite, agreed by all ranks (collective)."""
+    bad = torch.zeros((), dtype=torch.float32)
+    dev = None
+    for p in model.parameters():
+        t = p.ds_tensor if hasattr(p, "ds_tensor") else p.data
+        dev = t.device
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad += 1
+    if optimizer is not None:
+        inner = getattr(optimizer, "optimizer", optimizer)
+        for st in getattr(inner, "state", {}).values():
+            for v in st.values() if isinstance(st, dict) else ():
+                if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                    bad += 1
+    if dev is not None:
+        bad = bad.to(dev)
+    return bool(all_reduce_sum(bad).item() == 0)
 
 
 # ----------------------------------------------------------------------------- accelerator
@@ -120,9 +272,10 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def configure_deepspeed(accelerator, micro_batch_size: int, accumulation: int) -> None:
+def configure_deepspeed(accelerator, micro_batch_size: int, accumulation: int, max_grad_norm: float | None = None) -> None:
     """Fill the batch fields DeepSpeed needs before ``prepare`` (esorl feeds tensors, not a
-    DataLoader, so accelerate cannot infer them)."""
+    DataLoader, so accelerate cannot infer them), and the recipe's gradient clipping (the
+    engine clips inside its step; one setting, the recipe's, wins over the launch config's)."""
     ds = getattr(accelerator.state, "deepspeed_plugin", None)
     if ds is None:
         return
@@ -130,6 +283,8 @@ def configure_deepspeed(accelerator, micro_batch_size: int, accumulation: int) -
     cfg["train_micro_batch_size_per_gpu"] = micro_batch_size
     cfg["gradient_accumulation_steps"] = accumulation
     cfg["train_batch_size"] = micro_batch_size * accumulation * accelerator.num_processes
+    if max_grad_norm is not None:
+        cfg["gradient_clipping"] = float(max_grad_norm)
 
 
 def is_zero3(accelerator) -> bool:
@@ -208,8 +363,16 @@ class Checkpointer:
         self.root = Path(output_dir) / "checkpoints"
         self.keep_last = keep_last
 
-    def save(self, accelerator, step: int, state: dict, extras: dict[str, object] | None = None) -> Path:
+    def save(self, accelerator, step: int, state: dict, extras: dict[str, object] | None = None, verify: tuple = ()) -> Path:
+        """Write checkpoint ``step-{step}``. ``verify``: ``(model, optimizer)`` whose values
+        must all be finite (checked on every rank first): a checkpoint is only ever written,
+        and only ever called good, when it is."""
         final = self.root / f"step-{step:07d}"
+        if verify and not parameters_finite(*verify):
+            last = self.latest()
+            raise TrainingDiverged(
+                f"step {step}: the weights or the optimizer state hold a non-finite value, so no checkpoint was written. "
+                f"The last good checkpoint is {last if last else '(none written yet)'}.")
         tmp = self.root / f"step-{step:07d}.tmp"
         if accelerator.is_main_process:
             if tmp.exists():
@@ -222,7 +385,8 @@ class Checkpointer:
                 torch.save(obj, tmp / f"{name}.rank{accelerator.process_index}.pt")
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step, "world_size": accelerator.num_processes}, indent=1))
+            (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step, **distributed_layout(accelerator),
+                                                               "verified_finite": bool(verify)}, indent=1))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -257,14 +421,19 @@ class Checkpointer:
         return p
 
     @staticmethod
-    def load(accelerator, path: Path, extras: list[str] = ()) -> tuple[dict, dict]:
-        sf = path / "trainer_state.json"
+    def read_state(path: Path) -> dict:
+        """The checkpoint's ``trainer_state.json`` (cheap: read before any model is loaded)."""
+        sf = Path(path) / "trainer_state.json"
         if not sf.is_file():
             raise CheckpointError(f"checkpoint {path} is incomplete: trainer_state.json is missing")
         try:
-            state = json.loads(sf.read_text())
+            return json.loads(sf.read_text())
         except json.JSONDecodeError as e:
             raise CheckpointError(f"checkpoint {path}: trainer_state.json is corrupted ({e})") from None
+
+    @staticmethod
+    def load(accelerator, path: Path, extras: list[str] = ()) -> tuple[dict, dict]:
+        state = Checkpointer.read_state(path)
         try:
             accelerator.load_state(str(path))
         except Exception as e:  # noqa: BLE001 - re-raised with the path named
@@ -281,6 +450,64 @@ class Checkpointer:
         return state, out
 
 
+def flat_config(cfg) -> dict:
+    """A (nested) dataclass as ``{"section.field": value}`` (JSON-able values)."""
+    from dataclasses import asdict, is_dataclass
+
+    out: dict = {}
+
+    def walk(d, prefix):
+        for k, v in d.items():
+            if isinstance(v, dict) and v and all(isinstance(x, str) for x in v) and not k.endswith("kwargs"):
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[f"{prefix}{k}"] = json.loads(json.dumps(v, default=str))
+
+    walk(asdict(cfg) if is_dataclass(cfg) else dict(cfg), "")
+    return out
+
+
+def distributed_layout(accelerator) -> dict:
+    """What a checkpoint's *format* depends on: the number of ranks and the DeepSpeed ZeRO
+    stage (``None`` without DeepSpeed)."""
+    ds = getattr(accelerator.state, "deepspeed_plugin", None)
+    return {"world_size": accelerator.num_processes, "zero_stage": None if ds is None else ds.zero_stage}
+
+
+def check_resume(state: dict, path: Path, accelerator, current: dict, fixed: dict[str, str]) -> list[str]:
+    """Compare a checkpoint's saved settings with the current run's before any work.
+
+    ``current``: :func:`flat_config` of the current config. ``fixed``: settings (or dotted
+    prefixes ending in ``.``) that cannot change within one run, each with the reason.
+    Raises :class:`CheckpointError` naming every such setting that changed, and a change of
+    DeepSpeed ZeRO stage or (under DeepSpeed) of the number of ranks, whose partitioned
+    checkpoints cannot be re-split. Returns ``"name: old → new"`` for the changes that are
+    honoured (learning rate, schedule length, logging, ...), for the resume message.
+    Checkpoints written before settings were recorded are accepted as they are."""
+    problems = []
+    layout = distributed_layout(accelerator)
+    saved_stage = state.get("zero_stage", "unknown")
+    if saved_stage != "unknown" and saved_stage != layout["zero_stage"]:
+        problems.append(f"DeepSpeed ZeRO stage {saved_stage} → {layout['zero_stage']} (the optimizer state is saved in the first one's format)")
+    if layout["zero_stage"] is not None and state.get("world_size", layout["world_size"]) != layout["world_size"]:
+        problems.append(f"number of ranks {state['world_size']} → {layout['world_size']} (DeepSpeed checkpoints are partitioned per rank)")
+    saved = state.get("config")
+    changed = []
+    if isinstance(saved, dict):
+        for k in sorted(set(saved) | set(current)):
+            if k in saved and k in current and saved[k] != current[k]:
+                reason = next((r for f, r in fixed.items() if k == f or (f.endswith(".") and k.startswith(f))), None)
+                if reason is not None:
+                    problems.append(f"{k} {saved[k]!r} → {current[k]!r} ({reason})")
+                else:
+                    changed.append(f"{k}: {saved[k]!r} → {current[k]!r}")
+    if problems:
+        raise CheckpointError(
+            f"cannot resume from {path}: " + "; ".join(problems)
+            + ". Resume with the original settings, or start a new run in another output_dir.")
+    return changed
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
     tmp.write_text(text)
@@ -288,11 +515,13 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def check_finite(value: float, step: int, checkpointer: Checkpointer, what: str = "loss") -> None:
+    """Stop the run (:class:`TrainingDiverged`) if ``value`` is NaN/inf. ``step``: the step
+    as the logs show it (1-based: the step that produced ``value``)."""
     if not math.isfinite(value):
         last = checkpointer.latest()
         raise TrainingDiverged(
-            f"{what} is {value} at step {step}: stopping. The last good checkpoint is "
-            f"{last if last else '(none written yet)'}; resume from it with a lower learning rate."
+            f"{what} is {value} at step {step}: stopping. No update with a non-finite value was applied. "
+            f"The last good checkpoint is {last if last else '(none written yet)'}; resume from it with a lower learning rate."
         )
 
 

@@ -23,10 +23,18 @@ from ..configuration_esolm import EsoLMConfig
 from ..modeling_esolm import EsoLMModel
 from ..objective import ObjectiveConfig, hybrid_loss
 from ..schedule import make_generator
-from .common import EMA, all_reduce_sum, configure_deepspeed, Checkpointer, LoggingConfig, OptimConfig, RunLogger, check_finite, make_accelerator, make_optimizer, read_metrics
+from .common import (EMA, Checkpointer, LoggingConfig, NonFiniteGuard, OptimConfig, RunLogger, all_reduce_sum, check_finite, check_resume,
+                     configure_deepspeed, flat_config, make_accelerator, make_optimizer, read_metrics, set_learning_rate)
 from .data_prep import DataConfig, prepare_data
 
 _PURPOSE_DATA = 2
+
+# settings a resumed pretraining run cannot change (the rest is honoured from the new config)
+RESUME_FIXED = {
+    "model.": "the checkpoint holds weights of this architecture",
+    "data.": "the rows, their order and the data position refer to this data",
+    "train.seed": "the data order and the objective's noise are keyed by it",
+}
 _EVAL_SEED = 12345
 
 
@@ -111,10 +119,11 @@ def build_model(args: ModelArgs, tok, seq_len: int) -> EsoLMModel:
     return EsoLMModel(cfg)
 
 
-def global_batch_rows(step: int, G: int, n_rows: int, seed: int) -> torch.Tensor:
-    """Row indices of the global batch of ``step``: epochs are seeded permutations, and the
-    data position is simply ``step × G`` (so resuming needs nothing but the step)."""
-    flat = torch.arange(step * G, (step + 1) * G)
+def global_batch_rows(position: int, G: int, n_rows: int, seed: int) -> torch.Tensor:
+    """Row indices of the global batch that starts at data position ``position`` (rows
+    consumed so far; ``step × G`` within one setting): epochs are seeded permutations, so a
+    batch is a pure function of ``(seed, position)`` and resuming needs only the position."""
+    flat = torch.arange(position, position + G)
     epochs, within = flat // n_rows, flat % n_rows
     out = torch.empty(G, dtype=torch.long)
     for e in epochs.unique().tolist():
@@ -223,74 +232,74 @@ def run_pretrain(cfg: PretrainConfig, resume: str | bool = False, data_fn=None, 
         raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds the model context max_seq_len={model.config.max_seq_len}")
     # the fused AdamW kernel on GPUs (DeepSpeed keeps its own optimizer partitions: foreach)
     ds = getattr(accelerator.state, "deepspeed_plugin", None) is not None
-    opt, sched = make_optimizer(model.parameters(), cfg.optim, tcfg.max_steps, device=None if ds else accelerator.device)
-    # The LR scheduler is stepped by us, once per optimizer step: accelerate's wrapper would
-    # step it once per *rank* (it assumes per-rank batches grow with the world size).
-    configure_deepspeed(accelerator, micro, accum)
+    opt = make_optimizer(model.parameters(), cfg.optim, device=None if ds else accelerator.device)
+    configure_deepspeed(accelerator, micro, accum, cfg.optim.grad_clip)
     model, opt = accelerator.prepare(model, opt)
-    accelerator.register_for_checkpointing(sched)
     ema = EMA(model.parameters(), tcfg.ema_decay) if tcfg.ema_decay > 0 else None
 
     ckpt = Checkpointer(out_dir, tcfg.keep_last)
+    guard = NonFiniteGuard(accelerator, model, opt, ckpt)
     logger = RunLogger(out_dir, cfg.logging, asdict(cfg), enabled=accelerator.is_main_process)
     if accelerator.is_main_process:
         save_config(cfg, out_dir / "config.yaml")
     step = 0
+    # data position = rows consumed so far: step × batch_size within one setting, carried
+    # over a resume so that a changed batch size continues where the data stopped
+    pos0, step0 = 0, 0
     path = ckpt.resolve(resume)
     if path is not None:
+        state = Checkpointer.read_state(path)
+        changed = check_resume(state, path, accelerator, flat_config(cfg), RESUME_FIXED)
         state, extras = Checkpointer.load(accelerator, path, ["ema"] if ema else [])
-        step = state["step"]
+        step = step0 = state["step"]
+        pos0 = int(state.get("data_position", step * G))
+        guard.load_state_dict(state)
         if ema:
             ema.load_state_dict(extras["ema"])
+            ema.decay = tcfg.ema_decay  # the current setting, not the saved one
         logger.truncate_after(step)
-        # the optimizer carries the LR of the step it was saved at; take it from the schedule
-        # (lets a resumed run change max_steps, and is a no-op otherwise)
-        for g, base in zip(opt.param_groups, sched.base_lrs):
-            g["lr"] = base * sched.lr_lambdas[0](sched.last_epoch)
-        accelerator.print(f"[esorl] resumed from {path} at step {step}")
+        accelerator.print(f"[esorl] resumed from {path} at step {step}" + (f" with changed settings: {'; '.join(changed)}" if changed else ""))
 
     n_rows = len(train["input_ids"])
     bar = tqdm(total=tcfg.max_steps, initial=step, desc=name, disable=not accelerator.is_main_process, dynamic_ncols=True)
     last = {}
     model.train()
     t0 = time.time()
-    gnorm = None
     while step < tcfg.max_steps:
-        rows = global_batch_rows(step, G, n_rows, tcfg.seed)
+        rows = global_batch_rows(pos0 + (step - step0) * G, G, n_rows, tcfg.seed)
         x_all, v_all = train["input_ids"][rows], train["valid"][rows].bool()
         pm_all = train["prompt_mask"][rows].bool() if "prompt_mask" in train else None
         scored = v_all if pm_all is None else v_all & ~pm_all  # prompts are context, never scored
         is_mdm = torch.arange(G) < int(cfg.objective.batch_split * G)
         counts = (scored[is_mdm].sum().item(), scored[~is_mdm].sum().item())  # global: every rank sees `rows`
+        # the learning rate (and AdamW settings) of this step from the current config
+        o = cfg.optim
+        set_learning_rate(opt, o.lr * o.factor(step, tcfg.max_steps), betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
         loss_sum = 0.0
         for m in range(accum):
             sl = rank_slice(G, micro, world, accelerator.process_index, accum, m)
             gidx = torch.arange(G)[sl]
             x, v = x_all[sl].to(accelerator.device), v_all[sl].to(accelerator.device)
             pm = {} if pm_all is None else {"prompt_mask": pm_all[sl].to(accelerator.device)}
-            with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    out = hybrid_loss(model, x, v, cfg.objective, tcfg.seed, step, gidx, G, counts, backend=tcfg.attention_backend, single_forward=world > 1, **pm)
-                # DDP/ZeRO average gradients over ranks and accelerate divides by `accum`:
-                # scale back so the summed gradient is that of (global sums / global counts).
-                accelerator.backward(out.loss * world * accum)
-                loss_sum += out.loss.detach().float()
-                if accelerator.sync_gradients:
-                    gnorm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 else None
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-        sched.step()
+            with accelerator.autocast():
+                out = hybrid_loss(model, x, v, cfg.objective, tcfg.seed, step, gidx, G, counts, backend=tcfg.attention_backend, single_forward=world > 1, **pm)
+            # DDP/ZeRO average gradients over ranks: scale back so the summed gradient is that
+            # of (global sums / global counts)
+            guard.backward(out.loss * world, m == accum - 1, world)
+            loss_sum += out.loss.detach().float()
         loss = all_reduce_sum(torch.as_tensor(loss_sum, device=accelerator.device)).item()
-        check_finite(loss, step, ckpt)
-        if ema:
+        if not math.isfinite(loss):
+            opt.zero_grad(set_to_none=True)
+            check_finite(loss, step + 1, ckpt)  # before any update: a NaN loss never reaches the weights
+        gnorm, applied = guard.step(o.grad_clip, step + 1)
+        if ema and applied:
             ema.update()
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}")
         if step % cfg.logging.log_every == 0 or step == tcfg.max_steps:
-            last = {"train/loss": loss, "train/lr": sched.get_last_lr()[0], "train/step_time": (time.time() - t0) / cfg.logging.log_every}
-            if gnorm is not None:
-                last["train/grad_norm"] = float(gnorm)
+            last = {"train/loss": loss, "train/lr": opt.param_groups[0]["lr"], "train/step_time": (time.time() - t0) / cfg.logging.log_every,
+                    "train/grad_norm": gnorm, "train/skipped_updates": guard.skipped_updates}
             t0 = time.time()
         if (tcfg.eval_every and step % tcfg.eval_every == 0) or step == tcfg.max_steps:
             if ema:
@@ -303,7 +312,8 @@ def run_pretrain(cfg: PretrainConfig, resume: str | bool = False, data_fn=None, 
             logger.log(last, step)
             last = {}
         if (tcfg.save_every and step % tcfg.save_every == 0) or step == tcfg.max_steps:
-            ckpt.save(accelerator, step, {"data_position": step * G}, {"ema": ema.state_dict()} if ema else None)
+            ckpt.save(accelerator, step, {"data_position": pos0 + (step - step0) * G, "config": flat_config(cfg), **guard.state_dict()},
+                      {"ema": ema.state_dict()} if ema else None, verify=(model, opt))
     bar.close()
     export_model(accelerator, model, ema, tok, out_dir / "model")
     metrics = read_metrics(out_dir / "metrics.jsonl") if accelerator.is_main_process else []

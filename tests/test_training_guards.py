@@ -1,0 +1,231 @@
+"""Regressions of every training runner (pretraining, SFT through it, GRPO, PPO):
+
+* a non-finite gradient with a finite loss never reaches the weights, the optimizer state or
+  a checkpoint (the update is skipped and counted; a run of such updates stops, naming the
+  step the logs show and a checkpoint known to be finite);
+* the learning rate used by each ``optimizer.step`` is the schedule of the *current* config
+  at that update, from the first update on and right after a resume with a longer schedule;
+* a resumed run honours the optimizer settings of its new config, and refuses (before any
+  work, naming the setting) a change it cannot honour.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from esorl.config import load_config
+from esorl.rl.grpo import EsoGRPOTrainer, GRPORecipe
+from esorl.rl.ppo import EsoPPOTrainer, PPORecipe
+from esorl.train.common import MAX_CONSECUTIVE_SKIPPED, CheckpointError, TrainingDiverged, lr_factor, read_metrics
+from esorl.train.pretrain import run_pretrain
+
+from rl_fixtures import EvenIdReward, make_tiny_policy, recipe_dict
+from test_ppo import ppo_recipe_dict
+from test_pretrain import tiny_cfg
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory):
+    return make_tiny_policy(tmp_path_factory.mktemp("policy"))
+
+
+def grpo(policy_dir, out, **kw):
+    rec = load_config(GRPORecipe, None, [], base=recipe_dict(policy_dir, out / "run", out / "cache", **kw))
+    return EsoGRPOTrainer(rec, reward_funcs=[EvenIdReward(policy_dir)], reward_weights=[1.0])
+
+
+def ppo(policy_dir, out, **kw):
+    rec = load_config(PPORecipe, None, [], base=ppo_recipe_dict(policy_dir, out / "run", out / "cache", **kw))
+    return EsoPPOTrainer(rec, reward_funcs=[EvenIdReward(policy_dir)], reward_weights=[1.0])
+
+
+@pytest.fixture
+def lr_log(monkeypatch):
+    """The learning rate of every ``AdamW.step`` call, in order."""
+    seen = []
+    real = torch.optim.AdamW.step
+
+    def step(self, *a, **k):
+        seen.append(self.param_groups[0]["lr"])
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    return seen
+
+
+def poison_grad_once(param: torch.nn.Parameter, times: int = 1):
+    """Multiply the next ``times`` gradients of ``param`` by NaN (a backward overflow)."""
+    left = [times]
+
+    def hook(g):
+        if left[0] > 0:
+            left[0] -= 1
+            return g * float("nan")
+        return g
+
+    return param.register_hook(hook)
+
+
+def all_finite_checkpoints(run: Path):
+    ck = sorted((run / "checkpoints").glob("step-*"))
+    assert ck, "no checkpoint written"
+    for d in ck:
+        for f in d.glob("*.safetensors"):
+            for k, v in load_file(str(f)).items():
+                assert torch.isfinite(v).all(), (d.name, f.name, k)
+        for f in d.glob("optimizer*.bin"):
+            st = torch.load(f, weights_only=True)
+            for s in st["state"].values():
+                for k, v in s.items():
+                    if isinstance(v, torch.Tensor) and v.is_floating_point():
+                        assert torch.isfinite(v).all(), (d.name, f.name, k)
+        assert json.loads((d / "trainer_state.json").read_text())["verified_finite"] is True
+    return ck
+
+
+# ----------------------------------------------------------------------------- non-finite gradients
+
+
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_rl_nan_gradient_is_skipped_not_applied_or_checkpointed(policy_dir, tmp_path, algo):
+    make = grpo if algo == "grpo" else ppo
+    tr = make(policy_dir, tmp_path, max_steps=3, save_steps=1)
+    params = [p for p in tr.model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    real_step_once = tr.step_once
+    snapshots = []
+
+    def step_once(t0):
+        if tr.step == 0:
+            poison_grad_once(params[0])
+        out = real_step_once(t0)
+        snapshots.append([p.detach().clone() for p in params])
+        return out
+
+    tr.step_once = step_once
+    tr.run()
+    # step 1's update was dropped: weights equal the initial ones; step 2 updated again
+    assert all(torch.equal(a, b) for a, b in zip(before, snapshots[0]))
+    assert not all(torch.equal(a, b) for a, b in zip(snapshots[0], snapshots[1]))
+    assert all(torch.isfinite(p).all() for p in tr.model.parameters())
+    recs = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    key = "train/skipped_updates" if algo == "grpo" else "skipped_updates"
+    assert [r[key] for r in recs if key in r] == [1, 1, 1]
+    grad_key = "train/grad_norm" if algo == "grpo" else "grad_norm"
+    assert not math.isfinite(recs[0][grad_key]) and math.isfinite(recs[1][grad_key])
+    all_finite_checkpoints(tmp_path / "run")
+
+
+def test_rl_repeated_nan_gradients_stop_with_the_logged_step(policy_dir, tmp_path):
+    tr = grpo(policy_dir, tmp_path, max_steps=MAX_CONSECUTIVE_SKIPPED + 3, save_steps=1)
+    p0 = next(p for p in tr.model.parameters() if p.requires_grad)
+    real = tr.step_once
+
+    def step_once(t0):
+        if tr.step >= 2:
+            poison_grad_once(p0)
+        return real(t0)
+
+    tr.step_once = step_once
+    last = f"step-{MAX_CONSECUTIVE_SKIPPED + 1:07d}"
+    with pytest.raises(TrainingDiverged, match=rf"in {MAX_CONSECUTIVE_SKIPPED} consecutive updates up to step {MAX_CONSECUTIVE_SKIPPED + 2}:.*{last}"):
+        tr.run()
+    ck = all_finite_checkpoints(tmp_path / "run")
+    # the checkpoints of the skipped steps are finite and hold step 2's weights
+    assert ck[-1].name == last
+    w2 = load_file(str(tmp_path / "run" / "checkpoints" / last / "model.safetensors"))
+    live = dict(tr.model.named_parameters())
+    assert all(torch.equal(v, live[k].detach()) for k, v in w2.items() if k in live)
+
+
+def test_pretrain_nan_gradient_is_skipped(tmp_path, monkeypatch):
+    import esorl.train.pretrain as pt
+
+    real = pt.hybrid_loss
+    snapshots = {}
+
+    def poisoned(model, x, v, cfg, seed, step, *a, **k):
+        out = real(model, x, v, cfg, seed, step, *a, **k)
+        if model.training and step == 2 and not snapshots.get("hooked"):
+            snapshots["hooked"] = True
+            snapshots["before"] = [p.detach().clone() for p in model.parameters()]
+            poison_grad_once(next(model.parameters()))
+        if model.training and step == 3 and "after" not in snapshots:
+            snapshots["after"] = [p.detach().clone() for p in model.parameters()]
+        return out
+
+    monkeypatch.setattr(pt, "hybrid_loss", poisoned)
+    # one micro-batch per step, so the poisoned gradient is the step's whole gradient
+    run_pretrain(tiny_cfg(tmp_path, **{"train.micro_batch_size": 8, "train.save_every": 1}))
+    assert all(torch.equal(a, b) for a, b in zip(snapshots["before"], snapshots["after"]))
+    recs = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    skipped = {r["step"]: r["train/skipped_updates"] for r in recs if "train/skipped_updates" in r}
+    assert skipped[2] == 0 and skipped[3] == 1 and skipped[6] == 1
+    all_finite_checkpoints(tmp_path / "run")
+
+
+# ----------------------------------------------------------------------------- learning-rate schedule
+
+
+def test_lr_factor_warmup_and_cosine():
+    assert [lr_factor(s, 4, "constant", 5) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    cos = [lr_factor(s, 0, "cosine", 4) for s in range(4)]
+    assert cos[0] == 1.0 and all(a > b > 0 for a, b in zip(cos, cos[1:]))
+    assert lr_factor(3, 0, "cosine", 4, 0.1) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 3 / 4)))
+    with pytest.raises(ValueError, match="linear"):
+        lr_factor(0, 0, "linear", 4)
+
+
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_rl_warmup_lr_at_each_optimizer_step(policy_dir, tmp_path, lr_log, algo):
+    make = grpo if algo == "grpo" else ppo
+    make(policy_dir, tmp_path, learning_rate=1e-3, warmup_steps=4, max_steps=5).run()
+    assert lr_log == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+
+
+def test_grpo_lr_counts_updates_with_several_iterations(policy_dir, tmp_path, lr_log):
+    grpo(policy_dir, tmp_path, learning_rate=1e-3, warmup_steps=3, max_steps=2, num_iterations=2).run()
+    assert lr_log == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3])
+
+
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_rl_resume_with_a_longer_cosine_schedule(policy_dir, tmp_path, lr_log, algo):
+    make = grpo if algo == "grpo" else ppo
+    make(policy_dir, tmp_path, learning_rate=1e-3, lr_scheduler_type="cosine", max_steps=2, save_steps=1).run()
+    assert lr_log == pytest.approx([1e-3, 1e-3 * 0.5 * (1 + math.cos(math.pi / 2))])
+    lr_log.clear()
+    # resumed into a 6-step schedule with another peak LR and weight decay: both honoured
+    tr = make(policy_dir, tmp_path, learning_rate=2e-3, lr_scheduler_type="cosine", max_steps=6, save_steps=1, weight_decay=0.1)
+    tr.run(resume="latest")
+    assert lr_log == pytest.approx([2e-3 * 0.5 * (1 + math.cos(math.pi * s / 6)) for s in range(2, 6)])
+    assert all(g["weight_decay"] == 0.1 for g in tr.opt.param_groups)
+
+
+def test_pretrain_resume_honours_a_new_schedule_and_batch_size(tmp_path, lr_log):
+    run_pretrain(tiny_cfg(tmp_path, **{"train.max_steps": 3, "optim.warmup_steps": 0, "optim.lr_schedule": "cosine"}))
+    first = list(lr_log)
+    assert first[0] == pytest.approx(3e-3)
+    lr_log.clear()
+    # longer schedule, larger LR, larger batch: every change is honoured from the first resumed step
+    cfg = tiny_cfg(tmp_path, **{"train.max_steps": 5, "optim.warmup_steps": 0, "optim.lr_schedule": "cosine", "optim.lr": 6e-3,
+                                "train.batch_size": 16, "train.micro_batch_size": 8})
+    run_pretrain(cfg, resume="latest")
+    expected = [6e-3 * lr_factor(s, 0, "cosine", 5, 0.1) for s in (3, 4)]
+    assert lr_log == pytest.approx(expected)
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-0000005" / "trainer_state.json").read_text())
+    assert state["data_position"] == 3 * 8 + 2 * 16  # rows consumed, carried across the batch-size change
+
+
+def test_resume_refuses_what_it_cannot_honour_before_any_work(policy_dir, tmp_path):
+    run_pretrain(tiny_cfg(tmp_path, **{"train.max_steps": 3}))
+    with pytest.raises(CheckpointError, match=r"train\.seed 0 → 1.*data order"):
+        run_pretrain(tiny_cfg(tmp_path, **{"train.max_steps": 5, "train.seed": 1}), resume="latest")
+    with pytest.raises(CheckpointError, match=r"model\.hidden_size 32 → 64"):
+        run_pretrain(tiny_cfg(tmp_path, **{"train.max_steps": 5, "model.hidden_size": 64}), resume="latest")
+    grpo(policy_dir, tmp_path / "g", max_steps=1, save_steps=1).run()
+    with pytest.raises(CheckpointError, match=r"grpo\.seed"):
+        grpo(policy_dir, tmp_path / "g", max_steps=2, seed=3).run(resume="latest")

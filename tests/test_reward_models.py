@@ -423,3 +423,180 @@ def test_sequence_classifier_reward_single_logit_without_pad(tmp_path):
     assert p == pytest.approx([1 / (1 + math.exp(-v)) for v in x], abs=1e-6)
     # padding does not change a row's score (the last real token is found via pad_token_id)
     assert [logit(["p"], [c])[0] for c in comps] == pytest.approx(x, abs=1e-5)
+
+
+# --------------------------------------------------------------------------- degenerate completions
+
+_WORDS = ["<pad>", "<eos>", "<unk>", "a", "good", "great", "movie", "bad", "film", "fun", "i", "loved", "it"]
+
+
+def _word_tokenizer(specials: bool = True, padding_side: str = "right"):
+    """A word-level ``PreTrainedTokenizerFast`` that adds no special tokens (``""`` → zero tokens).
+
+    ``specials``: declare ``<pad>``/``<eos>``/``<unk>`` as its pad/eos/unk tokens; otherwise the
+    tokenizer has no special tokens at all (unknown words still map to ``<unk>``'s id).
+    """
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    t = Tokenizer(WordLevel({w: i for i, w in enumerate(_WORDS)}, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    kw = dict(pad_token="<pad>", eos_token="<eos>", unk_token="<unk>") if specials else {}
+    return PreTrainedTokenizerFast(tokenizer_object=t, padding_side=padding_side, **kw)
+
+
+def _tiny_gpt2(pad_token_id=None, n_positions: int = 16, seed: int = 0):
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        vocab_size=len(_WORDS), n_positions=n_positions, n_embd=16, n_layer=2, n_head=2, num_labels=1,
+        bos_token_id=1, eos_token_id=1, pad_token_id=pad_token_id,
+    )  # fmt: skip
+    return GPT2ForSequenceClassification(cfg).eval()
+
+
+def _tiny_roberta(seed: int = 0):
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = RobertaConfig(
+        vocab_size=len(_WORDS), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=18, pad_token_id=0, bos_token_id=1, eos_token_id=1, type_vocab_size=1, num_labels=2,
+    )  # fmt: skip
+    return RobertaForSequenceClassification(cfg).eval()
+
+
+_LONG = "a good movie , i loved it . " * 3000  # ~ 21k words: far past every classifier's positions
+_DEGENERATE = {
+    "empty": "",
+    "whitespace": "   \n\t  ",
+    "eos_text": "<eos>",
+    "pad_text": "<pad>",
+    "eos_run": "<eos><eos> <eos>",
+    "pad_then_eos": "<pad> <eos>",
+    "gpt2_eos_text": "<|endoftext|>",
+    "bert_pad_text": "[PAD]",
+    "bert_sep_text": "[SEP] [CLS]",
+    "max_length": _LONG,
+    "non_ascii": "日本語 ✓ café",
+    "empty_conversation": [],
+    "empty_message": [{"role": "assistant", "content": ""}],
+}
+
+
+@pytest.fixture(scope="module")
+def degenerate_rewards(tiny_classifier_dir) -> dict:
+    gpt2 = SequenceClassifierReward(_tiny_gpt2(), tokenizer=_word_tokenizer(), label=0, batch_size=2, name="gpt2_rm")
+    bert = SequenceClassifierReward(tiny_classifier_dir, label="positive", batch_size=2, local_files_only=True)
+    roberta = SequenceClassifierReward(
+        _tiny_roberta(), tokenizer=_word_tokenizer(), label=1, kind="logprob", batch_size=3, name="roberta_rm"
+    )
+    rules = [
+        gsm8k_answer_reward,
+        length_reward(4),
+        length_reward(20, unit="chars", min_reward=-1.0),
+        keyword_reward(["good", "loved"], ["bad"]),
+        keyword_reward(["good"], normalize="words"),
+        format_reward(r"<answer>.*?</answer>", mode="search"),
+    ]
+    return {
+        "gsm8k": gsm8k_answer_reward,
+        "length_words": rules[1],
+        "length_chars": rules[2],
+        "keywords": rules[3],
+        "keyword_density": rules[4],
+        "format": rules[5],
+        "gpt2_classifier": gpt2,
+        "bert_classifier": bert,
+        "roberta_classifier": roberta,
+        "weighted_sum": weighted_sum(rules + [gpt2], [1.0, 0.5, 0.5, 1.0, 1.0, 0.2, 2.0]),
+    }
+
+
+_REWARD_NAMES = [
+    "gsm8k", "length_words", "length_chars", "keywords", "keyword_density", "format",
+    "gpt2_classifier", "bert_classifier", "roberta_classifier", "weighted_sum",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("reward", _REWARD_NAMES)
+@pytest.mark.parametrize("case", list(_DEGENERATE))
+def test_reward_defined_on_degenerate_completion(degenerate_rewards, reward, case):
+    """Every reward returns finite floats for degenerate completions, alone, several in one
+    batch and mixed with ordinary ones, and the values do not depend on the batch."""
+    f = degenerate_rewards[reward]
+    deg = _DEGENERATE[case]
+    comps = [deg, deg, "a good movie", deg, "bad film #### 3", deg]
+    n = len(comps)
+    out = call_reward(f, ["p"] * n, comps, answer=["#### 3"] * n, trainer_state=None)
+    assert len(out) == n and all(isinstance(x, float) and math.isfinite(x) for x in out), out
+    # same values one at a time (every degenerate copy gets the same score)
+    alone = [call_reward(f, ["p"], [c], answer=["#### 3"])[0] for c in comps]
+    assert out == pytest.approx(alone, abs=1e-5)
+    assert out[0] == pytest.approx(out[1], abs=1e-5) and out[0] == pytest.approx(out[3], abs=1e-5)
+
+
+@pytest.mark.parametrize("reward", _REWARD_NAMES)
+def test_reward_empty_batch(degenerate_rewards, reward):
+    assert call_reward(degenerate_rewards[reward], [], [], answer=[]) == []
+
+
+def test_classifier_empty_completions_share_a_batch():
+    """The reported crash: GPT-2 single-logit classifier, batch_size=2, sorted texts put the
+    two empty completions in one batch of zero tokens."""
+    r = SequenceClassifierReward(_tiny_gpt2(), tokenizer=_word_tokenizer(), label=0, batch_size=2)
+    out = call_reward(r, ["p"] * 3, ["", "", "a good movie"])
+    assert out == pytest.approx([r.score_texts([t])[0] for t in ["", "", "a good movie"]], abs=1e-5)
+    # documented: a text with no tokens is scored as the one-token input [eos]
+    assert r.empty_token_id == r.tokenizer.eos_token_id == 1
+    assert out[0] == pytest.approx(r.score_texts(["<eos>"])[0], abs=1e-6)
+    with torch.no_grad():
+        want = torch.sigmoid(r.model(input_ids=torch.tensor([[1]])).logits[0, 0]).item()
+    assert out[0] == pytest.approx(want, abs=1e-6)
+
+
+def test_classifier_long_text_truncated_to_positions():
+    """Texts past the model's positions are truncated: GPT-2 (n_positions) and RoBERTa
+    (positions start after the padding index: 18 embeddings hold 17 tokens)."""
+    gpt2 = SequenceClassifierReward(_tiny_gpt2(n_positions=8), tokenizer=_word_tokenizer(), label=0, max_length=512)
+    assert gpt2.max_length == 8
+    assert gpt2.score_texts([_LONG])[0] == pytest.approx(gpt2.score_texts([" ".join(_LONG.split()[:8])])[0], abs=1e-6)
+    rob = SequenceClassifierReward(_tiny_roberta(), tokenizer=_word_tokenizer(), label=1, max_length=512)
+    assert rob.max_length == 17
+    assert rob.score_texts([_LONG])[0] == pytest.approx(rob.score_texts([" ".join(_LONG.split()[:17])])[0], abs=1e-6)
+
+
+def test_classifier_batching_pad_id_and_side():
+    """Padding never changes a score: right padding even if the tokenizer pads left, and the
+    pad id is the model's own ``config.pad_token_id`` (GPT-2 pools the last non-pad token)."""
+    texts = ["a good movie", "bad", "", "i loved it , a great fun film", "<pad> a", "a <eos>", "good <pad> <pad>"]
+
+    def check(r):
+        together = r.score_texts(texts)
+        alone = [r.score_texts([t])[0] for t in texts]
+        assert together == pytest.approx(alone, abs=1e-5)
+        return together
+
+    base = check(SequenceClassifierReward(_tiny_gpt2(), tokenizer=_word_tokenizer(), label=0, batch_size=4))
+    left = SequenceClassifierReward(_tiny_gpt2(), tokenizer=_word_tokenizer(padding_side="left"), label=0, batch_size=4)
+    assert check(left) == pytest.approx(base, abs=1e-5)
+    # the model config's pad id (the eos here) wins over the tokenizer's <pad>
+    m = _tiny_gpt2(pad_token_id=1)
+    r = SequenceClassifierReward(m, tokenizer=_word_tokenizer(), label=0, batch_size=4)
+    assert r.pad_token_id == 1 == m.config.pad_token_id
+    check(r)
+    # a tokenizer with no special tokens at all: the model config's pad id pads, and a text with
+    # no tokens is scored as the single pad token
+    m = _tiny_gpt2(pad_token_id=0)
+    r = SequenceClassifierReward(m, tokenizer=_word_tokenizer(specials=False), label=0, batch_size=4)
+    assert r.empty_token_id == 0
+    check(r)
+    with torch.no_grad():
+        want = torch.sigmoid(m(input_ids=torch.tensor([[0]])).logits[0, 0]).item()
+    assert r.score_texts(["", "  "]) == pytest.approx([want, want], abs=1e-6)
+    with pytest.raises(ValueError, match="pad"):
+        SequenceClassifierReward(_tiny_gpt2(), tokenizer=_word_tokenizer(specials=False), label=0)
+    with pytest.raises(ValueError, match="not a token id"):
+        SequenceClassifierReward(_tiny_gpt2(pad_token_id=99), tokenizer=_word_tokenizer(), label=0)

@@ -118,15 +118,24 @@ class EsoPolicy:
         u = rollout_noise(seed, step, sample_ids, N)
         was_training = self.model.training
         self.model.eval()
-        with gathered_for_generation(self.model, self.accelerator) as m:
+        with self.autocast(), gathered_for_generation(self.model, self.accelerator) as m:
             r = generate(m, pid, pm, N, traj, s.temperature, s.top_k, s.top_p, uniforms=u, eos_token_id=self.eos_id,
                          method="auto", sample_ids=sample_ids, backend=self.backend)
         self.model.train(was_training)
         return r
 
+    def autocast(self):
+        """The accelerator's mixed-precision context (a no-op without one or in full precision).
+        Sampling and every scoring pass of the current, old and reference policies run under
+        it, so the sampler's recorded log-probs and ``exact``'s are computed in the same
+        precision (accelerate only patches the ``forward`` of the module it prepared, which is
+        not always the bare Eso-LM the sampler calls)."""
+        return self.accelerator.autocast() if self.accelerator is not None else contextlib.nullcontext()
+
     def log_probs(self, rollout: Rollout, estimator: str = "exact", **params):
         """Per-token log-probs ``(B, N)`` and validity under the named estimator."""
-        return estimate(self.model, rollout, estimator, backend=self.backend, **params)
+        with self.autocast():
+            return estimate(self.model, rollout, estimator, backend=self.backend, **params)
 
     def texts(self, rollout: Rollout) -> list[str]:
         return rollout.texts(self.tokenizer)

@@ -173,7 +173,7 @@ def _window_decode(model, method, table, sizes, P, N, u_sigma, temperature, top_
     mask_id = cfg.mask_token_id
     lm_sigma = torch.zeros(B, N, device=device, dtype=torch.float64)
     lb_sigma = torch.zeros_like(lm_sigma)
-    cache = EsoKVCache(cfg, B, P + N, device, next(model.parameters()).dtype) if method == "cache" else None
+    cache = EsoKVCache(cfg, B, P + N, device) if method == "cache" else None
     c_prev = 0
     for i, k in enumerate(sizes):
         q0, q1 = P + c_prev, P + c_prev + k

@@ -88,7 +88,8 @@ def _step(model, st: _State, W: int, kmax: int, kv_len: int, temperature: float,
     allow = (kidx <= slots[:, None]) & (st.key_ok[:, None, :kv_len] | (kidx == slots[:, None]))
     # additive mask in the attention dtype, built once per step (a boolean mask would be
     # converted by every layer's attention call)
-    bias = torch.zeros(allow.shape, dtype=st.cache.k[0].dtype, device=dev).masked_fill_(~allow, float("-inf"))
+    # (the first step runs before the cache knows the attention dtype: a boolean mask there)
+    bias = allow if st.cache.dtype is None else torch.zeros(allow.shape, dtype=st.cache.dtype, device=dev).masked_fill_(~allow, float("-inf"))
     st.cache.slots, st.cache.kv_len = slots, kv_len
     ar = torch.arange(kmax, device=dev)
     qsel = (q0 - start + ar).clamp(max=W - 1)  # window slots of this step's queries (+ padding)
@@ -116,11 +117,10 @@ def static_decode(model, table, sizes: list[int], P: int, N: int, u_sigma: torch
     """
     cfg = model_config(model)
     dev = table.ids.device
-    dtype = next(model.parameters()).dtype
     B, C = table.ids.shape
     if bucket < 1:
         raise ValueError(f"bucket must be >= 1, got {bucket}")
-    cache = StaticKVCache(cfg, B, C, dev, dtype)
+    cache = StaticKVCache(cfg, B, C, dev)
     st = _State(table, sizes, P, N, u_sigma, forced_sigma, cfg.mask_token_id, cache)
     # DeepSpeed ZeRO-3 keeps forward hooks on the modules (parameter fetch/release, possibly
     # collectives): they must run on every forward, which a replayed graph would skip

@@ -157,6 +157,9 @@ _compiled_flex = None
 #: a mask that is plain causal attention in array order (see :func:`is_causal_layout`):
 #: SDPA's ``is_causal`` path (FlashAttention on GPUs), no mask tensor at all
 CAUSAL = "causal"
+# an explicit "every slot sees every slot": the model refuses ``mask=None``, so that a
+# forward without its layout's mask is an error, never silently bidirectional
+FULL = "full"
 
 
 @dataclass
@@ -187,9 +190,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Ten
         head = F.scaled_dot_product_attention(q[:, :, :n], k[:, :, :n], v[:, :, :n], is_causal=True)
         return torch.cat([head, attend(q[:, :, n:], k, v, mask.rest)], dim=2)
     if isinstance(mask, str):
-        if mask != CAUSAL:
-            raise ValueError(f"unknown mask {mask!r}")
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if mask not in (CAUSAL, FULL):
+            raise ValueError(f"unknown mask {mask!r}: use a mask from build_mask, attention.CAUSAL or attention.FULL")
+        return F.scaled_dot_product_attention(q, k, v, is_causal=mask == CAUSAL)
+    if isinstance(mask, torch.Tensor) and mask.is_floating_point() and mask.dtype != q.dtype:
+        mask = mask.to(q.dtype)  # an additive mask in another precision (e.g. built before autocast)
     if isinstance(mask, torch.Tensor) or mask is None:
         if q.is_cuda and mask is not None:
             # cuDNN's SDPA pays a large set-up cost for every new shape, and a sampler's

@@ -226,11 +226,28 @@ def coupled(model, rollout: Rollout, seed: int = 0, t_min: float = 0.2, t_max: f
     return (lp_all + pair) / 2 * cm, rollout.completion_mask
 
 
-ESTIMATORS = {"exact": exact, "replay": replay, "mc_elbo": mc_elbo, "one_step": one_step, "coupled": coupled}
-
-
 def estimate(model, rollout: Rollout, estimator: str = "exact", **params):
     """Dispatch by name; unknown parameters for an estimator raise ``TypeError`` naming them."""
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown likelihood estimator {estimator!r}; choose from {sorted(ESTIMATORS)}")
     return ESTIMATORS[estimator](model, rollout, **params)
+
+
+def _checked(fn):
+    """Every estimator validates its rollout first (cheap: O(B·N) index checks): steps that
+    disagree with the order, right-padded prompts or a rollout longer than the model's
+    context give wrong numbers without an error otherwise."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(model, rollout: Rollout, *a, **k):
+        if not isinstance(rollout, Rollout):
+            raise TypeError(f"{fn.__name__}: expected a Rollout, got {type(rollout).__name__} (build one with Rollout.from_tokens or EsoPolicy.rollout_for)")
+        rollout.validate(model_config(model).max_seq_len)
+        return fn(model, rollout, *a, **k)
+
+    return wrapper
+
+
+exact, replay, mc_elbo, one_step, coupled = (_checked(f) for f in (exact, replay, mc_elbo, one_step, coupled))
+ESTIMATORS = {"exact": exact, "replay": replay, "mc_elbo": mc_elbo, "one_step": one_step, "coupled": coupled}

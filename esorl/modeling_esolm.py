@@ -314,7 +314,9 @@ class EsoLMModel(PreTrainedModel):
         Args:
             positions: ``(B, L)`` original positions (rotary).
             mask: dense bool ``(B, 1, L, Lk)`` or flex BlockMask, from :mod:`esorl.attention`
-                (or an additive float mask of that shape: the static sampler's).
+                (or an additive float mask of that shape: the static sampler's), or
+                ``attention.CAUSAL`` / ``attention.FULL``. Required: ``None`` raises
+                ``ValueError`` (an unmasked forward must be asked for as ``FULL``).
             cache: an :class:`EsoKVCache` (the window's K/V are appended after its cached
                 slots; the caller commits the clean ones with :meth:`EsoKVCache.commit_desc`)
                 or a :class:`StaticKVCache` (the window's K/V go to ``cache.slots``).
@@ -326,6 +328,11 @@ class EsoLMModel(PreTrainedModel):
             return_hidden: also return the final hidden states ``(B, L, d)`` (value heads).
             raw_logits: keep the MASK logit; by default it is ``-inf`` (spec §1).
         """
+        if mask is None:
+            raise ValueError("EsoLMModel.forward: mask is required (the attention rule is what makes an Eso-LM): pass one from "
+                             "esorl.attention.build_mask, attention.CAUSAL, or attention.FULL to ask for unmasked attention")
+        if positions.shape != input_ids.shape:
+            raise ValueError(f"EsoLMModel.forward: positions {tuple(positions.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
         # (checked on CPU only: on CUDA the check would synchronise every decoding step;
         # samplers and estimators validate lengths before they start)
         if not positions.is_cuda and positions.numel() and positions.max() >= self.config.max_seq_len:

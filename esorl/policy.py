@@ -137,5 +137,35 @@ class EsoPolicy:
         with self.autocast():
             return estimate(self.model, rollout, estimator, backend=self.backend, **params)
 
+    def rollout_for(self, prompts: list[str], completions: list[str], trajectory=None, seed: int = 0) -> Rollout:
+        """A :class:`Rollout` of existing texts, to score them with :meth:`log_probs`.
+
+        ``trajectory``: ``None`` (left to right, one token per step: the AR factorisation), a
+        :class:`~esorl.schedule.ScheduleConfig` (drawn with ``seed``), or a
+        :class:`~esorl.schedule.Trajectory` over the longest completion. Completions are
+        tokenized without special tokens and right-padded with unscored slots.
+        """
+        from .schedule import ScheduleConfig, Trajectory
+
+        if len(prompts) != len(completions):
+            raise ValueError(f"rollout_for: {len(prompts)} prompts for {len(completions)} completions")
+        pid, pm = self.encode_prompts(prompts)
+        ids = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions]
+        N = max((len(x) for x in ids), default=0)
+        if N == 0:
+            raise ValueError("rollout_for: every completion is empty; there is nothing to score")
+        comp = torch.full((len(ids), N), self.pad_id, dtype=torch.long)
+        cm = torch.zeros(len(ids), N, dtype=torch.bool)
+        for b, x in enumerate(ids):
+            comp[b, : len(x)] = torch.tensor(x, dtype=torch.long)
+            cm[b, : len(x)] = True
+        B = len(ids)
+        if trajectory is None:
+            trajectory = Trajectory(torch.arange(N).expand(B, N).clone(), torch.ones(N, dtype=torch.long))
+        elif isinstance(trajectory, ScheduleConfig):
+            trajectory = trajectory.sample(B, N, make_generator(seed, _PURPOSE_TRAJ, -1))
+        s = self.sampling
+        return Rollout.from_tokens(pid, pm, comp.to(pid.device), trajectory, cm.to(pid.device), self.eos_id, s.temperature, s.top_k, s.top_p)
+
     def texts(self, rollout: Rollout) -> list[str]:
         return rollout.texts(self.tokenizer)

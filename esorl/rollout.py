@@ -59,14 +59,51 @@ class Rollout:
                 raise ValueError(f"rollout.{name} has shape {tuple(t.shape)}, expected {(B, N)}")
         if self.prompt_ids.shape != self.prompt_mask.shape or self.prompt_ids.shape[0] != B:
             raise ValueError(f"rollout.prompt_ids {tuple(self.prompt_ids.shape)} and prompt_mask {tuple(self.prompt_mask.shape)} must both be (B={B}, P)")
+        for name in ("prompt_ids", "completion_ids", "order", "steps"):
+            if getattr(self, name).is_floating_point():
+                raise ValueError(f"rollout.{name} must hold integers, got {getattr(self, name).dtype}")
+        check_left_padded(self.prompt_mask, "rollout.prompt_mask")
+        if self.step_sizes.dim() != 1:
+            raise ValueError(f"rollout.step_sizes must be one (K,) vector shared by the batch, got shape {tuple(self.step_sizes.shape)}")
         validate_trajectory(self.order, self.step_sizes, N)
         ranks = torch.repeat_interleave(torch.arange(1, len(self.step_sizes) + 1, device=self.order.device), self.step_sizes.to(self.order.device))
-        if not torch.equal(self.steps.gather(1, self.order), ranks.expand(B, N)):
-            raise ValueError("rollout.steps is inconsistent with rollout.order and rollout.step_sizes")
+        bad = (self.steps.gather(1, self.order) != ranks.expand(B, N)).any(1)
+        if bad.any():
+            raise ValueError(f"rollout.steps is inconsistent with rollout.order and rollout.step_sizes (row {int(bad.nonzero()[0])}): "
+                             "steps[b, order[b, i]] must be the 1-based step that reveals the i-th position")
         if context is not None:
             need = int(self.prompt_mask.long().sum(1).max()) + N
             if need > context:
                 raise ValueError(f"rollout needs {need} positions (prompt + completion), but the model context is {context}")
+
+    @classmethod
+    def from_tokens(cls, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor, trajectory,
+                    completion_mask: torch.Tensor | None = None, eos_token_id: int | None = None, temperature: float = 1.0,
+                    top_k: int = 0, top_p: float = 1.0, sample_ids: torch.Tensor | None = None) -> "Rollout":
+        """A rollout for *existing* tokens under a chosen trajectory, to score a text with any
+        estimator (no sampler involved; ``logp_*`` are ``None``).
+
+        Args:
+            prompt_ids / prompt_mask: ``(B, P)`` left-padded prompts (:func:`esorl.sampling.left_pad`).
+            completion_ids: ``(B, N)`` completion tokens in position order.
+            trajectory: a :class:`esorl.schedule.Trajectory` with ``(B, N)`` order and step sizes
+                (e.g. ``schedule.user_order(...)``, or ``ScheduleConfig(...).sample(B, N, gen)``).
+            completion_mask: ``(B, N)`` positions that exist (default all; ragged completions
+                padded on the right with ``False``).
+        Raises ``ValueError`` naming the field if the pieces are inconsistent.
+        """
+        order, sizes = trajectory.order.to(completion_ids.device), trajectory.step_sizes.to(completion_ids.device)
+        B, N = completion_ids.shape
+        if tuple(order.shape) != (B, N):
+            raise ValueError(f"trajectory.order has shape {tuple(order.shape)}, the completions {(B, N)}")
+        ranks = torch.repeat_interleave(torch.arange(1, len(sizes) + 1, device=order.device), sizes)
+        steps = torch.empty_like(order).scatter_(1, order, ranks.expand(B, N).contiguous())
+        cm = torch.ones_like(completion_ids, dtype=torch.bool) if completion_mask is None else completion_mask.bool()
+        ro = cls(prompt_ids=prompt_ids, prompt_mask=prompt_mask.bool(), completion_ids=completion_ids, order=order, step_sizes=sizes,
+                 steps=steps, completion_mask=cm, text_mask=first_eos_mask(completion_ids, eos_token_id) & cm, temperature=temperature,
+                 top_k=top_k, top_p=top_p, sample_ids=torch.arange(B) if sample_ids is None else sample_ids)
+        ro.validate()
+        return ro
 
     def to(self, device) -> "Rollout":
         return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)})
@@ -88,6 +125,18 @@ class Rollout:
                 toks = toks[:-1]
             out.append(tokenizer.decode(toks, skip_special_tokens=skip_special_tokens))
         return out
+
+
+def check_left_padded(prompt_mask: torch.Tensor, name: str = "prompt_mask") -> None:
+    """Raise ``ValueError`` unless every row of ``prompt_mask`` ``(B, P)`` is left-padded
+    (False only before its first True): right padding would put pad slots between the
+    prompt and the completion, which then attend to them."""
+    pm = prompt_mask.bool()
+    if pm.shape[1] > 1:
+        bad = (pm[:, :-1] & ~pm[:, 1:]).any(1)
+        if bad.any():
+            raise ValueError(f"{name} row {int(bad.nonzero()[0])} is not left-padded (a True before a False): "
+                             "pad prompts on the left (esorl.sampling.left_pad)")
 
 
 def first_eos_mask(completion_ids: torch.Tensor, eos_id: int | None) -> torch.Tensor:

@@ -24,7 +24,7 @@ from .modeling_esolm import model_config
 from .layout import concat, copies, one_copy_layout, replay_layout, trajectory_table
 from .logprobs import filter_logprobs, gather, model_logprobs, sample_inverse_cdf
 from .modeling_esolm import EsoKVCache
-from .rollout import Rollout, first_eos_mask
+from .rollout import Rollout, check_left_padded, first_eos_mask
 from .schedule import ScheduleConfig, Trajectory, make_generator
 from .static_sampling import static_decode
 
@@ -116,6 +116,11 @@ def generate(
     cfg = model_config(model)
     if N < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {N}")
+    if prompt_mask.shape != prompt_ids.shape:
+        raise ValueError(f"prompt_mask {tuple(prompt_mask.shape)} must have the shape of prompt_ids {tuple(prompt_ids.shape)}")
+    check_left_padded(prompt_mask)
+    if teacher_tokens is not None and tuple(teacher_tokens.shape) != (B, N):
+        raise ValueError(f"teacher_tokens has shape {tuple(teacher_tokens.shape)}, expected (B, max_new_tokens) = {(B, N)}")
     plen = int(prompt_mask.long().sum(1).max()) if P else 0
     if plen > cfg.max_seq_len:
         raise ValueError(f"prompt of {plen} tokens is longer than the model context max_seq_len={cfg.max_seq_len}")

@@ -21,7 +21,8 @@ def _rollout(model, seed=0, B=4, N=12, alpha0=0.5, T=5, top_p=1.0, plen=6):
     return generate(model, pid, pm, N, ScheduleConfig(alpha0=alpha0, num_steps=T), top_p=top_p, temperature=0.8, generator=gen, backend="sdpa")
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-11)])
+# float32: 3e-5 is ~100 ulp at |log p| ≈ 2 (1.01e-5 was seen on one CPU's kernels); float64 is the tight check
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 3e-5), (torch.float64, 1e-11)])
 def test_exact_equals_replay_and_sampler(dtype, tol):
     model = tiny_model(dtype=dtype)
     for seed, (a0, T, top_p) in enumerate([(1.0, 4, 1.0), (0.5, 6, 0.8), (0.125, 10, 1.0), (0.0, 1, 0.9), (1.0, 12, 0.9)]):

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from esorl import EsoLMConfig, EsoLMModel
-from esorl.attention import build_mask
+from esorl.attention import FULL, build_mask
 from esorl.layout import exact_layout, one_copy_layout, replay_layout, sequential_layout, sorted_table, trajectory_table
 from esorl.sampling import generate
 from esorl.schedule import Trajectory
@@ -162,11 +162,11 @@ def test_save_load_roundtrip(tmp_path):
         assert isinstance(loaded, EsoLMModel)
         loaded.eval()
         with torch.no_grad():
-            assert torch.equal(model(ids, pos), loaded(ids, pos))
+            assert torch.equal(model(ids, pos, FULL), loaded(ids, pos, FULL))
     assert transformers.AutoConfig.from_pretrained(tmp_path).model_type == "esolm"
 
 
 def test_context_overflow_is_an_error():
     model = tiny_model(context=8)
     with pytest.raises(ValueError, match="max_seq_len"):
-        model(torch.zeros(1, 9, dtype=torch.long), torch.arange(9)[None])
+        model(torch.zeros(1, 9, dtype=torch.long), torch.arange(9)[None], FULL)

@@ -102,3 +102,38 @@ def test_policy_rollout_for_texts(tmp_path):
     assert torch.isfinite(lp[valid]).all() and abs(float(lp2.sum() - lp[0].sum())) > 1e-6
     with pytest.raises(ValueError, match="2 prompts for 1 completions"):
         pol.rollout_for(["a", "b"], ["c"])
+
+
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_an_over_long_prompt_fails_at_set_up_naming_file_and_row(tmp_path, algo):
+    """Regression: one 61-token prompt for a context of 48 used to kill the run when its step
+    came. Now the trainer refuses at construction (before the reward model is built or any
+    step runs), naming the source, the row and the limit; eval prompts are checked too."""
+    import json
+
+    from esorl.config import load_config
+    from esorl.rl.grpo import EsoGRPOTrainer, GRPORecipe
+    from esorl.rl.ppo import EsoPPOTrainer, PPORecipe
+
+    from rl_fixtures import recipe_dict
+    from test_ppo import ppo_recipe_dict
+
+    pdir = make_tiny_policy(tmp_path)
+    data = tmp_path / "prompts"
+    data.mkdir()
+    short = [{"prompt": "the pasta was"} for _ in range(12)]
+    long_row = {"prompt": " ".join(["good"] * 60)}  # 60 words + BOS = 61 tokens > 48
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in short[:7] + [long_row] + short[7:]))
+    (data / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in short))
+    base = recipe_dict(pdir, tmp_path / "run", tmp_path / "cache") if algo == "grpo" else ppo_recipe_dict(pdir, tmp_path / "run", tmp_path / "cache")
+    base["prompts"] = {"source": str(data), "prompt_field": "prompt", "eval_prompts": 4}
+    base["rewards"] = [{"name": "no_such_module:never_built"}]  # set-up must fail before rewards are built
+    make = (lambda b: EsoGRPOTrainer(load_config(GRPORecipe, None, [], base=b))) if algo == "grpo" else (lambda b: EsoPPOTrainer(load_config(PPORecipe, None, [], base=b)))
+    with pytest.raises(ValueError, match=r"prompts '.*prompts' split 'train'.*row 7, has 61 tokens.*max_seq_len=48.*room for 42"):
+        make(base)
+    assert not (tmp_path / "run").exists()  # nothing written
+    # the same row in the eval split is caught too
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in short))
+    (data / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in short[:2] + [long_row]))
+    with pytest.raises(ValueError, match=r"split 'dev'.*row 2, has 61 tokens"):
+        make(base)

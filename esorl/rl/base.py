@@ -19,7 +19,9 @@ from ..policy import EsoPolicy, EstimatorConfig
 from ..sampling import SamplingConfig
 from ..schedule import ScheduleConfig, make_generator
 from ..train.common import Checkpointer, NonFiniteGuard, RunLogger, all_reduce_sum, check_resume, flat_config, lr_factor, make_accelerator, set_learning_rate
-from .common import all_gather_cat, build_rewards, ensure_policy, load_prompts, load_tokenizer_for, prepare_reference, score_rewards
+from ..configuration_esolm import EsoLMConfig
+from .common import (all_gather_cat, build_rewards, check_prompt_lengths, ensure_policy, load_prompts, load_tokenizer_for, prepare_reference,
+                     score_rewards)
 
 _PURPOSE_PROMPTS, _PURPOSE_EST = 6, 7
 
@@ -97,15 +99,24 @@ class RLTrainerBase:
         with acc.main_process_first():
             self.model_dir = ensure_policy(recipe.policy)
         self.tokenizer = load_tokenizer_for(recipe.policy, self.model_dir)
+        # data-dependent limits are checked before anything expensive (reward models) is
+        # built and before the first step: a prompt too long for the context names its row
+        p = recipe.prompts
+        self.train_prompts = load_prompts(p, p.split, p.max_prompts, c.seed)
+        self.eval_prompts = load_prompts(p, p.eval_split, p.eval_prompts, c.seed) if p.eval_prompts else []
+        context = EsoLMConfig.from_pretrained(str(self.model_dir)).max_seq_len
+        n = c.sampling().max_new_tokens
+        if n >= context:
+            raise ValueError(f"{self.kind}.{c.completion_length_field}={n} leaves no room for a prompt in the model context max_seq_len={context}")
+        limit = f"the model context max_seq_len={context} minus {self.kind}.{c.completion_length_field}={n}"
+        for rows, split in ((self.train_prompts, p.split), (self.eval_prompts, p.eval_split)):
+            check_prompt_lengths(rows, self.tokenizer, context - n, f"prompts {p.source!r} split {split!r}", limit)
         if reward_funcs is None:
             reward_funcs, reward_weights = build_rewards(recipe.rewards, recipe.prompts.cache_dir)
         self.reward_funcs = reward_funcs
         self.reward_weights = list(c.reward_weights) if c.reward_weights else list(reward_weights)
         if len(self.reward_weights) != len(self.reward_funcs):
             raise ValueError(f"{self.kind}.reward_weights has {len(self.reward_weights)} entries for {len(self.reward_funcs)} reward functions")
-        p = recipe.prompts
-        self.train_prompts = load_prompts(p, p.split, p.max_prompts, c.seed)
-        self.eval_prompts = load_prompts(p, p.eval_split, p.eval_prompts, c.seed) if p.eval_prompts else []
         self.out = Path(c.output_dir)
         self.ckpt = Checkpointer(self.out, c.save_total_limit)
         self.logger = RunLogger(self.out, recipe.logging, asdict(recipe), enabled=acc.is_main_process)

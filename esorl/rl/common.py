@@ -87,17 +87,19 @@ def load_prompts(args: PromptArgs, split: str, limit: int, seed: int = 0) -> lis
 
     src = resolve_source(DataConfig(source=args.source, synthetic_size=args.synthetic_size, cache_dir=args.cache_dir)) if args.source == "synthetic" else args.source
     rows: list[dict] = []
+    # each row remembers where it came from (SOURCE_ROW), so that a problem found later
+    # (a prompt too long for the context) names the file and row
     if args.prompt_field:
         ds = load_prompt_completion_dataset(src, split=split, prompt_field=args.prompt_field, completion_field=None)
-        for r in ds:
-            rows.append({"prompt": args.prompt_template.format(prompt=r["prompt"]), **{c: r[c] for c in args.columns}})
+        for i, r in enumerate(ds):
+            rows.append({"prompt": args.prompt_template.format(prompt=r["prompt"]), **{c: r[c] for c in args.columns}, SOURCE_ROW: i})
     else:
         ds = load_text_dataset(src, split=split, text_field=args.text_field)
-        for r in ds:
+        for i, r in enumerate(ds):
             words = r["text"].split()
             if len(words) < args.min_words:
                 continue
-            row = {"prompt": args.prompt_template.format(prompt=" ".join(words[: args.prompt_words]))}
+            row = {"prompt": args.prompt_template.format(prompt=" ".join(words[: args.prompt_words])), SOURCE_ROW: i}
             for c in args.columns:
                 row[c] = r[c]
             rows.append(row)
@@ -105,6 +107,27 @@ def load_prompts(args: PromptArgs, split: str, limit: int, seed: int = 0) -> lis
         raise ValueError(f"prompts: no usable rows in {args.source!r} split {split!r}")
     random.Random(seed).shuffle(rows)
     return rows[:limit] if limit else rows
+
+
+# key of a prompt row's index in its source split (never passed to reward functions)
+SOURCE_ROW = "_source_row"
+
+
+def check_prompt_lengths(rows: list[dict], tokenizer, max_prompt_tokens: int, where: str, limit_desc: str) -> None:
+    """Raise ``ValueError`` before any training if a prompt does not fit, naming the source,
+    the row (its index in the source split), its length and the limit. Lengths count the
+    BOS token the policy prepends (:meth:`esorl.policy.EsoPolicy.encode_prompts`)."""
+    if not rows:
+        return
+    enc = tokenizer([r["prompt"] for r in rows], add_special_tokens=False)["input_ids"]
+    extra = 1 if tokenizer.bos_token_id is not None else 0
+    bad = [(r.get(SOURCE_ROW, i), len(e) + extra) for i, (r, e) in enumerate(zip(rows, enc)) if len(e) + extra > max_prompt_tokens]
+    if bad:
+        row, n = max(bad, key=lambda x: x[1])
+        rows_txt = ", ".join(str(b[0]) for b in sorted(bad)[:10]) + (" ..." if len(bad) > 10 else "")
+        raise ValueError(
+            f"{where}: {len(bad)} prompt(s) do not fit (rows {rows_txt}); the longest, row {row}, has {n} tokens but {limit_desc} "
+            f"leaves room for {max_prompt_tokens}. Shorten or drop those rows, or lower the completion length.")
 
 
 def build_reward(spec: RewardSpec, cache_dir: str = ".esorl_cache"):
@@ -153,6 +176,7 @@ def score_rewards(funcs, weights, prompts: list[str], completions: list[str], co
     """``(B,)`` weighted total and per-function values; errors name the function and sample."""
     from reward_models import call_reward, reward_name
 
+    columns = {k: v for k, v in columns.items() if k != SOURCE_ROW}
     per = {}
     total = torch.zeros(len(prompts), dtype=torch.float64)
     for f, w in zip(funcs, weights):

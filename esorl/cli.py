@@ -1,14 +1,8 @@
-"""``esorl``: one command, several sub-commands.
-
-    esorl pretrain --config recipes/pretrain/synthetic_cpu.yaml [key=value ...] [--resume]
-    esorl sft      --config recipes/sft/<name>.yaml [key=value ...]
-    esorl grpo     --config recipes/rl/<name>.yaml  [key=value ...]
-    esorl ppo      --config recipes/rl/<name>.yaml  [key=value ...]
-    esorl compare  --config recipes/compare/<name>.yaml [key=value ...]
-    esorl sample   --model DIR --prompt TEXT [--alpha0 --steps --top-p ...]
-    esorl score    --model DIR --prompt TEXT [--estimators exact,mc_elbo,...]
-    esorl convert-official FILE.ckpt OUT_DIR [--no-ema]
-    esorl config   {pretrain,sft,grpo,ppo,compare}   # every config field, its type, default and help
+"""``esorl``: the command line. One sub-command per job; ``esorl <command> --help`` for its
+options. Every command exits 0 on success and non-zero on any error: an anticipated error
+(bad config, missing file, refused checkpoint, diverged run, ...) prints one line
+``esorl <command>: error: ...`` and exits 1 (2 for usage errors); anything else is a bug and
+prints its traceback. ``--debug`` before the command shows the traceback of every error.
 """
 
 from __future__ import annotations
@@ -16,16 +10,17 @@ from __future__ import annotations
 import importlib
 import sys
 
+# name -> (module[:function], one-line description)
 COMMANDS = {
-    "pretrain": "esorl.train.pretrain",
-    "sft": "esorl.train.sft",
-    "grpo": "esorl.rl.grpo",
-    "ppo": "esorl.rl.ppo",
-    "compare": "esorl.compare.runner",
-    "sample": "esorl.generate_cli",
-    "score": "esorl.generate_cli:score_main",
-    "convert-official": "esorl.convert.official",
-    "config": "esorl.cli:config_main",
+    "pretrain": ("esorl.train.pretrain", "train an Eso-LM with the hybrid AR + MDM objective (recipes/pretrain/)"),
+    "sft": ("esorl.train.sft", "supervised fine-tuning on prompt/completion pairs (recipes/sft/)"),
+    "grpo": ("esorl.rl.grpo", "GRPO with exact or Monte Carlo likelihoods (recipes/rl/grpo_*.yaml)"),
+    "ppo": ("esorl.rl.ppo", "PPO over denoising steps with a value head (recipes/rl/ppo_*.yaml)"),
+    "compare": ("esorl.compare.runner", "the same GRPO run per likelihood estimator and seed, with a report (recipes/compare/)"),
+    "sample": ("esorl.generate_cli", "generate completions from a saved model with the KV-cached sampler"),
+    "score": ("esorl.generate_cli:score_main", "sample a completion and score it with every likelihood estimator"),
+    "convert-official": ("esorl.convert.official", "convert a released Eso-LM Lightning .ckpt (no code from the file runs)"),
+    "config": ("esorl.cli:config_main", "print every field of a recipe config: type, default, help"),
 }
 
 CONFIG_CLASSES = {
@@ -42,6 +37,17 @@ def _load(spec: str):
     return getattr(importlib.import_module(mod), attr or "main")
 
 
+def usage() -> str:
+    from . import __version__
+
+    width = max(map(len, COMMANDS))
+    lines = [f"usage: esorl [--debug] <command> [options]      (esorl {__version__})", "", "commands:"]
+    lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in COMMANDS.items()]
+    lines += ["", "esorl <command> --help shows a command's options; recipe commands take --config FILE.yaml,",
+              "key=value overrides (esorl config <command> lists the fields) and --resume [CHECKPOINT]."]
+    return "\n".join(lines)
+
+
 def config_main(argv=None):
     import argparse
 
@@ -56,23 +62,57 @@ def config_main(argv=None):
         print("\n" + cls.__doc__)
 
 
+def anticipated_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the user's input, not esorl's bug: one line, no traceback."""
+    errs: list[type[BaseException]] = [ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+                                       PermissionError, ImportError]
+    if "esorl.train.common" in sys.modules:
+        from .train.common import CheckpointError, TrainingDiverged
+
+        errs += [CheckpointError, TrainingDiverged]
+    if "reward_models.combine" in sys.modules:
+        from reward_models.combine import RewardFunctionError
+
+        errs.append(RewardFunctionError)
+    return tuple(errs)
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    return msg.strip().replace("\n", " ") or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv[:1]
+    if debug:
+        argv = argv[1:]
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
+        print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from . import __version__
+
+        print(f"esorl {__version__}")
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd not in COMMANDS:
-        print(f"esorl: unknown command {cmd!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        print(f"esorl: unknown command {cmd!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    from .config import ConfigError
-
     try:
-        _load(COMMANDS[cmd])(rest)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"esorl {cmd}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        rc = _load(COMMANDS[cmd][0])(rest)
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2, already printed)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    except KeyboardInterrupt:
+        print(f"esorl {cmd}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - anticipated errors become one line, bugs keep their traceback
+        if debug or not isinstance(e, anticipated_errors()):
+            raise
+        print(f"esorl {cmd}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    # a sub-command may report failure by returning a non-zero status (convert-official does)
+    return int(rc) if isinstance(rc, int) and not isinstance(rc, bool) else 0
 
 
 if __name__ == "__main__":

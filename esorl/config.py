@@ -201,21 +201,30 @@ def describe(cls, prefix: str = "") -> list[str]:
     return lines
 
 
-def recipe_argparser(prog: str, description: str):
-    """The CLI shape every recipe command shares: ``--config``, ``--resume [DIR]``, overrides."""
+def recipe_argparser(prog: str, description: str, example: str = ""):
+    """The CLI shape every recipe command shares: ``--config``, ``--resume [DIR]``, overrides.
+    ``example``: an override shown in the help (one that exists in this command's config)."""
     import argparse
 
     p = argparse.ArgumentParser(prog=prog, description=description)
-    p.add_argument("--config", help="recipe YAML (see recipes/)")
+    p.add_argument("--config", help="recipe YAML (see recipes/); required unless --defaults")
+    p.add_argument("--defaults", action="store_true", help="run on the built-in defaults of every field (no recipe file)")
     p.add_argument("--resume", nargs="?", const="latest", default=False,
                    help="resume from the latest checkpoint of the output directory, or from the given checkpoint directory")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-3")
+    p.add_argument("overrides", nargs="*", help=f"key=value overrides{', e.g. ' + example if example else ''} (esorl config <command> lists them)")
     return p
 
 
 def parse_recipe_args(parser, argv):
+    """Parse; without ``--config`` (and without ``--defaults``) print the usage and exit 2
+    rather than silently starting a run on defaults."""
     a = parser.parse_args(argv)
     if isinstance(a.resume, str) and "=" in a.resume:  # `--resume key=value ...`: an override, not a directory
         a.overrides.insert(0, a.resume)
         a.resume = "latest"
+    if a.config is None and not a.defaults:
+        parser.print_usage()
+        parser.exit(2, f"{parser.prog}: error: --config FILE.yaml is required (or --defaults to run on the built-in defaults)\n")
+    if a.config is not None and not Path(a.config).is_file():
+        parser.exit(2, f"{parser.prog}: error: --config {a.config}: no such file\n")
     return a

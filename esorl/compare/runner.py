@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..config import load_config, save_config
 from ..policy import EstimatorConfig
-from ..rl.common import PolicyArgs, PromptArgs, RewardSpec
+from ..rl.common import PolicyArgs, PromptArgs, RewardSpec, check_policy_source
 from ..rl.grpo import EsoGRPOConfig, EsoGRPOTrainer, GRPORecipe
 from ..train.common import LoggingConfig, TrainingDiverged
 
@@ -99,6 +99,7 @@ def run_recipe(cfg: CompareConfig, est: EstimatorSpec, seed: int) -> GRPORecipe:
 
 
 def run_compare(cfg: CompareConfig) -> dict:
+    check_policy_source(cfg.policy)  # before anything is written
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
@@ -163,7 +164,7 @@ def main(argv=None):
     import argparse
 
     p = argparse.ArgumentParser(prog="esorl compare", description="exact vs Monte Carlo likelihoods in RL fine-tuning of an Eso-LM")
-    p.add_argument("--config", help="recipes/compare/<name>.yaml")
+    p.add_argument("--config", required=True, help="recipes/compare/<name>.yaml")
     p.add_argument("--report-only", action="store_true", help="rebuild report.md and the plots from finished runs")
     p.add_argument("overrides", nargs="*")
     a = p.parse_args(argv)

@@ -187,13 +187,25 @@ def score_rewards(funcs, weights, prompts: list[str], completions: list[str], co
     return total, per
 
 
+def check_policy_source(args: PolicyArgs) -> None:
+    """Fail before any work if the policy can neither be loaded nor built: ``init_from`` is
+    not a model directory and there is no existing ``pretrain_recipe`` to build it."""
+    p = Path(args.init_from)
+    if (p / "config.json").exists():
+        return
+    if not args.pretrain_recipe:
+        hint = f"; did you mean {p / 'model'}?" if (p / "model" / "config.json").exists() else ""
+        raise FileNotFoundError(f"policy.init_from: no model at {p} (and no policy.pretrain_recipe to build one){hint}")
+    if not Path(args.pretrain_recipe).is_file():
+        raise FileNotFoundError(f"policy.pretrain_recipe: no such file {args.pretrain_recipe}")
+
+
 def ensure_policy(args: PolicyArgs) -> Path:
     """The policy directory; runs ``pretrain_recipe`` first if it does not exist yet."""
+    check_policy_source(args)
     p = Path(args.init_from)
     if (p / "config.json").exists():
         return p
-    if not args.pretrain_recipe:
-        raise FileNotFoundError(f"policy.init_from: no model at {p} (and no policy.pretrain_recipe to build one)")
     from esorl.config import load_config
     from esorl.train.pretrain import PretrainConfig, run_pretrain
 

@@ -301,6 +301,6 @@ class EsoGRPOTrainer(RLTrainerBase):
 def main(argv=None):
     from ..config import parse_recipe_args, recipe_argparser
 
-    a = parse_recipe_args(recipe_argparser("esorl grpo", "GRPO fine-tuning of an Eso-LM (exact or Monte Carlo likelihoods)"), argv)
+    a = parse_recipe_args(recipe_argparser("esorl grpo", "GRPO fine-tuning of an Eso-LM (exact or Monte Carlo likelihoods)", "grpo.learning_rate=1e-5"), argv)
     recipe = load_config(GRPORecipe, a.config, a.overrides)
     EsoGRPOTrainer(recipe).run(a.resume)

@@ -324,7 +324,7 @@ def run_pretrain(cfg: PretrainConfig, resume: str | bool = False, data_fn=None, 
 def main(argv=None):
     from ..config import parse_recipe_args, recipe_argparser
 
-    a = parse_recipe_args(recipe_argparser("esorl pretrain", "train an Eso-LM with the hybrid AR + MDM objective"), argv)
+    a = parse_recipe_args(recipe_argparser("esorl pretrain", "train an Eso-LM with the hybrid AR + MDM objective", "optim.lr=1e-3"), argv)
     cfg = load_config(PretrainConfig, a.config, a.overrides)
     res = run_pretrain(cfg, a.resume)
     print(f"[esorl] model written to {res['model_dir']}")

@@ -329,7 +329,7 @@ def run_sft(cfg: SFTConfig, resume: str | bool = False) -> dict:
 def main(argv=None):
     from ..config import parse_recipe_args, recipe_argparser
 
-    a = parse_recipe_args(recipe_argparser("esorl sft", __doc__.split("\n")[0]), argv)
+    a = parse_recipe_args(recipe_argparser("esorl sft", __doc__.split("\n")[0], "optim.lr=1e-4"), argv)
     cfg = load_config(SFTConfig, a.config, a.overrides)
     res = run_sft(cfg, a.resume)
     print(f"[esorl] model written to {res['model_dir']}")

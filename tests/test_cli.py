@@ -1,0 +1,101 @@
+"""The console script as a user meets it, run in a temporary directory: every sub-command
+exits non-zero on a failing input with one line naming the problem (no traceback), --help is
+fast and lists every command, --version exists."""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+
+def esorl(*args, cwd, timeout=300):
+    exe = shutil.which("esorl")
+    cmd = [exe, *args] if exe else [sys.executable, "-m", "esorl.cli", *args]
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def one_line_error(res, *needles):
+    assert res.returncode != 0, (res.returncode, res.stdout, res.stderr)
+    assert "Traceback" not in res.stderr, res.stderr
+    for n in needles:
+        assert n in res.stderr, (n, res.stderr)
+
+
+def test_help_version_and_unknown_command(tmp_path):
+    t0 = time.time()
+    res = esorl("--help", cwd=tmp_path)
+    took = time.time() - t0
+    assert res.returncode == 0
+    for cmd in ("pretrain", "sft", "grpo", "ppo", "compare", "sample", "score", "convert-official", "config"):
+        assert f"\n  {cmd} " in res.stdout, cmd
+    assert "`" not in res.stdout  # no reStructuredText markup
+    assert took < 3.0, f"esorl --help took {took:.1f} s (it must not import torch)"
+    assert esorl("--version", cwd=tmp_path).stdout.startswith("esorl ")
+    one_line_error(esorl("pretrian", cwd=tmp_path), "unknown command 'pretrian'")
+
+
+def test_recipe_commands_need_a_config(tmp_path):
+    for cmd in ("pretrain", "sft", "grpo", "ppo", "compare"):
+        res = esorl(cmd, cwd=tmp_path)
+        one_line_error(res, "--config")
+        assert res.returncode == 2 and not (tmp_path / "runs").exists(), cmd
+    one_line_error(esorl("grpo", "--config", "missing.yaml", cwd=tmp_path), "missing.yaml: no such file")
+
+
+@pytest.mark.parametrize("cmd,override,needle", [
+    ("pretrain", "train.max_stepz=3", "train.max_stepz"),
+    ("sft", "optim.lr=fast", "optim.lr"),
+    ("grpo", "grpo.num_generations=1", "num_generations must be >= 2"),
+    ("ppo", "ppo.learning_rat=1", "ppo.learning_rat"),
+    ("compare", "seeds=[0]", "compare"),
+])
+def test_recipe_commands_bad_field_exit_non_zero(tmp_path, cmd, override, needle):
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text("{}\n" if cmd != "sft" else "model: {init_from: nowhere}\n")
+    res = esorl(cmd, "--config", str(cfg), override, cwd=tmp_path)
+    if cmd == "compare":  # an empty compare recipe fails on its missing policy, not on a traceback
+        one_line_error(res)
+    else:
+        one_line_error(res, needle)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_sample_and_score_errors(tmp_path):
+    one_line_error(esorl("sample", "--model", str(tmp_path / "nope"), cwd=tmp_path), "no such directory")
+    (tmp_path / "run" / "model").mkdir(parents=True)
+    (tmp_path / "run" / "model" / "config.json").write_text('{"model_type": "esolm"}')
+    one_line_error(esorl("sample", "--model", str(tmp_path / "run"), cwd=tmp_path), "did you mean")
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
+    one_line_error(esorl("score", "--model", str(tmp_path / "bert"), cwd=tmp_path), "'bert' model, not an Eso-LM")
+    one_line_error(esorl("sample", "--model", "x", "--max-new-tokens", "-3", cwd=tmp_path), "--max-new-tokens: must be >= 1")
+    one_line_error(esorl("sample", "--model", "x", "--max-new-tokens", "0", cwd=tmp_path), "--max-new-tokens: must be >= 1")
+    one_line_error(esorl("score", "--model", "x", "--estimators", "exact,nope", cwd=tmp_path), "unknown ['nope']", "mc_elbo")
+
+
+class _Boom:
+    def __reduce__(self):
+        return (os.system, (f"touch {_Boom.marker}",))
+
+
+def test_convert_official_refusals_exit_non_zero(tmp_path):
+    """Regression: the converter refused a hostile or missing file but `esorl` exited 0."""
+    one_line_error(esorl("convert-official", str(tmp_path / "missing.ckpt"), str(tmp_path / "out"), cwd=tmp_path), "missing.ckpt")
+    _Boom.marker = tmp_path / "pwned"
+    bad = tmp_path / "bad.ckpt"
+    import torch
+
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "x": _Boom()}, bad)  # a real checkpoint with a hostile global
+    res = esorl("convert-official", str(bad), str(tmp_path / "out"), cwd=tmp_path)
+    assert res.returncode != 0 and "system" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert not _Boom.marker.exists() and not (tmp_path / "out" / "config.json").exists()
+
+
+def test_config_command(tmp_path):
+    res = esorl("config", "grpo", cwd=tmp_path)
+    assert res.returncode == 0 and "grpo.learning_rate" in res.stdout
+    assert esorl("config", "nope", cwd=tmp_path).returncode == 2

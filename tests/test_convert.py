@@ -11,12 +11,18 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import io
 import json
 import os
 import pickle
+import re
+import struct
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 from pathlib import Path
 
@@ -237,41 +243,57 @@ def test_reference_reimplementation_reproduces_fixture():
 SYN = dict(n_layers=2, hidden=48, n_heads=3, cond_dim=16, vocab=37, context=40)
 SYN_MASK = SYN["vocab"] - 1
 
-_THROWAWAY_SRC = textwrap.dedent(
+_THROWAWAY_CONFIG_SRC = textwrap.dedent(
     """
-    class TrainConfig:
+    class CLASS:
         def __init__(self):
             self.model = dict(hidden=48, n_heads=3)
             self.lr = 3e-4
         def __setstate__(self, state):
             open(MARKER, "w").write("setstate ran")
             self.__dict__.update(state)
-
-    class FakeTokenizer:
+    """
+)
+_THROWAWAY_TOKENIZER_SRC = textwrap.dedent(
+    """
+    class CLASS:
         def __init__(self):
             self.name_or_path = "gpt2"
         def __reduce__(self):
-            return (FakeTokenizer, ())
+            return (CLASS, ())
     """
 )
 
 
-def _throwaway_objects(tmp: Path, marker: Path):
-    """Instances of classes from a module that no longer exists when the checkpoint is read."""
-    name = f"esorl_throwaway_{uuid.uuid4().hex[:8]}"
-    (tmp / f"{name}.py").write_text(_THROWAWAY_SRC.replace("MARKER", repr(str(marker))))
+def _throwaway_objects(tmp: Path, marker: Path, config=None, tokenizer=None):
+    """Instances of classes from modules that no longer exist when the checkpoint is read.
+
+    ``config`` / ``tokenizer``: ``(module, class)``; by default a fresh random module with
+    ``TrainConfig`` / ``FakeTokenizer`` (not on the converter's allowlist). Returns
+    ``([module names], (config object, tokenizer object))``; the config's ``__setstate__``
+    writes ``marker``."""
+    rand = f"esorl_throwaway_{uuid.uuid4().hex[:8]}"
+    config = config or (rand, "TrainConfig")
+    tokenizer = tokenizer or (rand, "FakeTokenizer")
+    sources: dict[str, str] = {}
+    for (mod, cls), src in ((config, _THROWAWAY_CONFIG_SRC), (tokenizer, _THROWAWAY_TOKENIZER_SRC)):
+        sources[mod] = sources.get(mod, "") + src.replace("CLASS", cls).replace("MARKER", repr(str(marker)))
+    for mod, src in sources.items():
+        assert mod not in sys.modules
+        (tmp / f"{mod}.py").write_text(src)
     sys.path.insert(0, str(tmp))
     try:
-        mod = __import__(name)
-        objs = mod.TrainConfig(), mod.FakeTokenizer()
+        cfg_obj = getattr(__import__(config[0]), config[1])()
+        tok_obj = getattr(__import__(tokenizer[0]), tokenizer[1])()
     finally:
         sys.path.remove(str(tmp))
-    return name, objs
+    return list(sources), (cfg_obj, tok_obj)
 
 
-def _forget_module(name: str, tmp: Path):
-    sys.modules.pop(name, None)
-    (tmp / f"{name}.py").unlink()
+def _forget_modules(names, tmp: Path):
+    for name in names:
+        sys.modules.pop(name, None)
+        (tmp / f"{name}.py").unlink()
     assert str(tmp) not in sys.path
 
 
@@ -279,8 +301,11 @@ def _forget_module(name: str, tmp: Path):
 def synthetic(tmp_path_factory):
     """A Lightning-style checkpoint of a random 2-block model, converted with its EMA weights.
 
+    Its config and tokenizer are instances of ``fake_omegaconf.DictConfig`` /
+    ``fake_tokenizers.GPT2TokenizerFast`` (the stand-in names the reference fixture uses, on
+    the converter's stub allowlist) from modules deleted before the checkpoint is read.
     Returns a dict: ``dir`` (converted model), ``ckpt``, ``raw`` / ``ema`` (reference-named
-    state dicts), ``module`` (the vanished module's name), ``marker`` (a file that only code
+    state dicts), ``modules`` (the vanished modules), ``marker`` (a file that only code
     from the checkpoint would create). The KV-cached sampler test takes its case from
     :func:`kv_sampler_reference_case`.
     """
@@ -290,7 +315,9 @@ def synthetic(tmp_path_factory):
     g = torch.Generator().manual_seed(12)
     ema = {k: (v if k == "rotary_emb.inv_freq" else v + 0.01 * torch.randn(v.shape, generator=g)) for k, v in raw.items()}
     order = ref.reference_parameter_order(SYN["n_layers"])
-    name, (cfg_obj, tok_obj) = _throwaway_objects(tmp, marker)
+    names, (cfg_obj, tok_obj) = _throwaway_objects(
+        tmp, marker, config=("fake_omegaconf", "DictConfig"), tokenizer=("fake_tokenizers", "GPT2TokenizerFast")
+    )
     ckpt = {
         "epoch": 0,
         "global_step": 3,
@@ -302,10 +329,10 @@ def synthetic(tmp_path_factory):
     }
     path = tmp / "synthetic.ckpt"
     torch.save(ckpt, path)
-    _forget_module(name, tmp)
+    _forget_modules(names, tmp)
     out = convert_official(path, tmp / "converted", tokenizer=None, max_seq_len=SYN["context"])
     assert not marker.exists()
-    return {"dir": out, "ckpt": path, "raw": raw, "ema": ema, "module": name, "marker": marker, "tmp": tmp}
+    return {"dir": out, "ckpt": path, "raw": raw, "ema": ema, "modules": names, "marker": marker, "tmp": tmp}
 
 
 def random_trajectory(seed: int, B: int = 3, P: int = 5, N: int = 14, step_sizes=(3, 1, 4, 2, 4), vocab: int = SYN["vocab"] - 1):
@@ -342,10 +369,9 @@ def _float64_model(d):
 def test_synthetic_conversion_uses_ema_and_stubs_vanished_classes(synthetic):
     ck = load_official_checkpoint(synthetic["ckpt"])
     assert ck["global_step"] == 3 and ck["ema"]["num_updates"] == 3
-    mod = synthetic["module"]
-    assert {f"{mod}.TrainConfig", f"{mod}.FakeTokenizer"} <= set(ck["stubbed_globals"])
-    # TrainConfig.__setstate__ (which would write the marker) never ran, its module was not imported
-    assert not synthetic["marker"].exists() and mod not in sys.modules
+    assert {"fake_omegaconf.DictConfig", "fake_tokenizers.GPT2TokenizerFast"} <= set(ck["stubbed_globals"])
+    # DictConfig.__setstate__ (which would write the marker) never ran, its module was not imported
+    assert not synthetic["marker"].exists() and not set(synthetic["modules"]) & set(sys.modules)
 
     m = EsoLMModel.from_pretrained(synthetic["dir"])
     c = m.config
@@ -488,7 +514,7 @@ def test_cli_main(synthetic, capsys):
     rc = official.main([str(synthetic["ckpt"]), str(out), "--no-ema", "--tokenizer", "none", "--max-seq-len", "40"])
     text = capsys.readouterr().out
     assert rc == 0 and (out / "model.safetensors").exists()
-    assert "global_step 3" in text and "RAW" in text and synthetic["module"] + ".TrainConfig" in text
+    assert "global_step 3" in text and "RAW" in text and "fake_omegaconf.DictConfig" in text
     assert f"{sum(v.numel() for k, v in synthetic['raw'].items() if k != 'rotary_emb.inv_freq'):,} parameters" in text
     rc = official.main([str(synthetic["tmp"] / "nope.ckpt"), str(synthetic["tmp"] / "cli2")])
     assert rc == 1 and "nope.ckpt" in capsys.readouterr().err
@@ -529,64 +555,341 @@ def _malicious_ckpt(tmp: Path, payload, where: str) -> Path:
 
 
 @pytest.mark.parametrize("kind", ["os.system", "builtins.eval", "builtins.exec", "subprocess.check_call"])
-def test_malicious_payload_never_runs(tmp_path, kind):
+def test_malicious_payload_never_runs(tmp_path, kind, capsys):
     marker = tmp_path / "pwned"
     path = _malicious_ckpt(tmp_path, _payloads(marker)[kind], "top")
     func_name = kind.split(".")[1]
     with pytest.raises(UnsafeCheckpointError, match=rf"{path.name}.*\.{func_name}"):
         load_official_checkpoint(path)
-    assert not marker.exists()
-    # Stub mode: the global becomes an inert stub, loading proceeds, nothing runs.
-    ck = load_official_checkpoint(path, on_dangerous="stub")
-    assert not marker.exists()
-    assert any(s.endswith("." + func_name) for s in ck["stubbed_globals"]), ck["stubbed_globals"]
-    assert list(ck["state_dict"]) == ["vocab_embed.embedding"]
+    assert official.main([str(path), str(tmp_path / "out"), "--tokenizer", "none"]) == 1
+    assert func_name in capsys.readouterr().err
+    assert not marker.exists() and not (tmp_path / "out").exists()
     # and torch's own loader would have run it (the payload is real)
     if kind == "builtins.eval":
         torch.load(path, weights_only=False)
         assert marker.exists()
 
 
-def test_payload_inside_state_dict_is_refused_or_reported(tmp_path):
+def test_payload_inside_state_dict_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     path = _malicious_ckpt(tmp_path, _payloads(marker)["os.system"], "state_dict")
-    with pytest.raises(UnsafeCheckpointError):
+    with pytest.raises(UnsafeCheckpointError, match=r"(posix|nt|os)\.system"):
         load_official_checkpoint(path)
-    with pytest.raises(CheckpointError, match="not tensors"):
-        load_official_checkpoint(path, on_dangerous="stub")
     assert not marker.exists()
+
+
+# Hand-written pickle opcodes (protocol 2 framing; the unpickler accepts later opcodes too).
+
+
+def _op_str(s: str) -> bytes:  # BINUNICODE
+    b = s.encode()
+    return b"X" + struct.pack("<I", len(b)) + b
+
+
+def _op_bytes(b: bytes) -> bytes:  # BINBYTES
+    return b"B" + struct.pack("<I", len(b)) + b
+
+
+def _op_global(module: str, name: str) -> bytes:  # GLOBAL
+    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+
+
+def _op_stack_global(module: str, name: str) -> bytes:  # STACK_GLOBAL
+    return _op_str(module) + _op_str(name) + b"\x93"
+
+
+def _op_call(func: bytes, *args: bytes) -> bytes:  # func(*args): MARK args TUPLE REDUCE
+    return func + b"(" + b"".join(args) + b"tR"
+
+
+def _op_list(*items: bytes) -> bytes:
+    return b"](" + b"".join(items) + b"e"
+
+
+def _op_tuple(*items: bytes) -> bytes:
+    return b"(" + b"".join(items) + b"t"
+
+
+def _op_int(i: int) -> bytes:  # BININT
+    return b"J" + struct.pack("<i", i)
+
+
+def _op_new(module: str, name: str) -> bytes:  # cls.__new__(cls): NEWOBJ of an allowlisted stub class
+    return _op_global(module, name) + b")\x81"
+
+
+_STUB = ("fake_omegaconf", "DictConfig")  # on the converter's stub allowlist
+
+
+def _pickled(payload: bytes) -> bytes:
+    return b"\x80\x04" + payload + b"."
+
+
+# Stock pickle resolves a dotted global name attribute by attribute from protocol 4 on; a PROTO
+# opcode may appear anywhere in the stream, so a hostile payload switches to 4 first.
+_PROTO4 = b"\x80\x04"
+
+
+def _hostile_payloads(marker: Path, module_name: str) -> dict[str, tuple[bytes, str]]:
+    """name → (opcodes pushing one object, regex the refusal must match). Each payload that
+    names a global, if executed, creates ``marker``; ``module_name`` is an importable module
+    (on sys.path during the test) whose import creates it too."""
+    m = str(marker)
+    touch = _op_str(f"touch {m}")
+    py = _op_str(f"open({m!r}, 'w').write('pwned')")
+    inner_eval = _pickled(_op_call(_op_global("builtins", "eval"), py))
+    tensor_args = (_op_int(0), _op_tuple(_op_int(2)), _op_tuple(_op_int(1)), b"\x89", _op_call(_op_global("collections", "OrderedDict")))
+    return {
+        # globals refused by name: dotted names, code-running builtins/modules, via GLOBAL, STACK_GLOBAL and INST
+        "dotted_global": (_PROTO4 + _op_call(_op_global("torch", "serialization.os.system"), touch), r"torch\.serialization\.os\.system.*'torch'.*'serialization\.os\.system'.*dotted"),
+        "dotted_stack_global": (_PROTO4 + _op_call(_op_stack_global("torch", "serialization.os.system"), touch), r"'torch'.*'serialization\.os\.system'.*dotted"),
+        "dotted_exec_via_module": (_PROTO4 + _op_call(_op_stack_global("torch.serialization", "pickle.loads"), _op_bytes(inner_eval)), r"torch\.serialization\.pickle\.loads.*dotted"),
+        "dotted_allowed_name": (_PROTO4 + _op_call(_op_global("torch", "_utils._rebuild_tensor_v2"), _op_str("x"), *tensor_args), r"torch\._utils\._rebuild_tensor_v2.*dotted"),
+        "builtins_exec": (_op_call(_op_global("builtins", "exec"), py), r"builtins\.exec\b.*allowlist"),
+        "builtins_eval_stack_global": (_op_call(_op_stack_global("builtins", "eval"), py), r"builtins\.eval\b"),
+        "py2_builtin_eval": (_op_call(_op_global("__builtin__", "eval"), py), r"builtins\.eval\b"),
+        "builtins_getattr": (
+            _op_call(_op_call(_op_global("builtins", "getattr"), _op_call(_op_global("os", "popen")), _op_str("close")), touch),
+            r"builtins\.getattr\b",
+        ),
+        "builtins_import": (_op_call(_op_stack_global("builtins", "__import__"), _op_str(module_name)), r"builtins\.__import__"),
+        "os_system": (_op_call(_op_global("os", "system"), touch), r"\bos\.system\b"),
+        "posix_system": (_op_call(_op_stack_global("posix", "system"), touch), r"posix\.system"),
+        "subprocess_popen": (_op_call(_op_global("subprocess", "Popen"), _op_list(_op_str("touch"), _op_str(m))), r"subprocess\.Popen"),
+        "inst_opcode": (b"(" + touch + b"ios\nsystem\n", r"\bos\.system\b"),
+        "module_object": (_op_call(_op_global("torch.serialization", "os")), r"torch\.serialization\.os\b"),
+        "torch_load_from_bytes": (_op_call(_op_global("torch.storage", "_load_from_bytes"), _op_bytes(inner_eval)), r"torch\.storage\._load_from_bytes"),
+        "copyreg_reconstructor": (_op_call(_op_global("copyreg", "_reconstructor"), _op_global("os", "system"), b"N", b"N"), r"copyreg\._reconstructor"),
+        # allowed callables given hostile arguments
+        "rebuild_tensor_non_storage": (_op_call(_op_global("torch._utils", "_rebuild_tensor_v2"), touch, *tensor_args), r"_rebuild_tensor_v2 got a builtins\.str instead of a storage"),
+        "rebuild_tensor_stub_storage": (_op_call(_op_global("torch._utils", "_rebuild_tensor_v2"), _op_new(*_STUB), *tensor_args), r"_rebuild_tensor_v2 got an instance of the stubbed class fake_omegaconf\.DictConfig"),
+        "rebuild_from_type_not_a_rebuilder": (
+            _op_call(_op_global("torch._tensor", "_rebuild_from_type_v2"), _op_global("builtins", "dict"), _op_global("torch", "Tensor"), _op_tuple(), b"}"),
+            r"_rebuild_from_type_v2 got the global builtins\.dict as its rebuild function",
+        ),
+        "ordered_dict_stub_iterable": (_op_call(_op_global("collections", "OrderedDict"), _op_new(*_STUB)), r"collections\.OrderedDict got an instance of the stubbed class"),
+        "ordered_dict_callable_item": (
+            _op_call(_op_global("collections", "OrderedDict"), _op_list(_op_tuple(_op_str("k"), _op_global("torch._utils", "_rebuild_tensor_v2")))),
+            r"collections\.OrderedDict got the global torch\._utils\._rebuild_tensor_v2",
+        ),
+        "defaultdict_stub_factory": (_op_call(_op_global("collections", "defaultdict"), _op_global(*_STUB)), r"defaultdict got the stubbed class fake_omegaconf\.DictConfig as its factory"),
+        "set_of_stubs": (_op_call(_op_global("builtins", "set"), _op_list(_op_new(*_STUB))), r"builtins\.set got an instance of the stubbed class"),
+        "codecs_base64": (_op_call(_op_global("_codecs", "encode"), _op_str("abc"), _op_str("base64")), r"_codecs\.encode with encoding 'base64'"),
+        "str_rot13": (_op_call(_op_global("builtins", "str"), _op_bytes(b"x"), _op_str("rot13")), r"builtins\.str with encoding 'rot13'"),
+        "build_on_allowed_callable": (
+            _op_global("torch._utils", "_rebuild_tensor_v2") + b"}" + _op_str("__defaults__") + b"N" + b"s" + b"b",
+            r"modify torch\._utils\._rebuild_tensor_v2",
+        ),
+        "build_on_stub_class": (_op_global(*_STUB) + b"N}" + _op_str("__iter__") + _op_global("builtins", "list") + b"s\x86b", r"modify the stubbed class fake_omegaconf\.DictConfig"),
+        "torch_tensor_called": (_op_call(_op_global("torch", "Tensor"), touch), r"calls torch\.Tensor"),
+    }
+
+
+_HOSTILE_NAMES = list(_hostile_payloads(Path("m"), "mod"))
+
+
+class _SplicingPickleModule:
+    """A ``pickle_module`` for ``torch.save`` that writes the checkpoint the way torch does
+    (zip or legacy, real tensors and storages) but replaces each placeholder string with
+    hand-written opcodes."""
+
+    __name__ = "splicing_pickle"
+
+    def __init__(self, splices: dict[str, bytes]):
+        self.splices = splices
+        outer = self
+
+        class Pickler(pickle.Pickler):
+            def __init__(self, file, protocol=None, **kw):
+                self._real_file = file
+                self._buf = io.BytesIO()
+                super().__init__(self._buf, protocol, **kw)
+
+            def dump(self, obj):
+                super().dump(obj)
+                self._real_file.write(outer.splice(self._buf.getvalue()))
+
+        self.Pickler = Pickler
+
+    def splice(self, data: bytes) -> bytes:
+        for key, payload in self.splices.items():
+            needle = _op_str(key)
+            if needle in data:
+                assert data.count(needle) == 1
+                data = data.replace(needle, payload)
+        return data
+
+    @staticmethod
+    def dump(obj, f, protocol=None):
+        pickle.dump(obj, f, protocol=protocol)
+
+
+def _spliced_ckpt(path: Path, payload: bytes, where: str, fmt: str) -> Path:
+    """A Lightning-style checkpoint (raw weights, EMA list, config) with ``payload`` at
+    ``where``: ``config`` (hyper_parameters), ``ema`` (inside shadow_params) or
+    ``state_dict`` (inside a list in a dict among the state dict's values)."""
+    key = "__ESORL_PAYLOAD__"
+    sd = {"backbone.vocab_embed.embedding": torch.randn(5, 4), "backbone.sigma_map.mlp.0.weight": torch.randn(4, 8)}
+    ema = [torch.randn(5, 4), torch.randn(4, 8)]
+    obj = {"state_dict": sd, "ema": {"decay": 0.9, "num_updates": 1, "shadow_params": ema}, "global_step": 1,
+           "hyper_parameters": {"config": {"lr": 1e-4}}}  # fmt: skip
+    if where == "config":
+        obj["hyper_parameters"]["config"]["evil"] = key
+    elif where == "ema":
+        ema.insert(1, key)
+    else:
+        sd["backbone.extra"] = {"nested": [torch.zeros(1), key]}
+    torch.save(obj, path, pickle_module=_SplicingPickleModule({key: payload}), _use_new_zipfile_serialization=fmt == "zip")
+    return path
+
+
+@pytest.fixture
+def hostile_env(tmp_path, monkeypatch):
+    """``(marker, payloads)``: an importable module whose import would create the marker."""
+    marker = tmp_path / "pwned"
+    mod = f"esorl_pwn_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{mod}.py").write_text(f"open({str(marker)!r}, 'w').write('imported')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield marker, _hostile_payloads(marker, mod)
+    sys.modules.pop(mod, None)
+
+
+@pytest.mark.parametrize("fmt", ["zip", "legacy"])
+@pytest.mark.parametrize("where", ["config", "ema", "state_dict"])
+@pytest.mark.parametrize("name", _HOSTILE_NAMES)
+def test_hostile_pickle_refused(tmp_path, hostile_env, capsys, name, where, fmt):
+    """Each hand-written payload, wherever it sits, in either file format: refused with a
+    message naming the global or the problem, ``main`` returns 1, nothing runs."""
+    marker, payloads = hostile_env
+    payload, pattern = payloads[name]
+    path = _spliced_ckpt(tmp_path / f"{name}.ckpt", payload, where, fmt)
+    with pytest.raises(CheckpointError, match=rf"(?s){name}\.ckpt.*{pattern}"):
+        load_official_checkpoint(path)
+    assert official.main([str(path), str(tmp_path / "out"), "--tokenizer", "none"]) == 1
+    assert re.search(pattern, capsys.readouterr().err, re.S)
+    assert not (tmp_path / "out").exists()
+    time.sleep(0.05 if "popen" in name else 0)  # a Popen that had run would touch asynchronously
+    assert not marker.exists()
+
+
+def test_hostile_payloads_are_real(tmp_path, hostile_env):
+    """The by-name payloads do what they claim under the stock unpickler (so their refusal
+    is what keeps the marker away): a few, run in this process."""
+    marker, payloads = hostile_env
+    for name in ("dotted_global", "dotted_stack_global", "dotted_exec_via_module", "builtins_exec", "builtins_import", "torch_load_from_bytes"):
+        assert not marker.exists()
+        with contextlib.suppress(Exception):  # the payload's return value may not be picklable data
+            pickle.loads(_pickled(payloads[name][0]))
+        assert marker.exists(), name
+        marker.unlink()
+
+
+@pytest.mark.parametrize("fmt", ["zip", "legacy"])
+def test_hostile_pickle_refused_by_cli_process(tmp_path, hostile_env, fmt):
+    """``python -m esorl.convert.official`` exits non-zero and names the global."""
+    marker, payloads = hostile_env
+    name = "dotted_global" if fmt == "zip" else "builtins_exec"
+    path = _spliced_ckpt(tmp_path / "evil.ckpt", payloads[name][0], "ema", fmt)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    r = subprocess.run(
+        [sys.executable, "-m", "esorl.convert.official", str(path), str(tmp_path / "out"), "--tokenizer", "none"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 1, r.stderr
+    assert re.search(payloads[name][1], r.stderr, re.S), r.stderr
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_legacy_header_payload_refused(tmp_path, hostile_env):
+    """A legacy-format file whose first pickle (torch's magic number) is the payload."""
+    marker, payloads = hostile_env
+    for name in ("dotted_stack_global", "builtins_exec"):
+        path = tmp_path / f"{name}_header.ckpt"
+        path.write_bytes(_pickled(payloads[name][0]) + b"\x80\x02N.")
+        with pytest.raises(UnsafeCheckpointError, match=payloads[name][1]):
+            load_official_checkpoint(path)
+        assert official.main([str(path), str(tmp_path / "out"), "--tokenizer", "none"]) == 1
+    assert not marker.exists()
+
+
+def test_release_config_and_tokenizer_classes_are_stubbed(tmp_path):
+    """The globals a real release pickles for its OmegaConf config (incl. the
+    ``defaultdict(dict)`` resolver cache) and transformers GPT-2 tokenizer load as inert
+    stubs; their modules are never imported."""
+    dc, meta = _op_new("omegaconf.dictconfig", "DictConfig"), _op_new("omegaconf.base", "ContainerMetadata")
+    cache = _op_call(_op_global("collections", "defaultdict"), _op_global("builtins", "dict"))
+    config = (
+        dc + b"}(" + _op_str("_metadata") + meta
+        + b"}(" + _op_str("ref_type") + _op_global("typing", "Any") + _op_str("object_type") + _op_global("__builtin__", "dict")
+        + _op_str("key_type") + _op_global("__builtin__", "long") + _op_str("resolver_cache") + cache + b"ub"
+        + _op_str("_content") + b"}(" + _op_str("lr") + _op_new("omegaconf.nodes", "AnyNode") + b"u" + b"ub"
+    )  # fmt: skip
+    tok = (
+        _op_new("transformers.models.gpt2.tokenization_gpt2_fast", "GPT2TokenizerFast")
+        + b"}(" + _op_str("_tokenizer") + _op_global("tokenizers", "Tokenizer") + b"(" + _op_new("tokenizers.models", "Model") + b"t\x81"
+        + _op_call(_op_global("_codecs", "encode"), _op_str('{"version": "1.0"}'), _op_str("latin1")) + b"b"
+        + _op_str("eos") + _op_global("tokenizers", "AddedToken") + b"(" + _op_str("<|endoftext|>") + b"t\x81" + b"ub"
+    )  # fmt: skip
+    path = tmp_path / "release.ckpt"
+    obj = {"state_dict": {"backbone.vocab_embed.embedding": torch.ones(3, 2)}, "hyper_parameters": {"config": "__C__", "tokenizer": "__T__"}}
+    torch.save(obj, path, pickle_module=_SplicingPickleModule({"__C__": config, "__T__": tok}))
+    ck = load_official_checkpoint(path)
+    assert set(ck["stubbed_globals"]) == {
+        "omegaconf.dictconfig.DictConfig", "omegaconf.base.ContainerMetadata", "omegaconf.nodes.AnyNode", "typing.Any",
+        "transformers.models.gpt2.tokenization_gpt2_fast.GPT2TokenizerFast", "tokenizers.Tokenizer",
+        "tokenizers.models.Model", "tokenizers.AddedToken",
+    }  # fmt: skip
+    assert "omegaconf" not in sys.modules  # (tokenizers itself is imported by transformers)
+    loaded = torch.load(path, weights_only=False, pickle_module=official.restricted_pickle_module())
+    cfg = loaded["hyper_parameters"]["config"]
+    assert isinstance(cfg, official.StubObject) and cfg._stub_name == "DictConfig"
+    assert type(cfg._stub_state["_metadata"]._stub_state["resolver_cache"]) is collections.defaultdict
 
 
 def test_importable_class_code_never_runs(tmp_path):
-    """Even a class whose module *is* importable is stubbed: its module is not imported and its
-    ``__setstate__`` / constructor never run."""
+    """An allowlisted config class whose module *is* importable is stubbed: its module is not
+    imported and its ``__setstate__`` never runs. An importable class that is not on the
+    allowlist is refused (not imported), unless the caller adds it with ``allow_stubs``."""
     marker = tmp_path / "ran"
-    name, (cfg_obj, tok_obj) = _throwaway_objects(tmp_path, marker)
-    path = tmp_path / "importable.ckpt"
-    torch.save({"state_dict": {"backbone.vocab_embed.embedding": torch.ones(3, 2)}, "hyper_parameters": {"config": cfg_obj}}, path)
-    sys.modules.pop(name, None)
-    sys.path.insert(0, str(tmp_path))  # the module stays importable during the load
+    names, (cfg_obj, _) = _throwaway_objects(tmp_path, marker, config=("fake_omegaconf", "DictConfig"))
+    other, (other_cfg, _) = _throwaway_objects(tmp_path, marker)
+    ok, refused = tmp_path / "importable.ckpt", tmp_path / "unknown_class.ckpt"
+    torch.save({"state_dict": {"backbone.vocab_embed.embedding": torch.ones(3, 2)}, "hyper_parameters": {"config": cfg_obj}}, ok)
+    torch.save({"state_dict": {"backbone.vocab_embed.embedding": torch.ones(3, 2)}, "hyper_parameters": {"config": other_cfg}}, refused)
+    for n in names + other:
+        sys.modules.pop(n, None)
+    sys.path.insert(0, str(tmp_path))  # the modules stay importable during the loads
     try:
-        ck = load_official_checkpoint(path)
-        assert name not in sys.modules, "the checkpoint's module was imported"
+        ck = load_official_checkpoint(ok)
+        with pytest.raises(UnsafeCheckpointError, match=rf"{other[0]}\.TrainConfig.*allowlist"):
+            load_official_checkpoint(refused)
+        ck2 = load_official_checkpoint(refused, allow_stubs=[f"{other[0]}.TrainConfig"])
+        assert not (set(names) | set(other)) & set(sys.modules), "the checkpoint's module was imported"
     finally:
         sys.path.remove(str(tmp_path))
     assert not marker.exists()
-    assert f"{name}.TrainConfig" in ck["stubbed_globals"]
+    assert "fake_omegaconf.DictConfig" in ck["stubbed_globals"] and f"{other[0]}.TrainConfig" in ck2["stubbed_globals"]
+    for bad in (["os.system"], ["builtins.eval"], ["torch.serialization.os"], ["nodots"], ["a.b-c"]):
+        with pytest.raises(ValueError, match="allow_stubs"):
+            load_official_checkpoint(ok, allow_stubs=bad)
 
 
 def test_restricted_unpickler_direct():
-    """The unpickler on its own: plain data passes, classes become inert recorded stubs."""
-    import io
-
-    data = pickle.dumps({"a": [1, 2.5, (3, "x")], "b": {1, 2}, "c": b"\x00\xff", "d": _Payload(os.getcwd)}, protocol=2)
-    up = official.RestrictedUnpickler(io.BytesIO(data), on_dangerous="stub")
+    """The unpickler on its own: plain data passes, allowlisted classes become inert recorded
+    stubs, anything else is refused by module and name."""
+    data = pickle.dumps({"a": [1, 2.5, (3, "x")], "b": {1, 2}, "c": b"\x00\xff", "e": b"", "f": frozenset([3]), "g": bytearray(b"z"), "h": 1 + 2j}, protocol=2)
+    obj = official.RestrictedUnpickler(io.BytesIO(data)).load()
+    assert obj == {"a": [1, 2.5, (3, "x")], "b": {1, 2}, "c": b"\x00\xff", "e": b"", "f": frozenset([3]), "g": bytearray(b"z"), "h": 1 + 2j}
+    stub_data = _pickled(b"}(" + _op_str("d") + _op_new(*_STUB) + _op_str("t") + _op_global("typing", "Any") + b"u")
+    up = official.RestrictedUnpickler(io.BytesIO(stub_data))
     obj = up.load()
-    assert obj["a"] == [1, 2.5, (3, "x")] and obj["b"] == {1, 2} and obj["c"] == b"\x00\xff"
-    assert isinstance(obj["d"], official.StubObject) and obj["d"]._stub_name == "getcwd"
-    assert "posix.getcwd" in up.stubbed_globals or "nt.getcwd" in up.stubbed_globals
-    with pytest.raises(UnsafeCheckpointError, match="getcwd"):
-        official.RestrictedUnpickler(io.BytesIO(data)).load()
+    assert isinstance(obj["d"], official.StubObject) and obj["d"]._stub_name == "DictConfig"
+    assert up.stubbed_globals == ["fake_omegaconf.DictConfig", "typing.Any"]
+    with pytest.raises(UnsafeCheckpointError, match=r"(posix|nt)\.getcwd \(module '(posix|nt)', name 'getcwd'\)"):
+        official.RestrictedUnpickler(io.BytesIO(pickle.dumps(_Payload(os.getcwd), protocol=2))).load()
+    for module, name in (("torch", "serialization.os.system"), ("builtins", "exec"), ("torch", "load"), ("torch.storage", "_load_from_bytes")):
+        with pytest.raises(UnsafeCheckpointError, match=re.escape(f"{module}.{name} (module {module!r}, name {name!r})")):
+            official.RestrictedUnpickler(io.BytesIO(b"")).find_class(module, name)
     # _codecs.encode is allowed only as pickle uses it for bytes
     evil = b"\x80\x02c_codecs\nencode\nq\x00X\x03\x00\x00\x00abcq\x01X\x06\x00\x00\x00base64q\x02\x86q\x03Rq\x04."
     with pytest.raises(UnsafeCheckpointError, match="_codecs.encode"):

@@ -4,33 +4,46 @@ The released ``.ckpt`` files pickle the training config (OmegaConf) and the toke
 next to the weights, so ``torch.load(weights_only=True)`` refuses them and
 ``weights_only=False`` would import (and run) whatever the file names. This module reads them
 through ``torch.load(..., weights_only=False, pickle_module=<restricted>)`` (torch keeps its
-own zip/legacy storage handling) whose unpickler is :class:`RestrictedUnpickler`:
+own zip/legacy storage handling) whose unpickler, :class:`RestrictedUnpickler`, is an
+**allowlist**: every global the pickle names (``GLOBAL``/``STACK_GLOBAL``/
+``INST``/``OBJ``/``EXT*``) is looked up in :data:`ALLOWED_GLOBALS` and
+:data:`CONFIG_STUB_GLOBALS`; nothing is ever imported, and anything else is refused.
 
-* **real objects**: the immutable C types ``dict``, ``list``, ``tuple``, ``set``,
-  ``frozenset``, ``int``, ``float``, ``complex``, ``bool``, ``str``, ``bytes``, ``bytearray``,
-  ``slice``, ``range``, ``collections.OrderedDict``, ``torch.Size``, ``torch.device`` and the
-  ``torch`` dtypes / layouts / memory formats / qschemes;
-* **wrapped functions** (immutable wrappers that refuse pickle ``BUILD``): the tensor
-  rebuilders ``torch._utils._rebuild_tensor{,_v2,_v3}``, ``_rebuild_parameter{,_with_state}``
-  and ``torch._tensor._rebuild_from_type_v2`` (arguments must be real storages/tensors;
-  backward hooks, tensor subclasses and Python-side tensor state from the file are dropped),
-  ``torch.serialization._get_layout``, and ``_codecs.encode`` restricted to ``str`` with a
-  latin-1/utf-8/ascii codec (how pickle protocol 2 stores ``bytes``). Storage types are
-  turned into inert ``StorageType`` objects by torch's own loader (``torch.UntypedStorage``
-  by an inert marker here);
-* **refused** (:class:`UnsafeCheckpointError`, naming the global, raised when the global is
-  looked up, before anything is called) by default: globals that only a malicious file
-  references – anything from ``os``/``posix``/``nt``/``subprocess``/``sys``/``shutil``/
-  ``importlib``/``runpy``/``socket``/``ctypes``/``pickle``/``marshal``/... and the builtins
-  ``eval``/``exec``/``compile``/``open``/``getattr``/``setattr``/``__import__``/....
-  With ``on_dangerous="stub"`` they are stubbed like everything else instead;
-* **stubbed**: every other global (``fake_omegaconf.DictConfig``, ``typing.Any``,
-  ``copyreg._reconstructor``, a tensor subclass, ...) becomes a fresh class of its own that
-  records the module and name; constructing it, ``__setstate__``, ``append``/``extend`` and
-  ``__setitem__`` only *store* their arguments. The named module is never imported, so no
-  code from it or from the file runs.
+* **allowed callables** (immutable wrappers that refuse pickle ``BUILD`` and check their
+  arguments before calling the real function; a wrong argument is refused, naming the
+  callable): the tensor rebuilders ``torch._utils._rebuild_tensor{,_v2,_v3}`` (a real
+  storage, an int offset, int tuples for size/stride), ``_rebuild_parameter{,_with_state}``
+  (a real tensor) and ``torch._tensor._rebuild_from_type_v2`` (one of those rebuilders and
+  ``torch.Tensor``); backward hooks and Python-side tensor state from the file are dropped.
+  The containers and scalars pickle protocol 2 rebuilds by calling their type:
+  ``builtins.dict/list/tuple/set/frozenset/int/float/bool/str/bytes/bytearray``
+  (and the immutable type ``complex`` itself: protocol 2 rebuilds it with ``NEWOBJ``),
+  ``collections.OrderedDict``, ``collections.defaultdict`` (factory: one of those types),
+  ``torch.Size``, ``torch.device`` – with plain-data arguments only (numbers, strings,
+  bytes, tensors and lists/tuples/sets/dicts of them: never a stub or another callable),
+  text codecs only, no ``bytes(n)`` allocation; ``_codecs.encode`` restricted to ``str``
+  with a latin-1/utf-8/ascii codec (how protocol 2 stores ``bytes``);
+  ``torch.serialization._get_layout`` restricted to layout names;
+* **allowed values**: the ``torch`` dtypes / layouts / memory formats / qschemes, and inert
+  markers for ``torch.Tensor`` and ``torch.UntypedStorage`` (storage types of a persistent
+  id; torch's own loader turns the typed ``*Storage`` names into inert ``StorageType``
+  objects before this unpickler is asked);
+* **inert stubs** for the classes of the pickled config and tokenizer
+  (:data:`CONFIG_STUB_GLOBALS`: OmegaConf containers/nodes/metadata, ``typing`` annotations,
+  the GPT-2/BERT tokenizers and their ``tokenizers`` objects, the reference fixture's
+  ``fake_omegaconf``/``fake_tokenizers`` stand-ins) and for any ``allow_stubs`` the caller
+  adds: each becomes a fresh immutable class of its own that records the module and name;
+  constructing it, ``__setstate__``, ``append``/``extend`` and ``__setitem__`` only *store*
+  their arguments. Their code never runs and their modules are never imported;
+* **refused**, everything else (:class:`UnsafeCheckpointError`, naming module and name,
+  raised when the global is looked up, before anything is called): ``os.system``,
+  ``builtins.eval``/``exec``/``getattr``/``__import__``, ``subprocess.Popen``,
+  ``copyreg._reconstructor``, ``torch.load``, ``torch.storage._load_from_bytes`` (which would
+  ``torch.load`` nested bytes with a full unpickler; ``torch.save`` never emits it), tensor
+  subclasses, ... and every **dotted name** (``torch`` + ``serialization.os.system``), which
+  pickle would resolve attribute by attribute through whatever the module imports.
 
-Not defended: memory exhaustion (a file can always claim huge storages or ``bytes(10**12)``).
+Not defended: memory exhaustion (a file can always claim huge storages or long strings).
 
 Cost: one ``torch.load`` of the file (memory-mapped for zip checkpoints, so e.g. optimizer
 states are not read into memory) plus one model construction.
@@ -56,6 +69,8 @@ import torch
 __all__ = [
     "CheckpointError",
     "UnsafeCheckpointError",
+    "ALLOWED_GLOBALS",
+    "CONFIG_STUB_GLOBALS",
     "StubObject",
     "RestrictedUnpickler",
     "restricted_pickle_module",
@@ -81,11 +96,60 @@ class UnsafeCheckpointError(CheckpointError, pickle.UnpicklingError):
     """The checkpoint's pickle references a global that can execute code (refused)."""
 
 
+# ----------------------------------------------------------------------------- refusals
+
+
+def _refuse_global(module: str, name: str, why: str) -> UnsafeCheckpointError:
+    return UnsafeCheckpointError(
+        f"the checkpoint's pickle references the global {module}.{name} (module {module!r}, name {name!r}), "
+        f"{why}; refusing to load it (nothing from the file was run)"
+    )
+
+
+def _describe(x) -> str:
+    """A short description of an unpickled object, for refusal messages."""
+    if isinstance(x, type) and issubclass(x, StubObject):
+        return f"the stubbed class {x._stub_module}.{x._stub_name}"
+    if isinstance(x, StubObject):
+        return f"an instance of the stubbed class {x._stub_module}.{x._stub_name}"
+    if isinstance(x, (_Frozen, _Marker)):
+        return f"the global {x.qualname}"
+    return f"a {type(x).__module__}.{type(x).__qualname__}"
+
+
 # ----------------------------------------------------------------------------- stubs
 
 
-class StubObject:
-    """Base of the inert stand-ins for globals a checkpoint references.
+class _StubMeta(type):
+    """Metaclass of the stub classes: the class itself is immutable (pickle ``BUILD`` on a
+    global would otherwise set class attributes such as ``__setstate__`` or ``__iter__``)."""
+
+    def __setattr__(cls, name, value):
+        raise UnsafeCheckpointError(f"the checkpoint tries to set {name!r} on the stubbed class {cls._stub_module}.{cls._stub_name}")
+
+    def __delattr__(cls, name):
+        raise UnsafeCheckpointError(f"the checkpoint tries to delete {name!r} from the stubbed class {cls._stub_module}.{cls._stub_name}")
+
+
+class _instance_only:  # noqa: N801 - used as a decorator
+    """A method that exists on instances only: looked up on the class (pickle ``BUILD`` applied
+    to the stubbed class itself) it refuses instead of being called with the state as ``self``."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __get__(self, obj, cls=None):
+        if obj is None:
+
+            def refuse(*args, **kwargs):
+                raise UnsafeCheckpointError(f"the checkpoint tries to modify the stubbed class {cls._stub_module}.{cls._stub_name}")
+
+            return refuse
+        return self.fn.__get__(obj, cls)
+
+
+class StubObject(metaclass=_StubMeta):
+    """Base of the inert stand-ins for the allowlisted config/tokenizer classes.
 
     Each stubbed global gets its own subclass with ``_stub_module`` / ``_stub_name``. Calling
     the class (pickle ``REDUCE``/``NEWOBJ``/``INST``), ``__setstate__`` (``BUILD``),
@@ -108,6 +172,7 @@ class StubObject:
     def __init__(self, *args, **kwargs):  # noqa: D401 - arguments were recorded by __new__
         pass
 
+    @_instance_only
     def __setstate__(self, state):
         object.__setattr__(self, "_stub_state", state)
 
@@ -126,7 +191,67 @@ class StubObject:
 
 def _make_stub(module: str, name: str) -> type:
     safe = re.sub(r"\W", "_", name) or "stub"
-    return type(safe, (StubObject,), {"_stub_module": module, "_stub_name": name, "__module__": "esorl.convert.stubs"})
+    return _StubMeta(safe, (StubObject,), {"_stub_module": module, "_stub_name": name, "__module__": "esorl.convert.stubs"})
+
+
+# The classes (and the one rebuild function) of the pickled training config and tokenizer in
+# ``hyper_parameters``: stubbed, never imported. OmegaConf 2.x, transformers 4.x/5.x GPT-2
+# and BERT tokenizers with their ``tokenizers`` objects, ``typing`` annotations OmegaConf
+# stores as metadata, and the stand-in modules the shared reference fixture was written with
+# (``fake_omegaconf`` / ``fake_tokenizers``, which no longer exist).
+CONFIG_STUB_GLOBALS: frozenset[tuple[str, str]] = frozenset(
+    [("omegaconf.dictconfig", "DictConfig"), ("omegaconf.listconfig", "ListConfig")]
+    + [("omegaconf.base", n) for n in ("ContainerMetadata", "Metadata", "UnionNode")]
+    + [("omegaconf.nodes", n) for n in (
+        "AnyNode", "StringNode", "IntegerNode", "FloatNode", "BooleanNode", "BytesNode", "PathNode", "EnumNode",
+        "InterpolationResultNode",
+    )]  # fmt: skip
+    + [("typing", n) for n in ("Any", "Dict", "List", "Optional", "Union", "Tuple")]
+    + [
+        ("transformers.models.gpt2.tokenization_gpt2_fast", "GPT2TokenizerFast"),
+        ("transformers.models.gpt2.tokenization_gpt2", "GPT2Tokenizer"),
+        ("transformers.models.bert.tokenization_bert_fast", "BertTokenizerFast"),
+        ("transformers.models.bert.tokenization_bert", "BertTokenizer"),
+        ("transformers.tokenization_utils_fast", "PreTrainedTokenizerFast"),
+        ("transformers.tokenization_utils_base", "AddedToken"),
+        ("tokenizers", "Tokenizer"),
+        ("tokenizers", "AddedToken"),
+        ("tokenizers.models", "Model"),
+        ("tokenizers.models", "BPE"),
+        ("tokenizers.models", "WordPiece"),
+    ]
+    + [("fake_omegaconf", n) for n in ("DictConfig", "ListConfig", "ContainerMetadata", "Metadata", "AnyNode")]
+    + [("fake_tokenizers", n) for n in ("GPT2TokenizerFast", "_rebuild_tokenizer")]
+)
+
+# Modules whose names a caller may not add to the stub allowlist (``allow_stubs``): a file
+# that needs them is hostile, and the README promises to refuse such files.
+_NEVER_STUB_MODULES = {
+    "builtins", "__builtin__", "os", "posix", "nt", "subprocess", "sys", "shutil", "importlib", "runpy", "socket",
+    "pty", "code", "codeop", "ctypes", "pickle", "_pickle", "marshal", "webbrowser", "multiprocessing", "signal",
+    "pdb", "bdb", "timeit", "asyncio", "_thread", "threading", "urllib", "http", "ftplib", "smtplib", "telnetlib",
+    "commands", "popen2", "_posixsubprocess", "pip", "setuptools", "distutils", "imp", "zipimport", "cProfile",
+    "profile", "trace", "_io", "io", "tempfile", "pathlib", "glob", "copyreg", "copy_reg", "operator", "functools",
+    "types", "inspect", "gc", "codecs", "_codecs", "torch", "collections", "numpy",
+}  # fmt: skip
+
+
+def _parse_allow_stubs(allow_stubs) -> frozenset[tuple[str, str]]:
+    """``["module.Class", ...]`` → ``{(module, Class)}``; refuses dotted/empty names and the
+    modules in ``_NEVER_STUB_MODULES``."""
+    if isinstance(allow_stubs, str):
+        allow_stubs = [allow_stubs]
+    out = set()
+    for spec in allow_stubs or ():
+        if not isinstance(spec, str) or "." not in spec:
+            raise ValueError(f"allow_stubs entries are 'module.Name' strings, got {spec!r}")
+        module, name = spec.rsplit(".", 1)
+        if not module or not name.isidentifier() or not all(p.isidentifier() for p in module.split(".")):
+            raise ValueError(f"allow_stubs entry {spec!r} is not 'module.Name'")
+        if module.split(".")[0] in _NEVER_STUB_MODULES:
+            raise ValueError(f"allow_stubs entry {spec!r}: globals of {module.split('.')[0]!r} are never stubbed")
+        out.add((module, name))
+    return frozenset(out)
 
 
 # ----------------------------------------------------------------------------- safe callables
@@ -138,6 +263,7 @@ class _Frozen:
     Pickle ``BUILD`` on a global sets attributes on it (``__setstate__``, or ``setattr`` for
     slot state); on a module-level function that would be process-wide state the file could
     change (``__defaults__``, ...). ``_Frozen`` has no ``__dict__`` and refuses ``BUILD``.
+    ``fn`` is one of the checking wrappers below, never the raw torch/builtin callable.
     """
 
     __slots__ = ("fn", "qualname")
@@ -147,7 +273,9 @@ class _Frozen:
         object.__setattr__(self, "qualname", qualname)
 
     def __call__(self, *args, **kwargs):
-        return self.fn(*args, **kwargs)
+        if kwargs:
+            raise UnsafeCheckpointError(f"{self.qualname} called with keyword arguments {sorted(kwargs)}")
+        return self.fn(*args)
 
     def __setattr__(self, name, value):
         raise UnsafeCheckpointError(f"the checkpoint tries to set {name!r} on {self.qualname}")
@@ -159,158 +287,252 @@ class _Frozen:
         return f"<restricted {self.qualname}>"
 
 
-class _UntypedStorageType:
-    """Stands for ``torch.UntypedStorage`` in a storage persistent id: torch's loader only reads
-    ``.dtype`` (uint8) from it; a fresh inert object per reference, not the real class."""
+class _Marker:
+    """An inert, immutable stand-in for a class the file names but must never call:
+    ``torch.UntypedStorage`` (torch's loader only reads ``.dtype`` from the storage type of a
+    persistent id) and ``torch.Tensor`` (only the ``new_type`` argument of
+    ``_rebuild_from_type_v2``, which ignores it)."""
 
-    __slots__ = ()
-    dtype = torch.uint8
+    __slots__ = ("qualname", "dtype")
+
+    def __init__(self, qualname: str, dtype=None):
+        object.__setattr__(self, "qualname", qualname)
+        object.__setattr__(self, "dtype", dtype)
+
+    def __call__(self, *args, **kwargs):
+        raise UnsafeCheckpointError(f"the checkpoint calls {self.qualname}, which is only allowed as a type marker")
+
+    def __setattr__(self, name, value):
+        raise UnsafeCheckpointError(f"the checkpoint tries to set {name!r} on {self.qualname}")
 
     def __setstate__(self, state):
-        raise UnsafeCheckpointError("the checkpoint tries to modify a storage type")
+        raise UnsafeCheckpointError(f"the checkpoint tries to modify {self.qualname}")
+
+    def __repr__(self) -> str:
+        return f"<marker {self.qualname}>"
 
 
-def _check_storage(storage) -> None:
-    if not isinstance(storage, (torch.storage.TypedStorage, torch.storage.UntypedStorage)):
-        raise UnsafeCheckpointError(f"tensor rebuild got a {type(storage).__name__} instead of a storage")
+_TENSOR_MARKER = _Marker("torch.Tensor")
+
+_PLAIN_LEAVES = (type(None), bool, int, float, complex, str, bytes, bytearray, torch.dtype, torch.device, torch.layout, torch.memory_format, torch.Tensor, torch.nn.Parameter)
+_PLAIN_SEQUENCES = (tuple, list, set, frozenset, torch.Size)
+_PLAIN_MAPPINGS = (dict, collections.OrderedDict, collections.defaultdict)
 
 
-def _check_tensor(t) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise UnsafeCheckpointError(f"parameter rebuild got a {type(t).__name__} instead of a tensor")
+def _check_plain(value, where: str) -> None:
+    """Refuse anything but plain data (numbers, strings, bytes, tensors, dtypes/devices and
+    lists/tuples/sets/dicts of them; exact types, no subclasses) as arguments of ``where``.
+    Iterative, cycle-safe; iterating these exact built-in types runs no code from the file."""
+    stack, seen = [value], set()
+    while stack:
+        x = stack.pop()
+        t = type(x)
+        if t in _PLAIN_LEAVES:
+            continue
+        if id(x) in seen:
+            continue
+        if t in _PLAIN_SEQUENCES:
+            seen.add(id(x))
+            stack.extend(x)
+        elif t in _PLAIN_MAPPINGS:
+            seen.add(id(x))
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        else:
+            raise UnsafeCheckpointError(
+                f"{where} got {_describe(x)} as an argument; only plain data (numbers, strings, bytes, tensors, "
+                "lists/tuples/sets/dicts of them) may be passed to it"
+            )
+
+
+def _check_int_tuple(x, what: str, where: str) -> None:
+    if type(x) not in (tuple, torch.Size) or not all(type(v) is int for v in x):
+        raise UnsafeCheckpointError(f"{where} got {_describe(x)} as {what}; expected a tuple of ints")
+
+
+def _check_storage(storage, where: str = "tensor rebuild") -> None:
+    if type(storage) not in (torch.storage.TypedStorage, torch.storage.UntypedStorage):
+        raise UnsafeCheckpointError(f"{where} got {_describe(storage)} instead of a storage")
+
+
+def _check_tensor(t, where: str = "parameter rebuild") -> None:
+    if type(t) not in (torch.Tensor, torch.nn.Parameter):
+        raise UnsafeCheckpointError(f"{where} got {_describe(t)} instead of a tensor")
+
+
+def _check_geometry(storage, storage_offset, size, stride, where: str) -> None:
+    _check_storage(storage, where)
+    if type(storage_offset) is not int:
+        raise UnsafeCheckpointError(f"{where} got {_describe(storage_offset)} as the storage offset")
+    _check_int_tuple(size, "the size", where)
+    _check_int_tuple(stride, "the stride", where)
+
+
+def _tensor_metadata(metadata):
+    if type(metadata) is dict and all(type(k) is str and type(v) is bool for k, v in metadata.items()):
+        return metadata
+    return None
 
 
 def _safe_rebuild_tensor(storage, storage_offset, size, stride):
-    _check_storage(storage)
+    _check_geometry(storage, storage_offset, size, stride, "torch._utils._rebuild_tensor")
     return torch._utils._rebuild_tensor(storage, storage_offset, size, stride)
 
 
 def _safe_rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
     # Backward hooks are not meant to be serialized (torch keeps the argument for BC only);
     # any the file carries are dropped.
-    _check_storage(storage)
-    if not isinstance(metadata, dict) or not all(isinstance(v, bool) for v in metadata.values()):
-        metadata = None
-    return torch._utils._rebuild_tensor_v2(storage, storage_offset, size, stride, bool(requires_grad), collections.OrderedDict(), metadata)
+    _check_geometry(storage, storage_offset, size, stride, "torch._utils._rebuild_tensor_v2")
+    return torch._utils._rebuild_tensor_v2(
+        storage, storage_offset, size, stride, requires_grad is True, collections.OrderedDict(), _tensor_metadata(metadata)
+    )
 
 
 def _safe_rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype, metadata=None):
-    _check_storage(storage)
-    if not isinstance(dtype, torch.dtype):
-        raise UnsafeCheckpointError(f"tensor rebuild got dtype {dtype!r}")
-    if not isinstance(metadata, dict) or not all(isinstance(v, bool) for v in metadata.values()):
-        metadata = None
-    return torch._utils._rebuild_tensor_v3(storage, storage_offset, size, stride, bool(requires_grad), collections.OrderedDict(), dtype, metadata)
+    _check_geometry(storage, storage_offset, size, stride, "torch._utils._rebuild_tensor_v3")
+    if type(dtype) is not torch.dtype:
+        raise UnsafeCheckpointError(f"torch._utils._rebuild_tensor_v3 got {_describe(dtype)} as the dtype")
+    return torch._utils._rebuild_tensor_v3(
+        storage, storage_offset, size, stride, requires_grad is True, collections.OrderedDict(), dtype, _tensor_metadata(metadata)
+    )
 
 
 def _safe_rebuild_parameter(data, requires_grad, backward_hooks):
-    _check_tensor(data)
-    return torch._utils._rebuild_parameter(data, bool(requires_grad), collections.OrderedDict())
+    _check_tensor(data, "torch._utils._rebuild_parameter")
+    return torch._utils._rebuild_parameter(data, requires_grad is True, collections.OrderedDict())
 
 
 def _safe_rebuild_parameter_with_state(data, requires_grad, backward_hooks, state):
     # The Python-side state (attributes set on the Parameter) is dropped.
-    return _safe_rebuild_parameter(data, requires_grad, backward_hooks)
+    _check_tensor(data, "torch._utils._rebuild_parameter_with_state")
+    return torch._utils._rebuild_parameter(data, requires_grad is True, collections.OrderedDict())
 
 
 _SAFE_REBUILDERS = (_safe_rebuild_tensor, _safe_rebuild_tensor_v2, _safe_rebuild_tensor_v3, _safe_rebuild_parameter, _safe_rebuild_parameter_with_state)
 
 
 def _safe_rebuild_from_type_v2(func, new_type, args, state):
-    # A tensor subclass or a tensor with Python attributes: rebuild the plain tensor only
-    # (the subclass and state from the file are never applied).
-    if not isinstance(func, _Frozen) or func.fn not in _SAFE_REBUILDERS or not isinstance(args, tuple):
-        raise UnsafeCheckpointError(f"_rebuild_from_type_v2 with a non-tensor rebuild function {func!r}")
+    # A tensor with Python attributes: rebuild the plain tensor only (the state from the file
+    # is never applied). Tensor subclasses are refused (their class is not on the allowlist).
+    where = "torch._tensor._rebuild_from_type_v2"
+    if not isinstance(func, _Frozen) or func.fn not in _SAFE_REBUILDERS:
+        raise UnsafeCheckpointError(f"{where} got {_describe(func)} as its rebuild function; expected a tensor rebuilder")
+    if new_type is not _TENSOR_MARKER:
+        raise UnsafeCheckpointError(f"{where} got {_describe(new_type)} as the tensor type; only torch.Tensor is allowed")
+    if type(args) is not tuple:
+        raise UnsafeCheckpointError(f"{where} got {_describe(args)} as the rebuild arguments")
     return func(*args)
 
 
 _SAFE_ENCODINGS = {"latin1", "latin-1", "latin_1", "iso-8859-1", "iso8859-1", "l1", "utf-8", "utf8", "utf_8", "ascii"}
+_SAFE_ERRORS = {"strict", "surrogatepass", "replace", "ignore"}
+
+
+def _check_codec(where: str, encoding, errors="strict") -> None:
+    # A codec name is looked up (and its module imported) by name: plain text codecs only.
+    if type(encoding) is not str or encoding.lower() not in _SAFE_ENCODINGS:
+        raise UnsafeCheckpointError(f"{where} with encoding {encoding!r} is refused")
+    if errors not in _SAFE_ERRORS:
+        raise UnsafeCheckpointError(f"{where} with errors={errors!r} is refused")
 
 
 def _safe_codecs_encode(obj, encoding="utf-8", errors="strict"):
     """``_codecs.encode`` as pickle protocol 2 uses it for ``bytes``: str → bytes, plain codecs only."""
-    if not isinstance(obj, str) or not isinstance(encoding, str) or encoding.lower() not in _SAFE_ENCODINGS:
-        raise UnsafeCheckpointError(f"_codecs.encode with encoding {encoding!r} on a {type(obj).__name__} is refused")
-    if errors not in ("strict", "surrogatepass", "replace", "ignore"):
-        raise UnsafeCheckpointError(f"_codecs.encode with errors={errors!r} is refused")
+    if type(obj) is not str:
+        raise UnsafeCheckpointError(f"_codecs.encode with encoding {encoding!r} on {_describe(obj)} is refused")
+    _check_codec("_codecs.encode", encoding, errors)
     return obj.encode(encoding, errors)
 
 
-_SAFE_BUILTINS = {
-    "dict": dict, "list": list, "tuple": tuple, "set": set, "frozenset": frozenset, "int": int,
-    "float": float, "complex": complex, "bool": bool, "str": str, "bytes": bytes,
-    "bytearray": bytearray, "slice": slice, "range": range,
-}  # fmt: skip
+def _plain_constructor(cls, qualname: str, max_args: int):
+    """``cls(*args)`` for a built-in container/scalar type, with plain-data arguments only."""
 
-_SAFE_FUNCTIONS = {
+    def construct(*args):
+        if len(args) > max_args:
+            raise UnsafeCheckpointError(f"{qualname} called with {len(args)} arguments")
+        _check_plain(args, qualname)
+        if cls in (str, bytes, bytearray) and len(args) > 1:
+            _check_codec(qualname, *args[1:])
+        if cls in (bytes, bytearray) and args and type(args[0]) is int:
+            raise UnsafeCheckpointError(f"{qualname}({args[0]}) (a zero-filled allocation) is refused")
+        return cls(*args)
+
+    construct.__qualname__ = construct.__name__ = f"safe_{cls.__name__}"
+    construct.plain_type = cls
+    return construct
+
+
+def _safe_defaultdict(*args):
+    """``collections.defaultdict(factory[, mapping])`` (OmegaConf's ``resolver_cache``): the
+    factory must be one of the allowed container types; mapping plain data."""
+    if not args or len(args) > 2:
+        raise UnsafeCheckpointError(f"collections.defaultdict called with {len(args)} arguments")
+    factory, rest = args[0], args[1:]
+    if factory is not None:
+        if not isinstance(factory, _Frozen) or not hasattr(factory.fn, "plain_type"):
+            raise UnsafeCheckpointError(f"collections.defaultdict got {_describe(factory)} as its factory; only a built-in container type is allowed")
+        factory = factory.fn.plain_type
+    _check_plain(rest, "collections.defaultdict")
+    return collections.defaultdict(factory, *rest)
+
+
+_LAYOUTS = {str(v): v for v in vars(torch).values() if isinstance(v, torch.layout)}
+
+
+def _safe_get_layout(name):
+    """``torch.serialization._get_layout`` (how ``torch.layout`` pickles): a layout by its name."""
+    if type(name) is not str or name not in _LAYOUTS:
+        raise UnsafeCheckpointError(f"torch.serialization._get_layout got {name!r}; expected a layout name such as 'torch.strided'")
+    return _LAYOUTS[name]
+
+
+_CALLABLES = {
     ("_codecs", "encode"): _safe_codecs_encode,
+    ("collections", "OrderedDict"): _plain_constructor(collections.OrderedDict, "collections.OrderedDict", 1),
+    ("collections", "defaultdict"): _safe_defaultdict,
+    ("torch", "Size"): _plain_constructor(torch.Size, "torch.Size", 1),
+    ("torch", "device"): _plain_constructor(torch.device, "torch.device", 2),
     ("torch._utils", "_rebuild_tensor"): _safe_rebuild_tensor,
     ("torch._utils", "_rebuild_tensor_v2"): _safe_rebuild_tensor_v2,
     ("torch._utils", "_rebuild_tensor_v3"): _safe_rebuild_tensor_v3,
     ("torch._utils", "_rebuild_parameter"): _safe_rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _safe_rebuild_parameter_with_state,
     ("torch._tensor", "_rebuild_from_type_v2"): _safe_rebuild_from_type_v2,
-    ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
+    ("torch.serialization", "_get_layout"): _safe_get_layout,
 }
-# Immutable C types only (BUILD cannot set attributes on them).
-_SAFE_GLOBALS: dict[tuple[str, str], Any] = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("torch", "Size"): torch.Size,
-    ("torch", "device"): torch.device,
-}
-_SAFE_GLOBALS.update({("builtins", k): v for k, v in _SAFE_BUILTINS.items()})
-_UNTYPED_STORAGE = {("torch", "UntypedStorage"), ("torch.storage", "UntypedStorage")}
+for _cls, _n in ((dict, 1), (list, 1), (tuple, 1), (set, 1), (frozenset, 1), (int, 2), (float, 1), (bool, 1), (str, 3), (bytes, 3), (bytearray, 3)):
+    _CALLABLES[("builtins", _cls.__name__)] = _plain_constructor(_cls, f"builtins.{_cls.__name__}", _n)
 
-# Globals only a malicious file references: refused by default (stubbed with on_dangerous="stub").
-_DANGEROUS_MODULES = {
-    "os", "posix", "nt", "subprocess", "sys", "shutil", "importlib", "runpy", "socket", "pty",
-    "code", "codeop", "ctypes", "pickle", "_pickle", "marshal", "webbrowser", "multiprocessing",
-    "signal", "pdb", "bdb", "timeit", "asyncio", "_thread", "threading", "urllib", "http",
-    "ftplib", "smtplib", "telnetlib", "commands", "popen2", "_posixsubprocess", "pip",
-    "setuptools", "distutils", "imp", "zipimport", "cProfile", "profile", "trace", "_io", "io",
-    "tempfile", "pathlib", "glob",
-}  # fmt: skip
-_DANGEROUS_BUILTINS = {
-    "eval", "exec", "execfile", "compile", "open", "file", "getattr", "setattr", "delattr",
-    "__import__", "globals", "locals", "vars", "input", "raw_input", "breakpoint", "exit",
-    "quit", "help", "apply", "reload", "memoryview", "__loader__", "__spec__", "__build_class__",
-}  # fmt: skip
-
-
-def _is_dangerous(module: str, name: str) -> bool:
-    root = module.split(".")[0]
-    if root in _DANGEROUS_MODULES:
-        return True
-    if module == "builtins" and name in _DANGEROUS_BUILTINS:
-        return True
-    return False
-
-
-def _torch_attribute(name: str):
-    """dtypes, layouts, memory formats and qschemes of the ``torch`` module (immutable C objects).
-
-    Typed storage names (``torch.FloatStorage``) never get here under ``torch.load``: its own
-    unpickler wrapper maps every ``*Storage`` name to an inert ``StorageType`` first.
-    """
-    if "." in name or name.startswith("_"):
-        return None
-    obj = getattr(torch, name, None)
-    if isinstance(obj, (torch.dtype, torch.layout, torch.memory_format, torch.qscheme)):
-        return obj
-    return None
+# Every global the unpickler resolves, except the stubs: (module, name) → the object handed out.
+ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {key: _Frozen(fn, f"{key[0]}.{key[1]}") for key, fn in _CALLABLES.items()}
+# Pickle protocol 2 rebuilds a complex number with NEWOBJ, which needs the real type: the
+# immutable C type itself (``BUILD`` cannot set attributes on it; its constructor only
+# accepts numbers and strings, and runs no code of the file's).
+ALLOWED_GLOBALS[("builtins", "complex")] = complex
+ALLOWED_GLOBALS[("torch", "Tensor")] = _TENSOR_MARKER
+for _key in (("torch", "UntypedStorage"), ("torch.storage", "UntypedStorage")):
+    ALLOWED_GLOBALS[_key] = _Marker(f"{_key[0]}.{_key[1]}", torch.uint8)
+# dtypes, layouts, memory formats and qschemes (immutable C objects; torch pickles dtypes by
+# name). Read from the module dict: no lazy torch submodule is imported by a lookup.
+for _name, _obj in list(vars(torch).items()):
+    if not _name.startswith("_") and isinstance(_obj, (torch.dtype, torch.layout, torch.memory_format, torch.qscheme)):
+        ALLOWED_GLOBALS[("torch", _name)] = _obj
+del _cls, _n, _key, _name, _obj
 
 # ----------------------------------------------------------------------------- unpickler
 
 
 class RestrictedUnpickler(pickle.Unpickler):
-    """A ``pickle.Unpickler`` that rebuilds tensors and plain data and stubs everything else
-    (the policy is in the module docstring).
+    """A ``pickle.Unpickler`` whose globals come from an allowlist (the policy is in the module
+    docstring): tensors, storages and plain containers, plus inert stubs for the pickled
+    config/tokenizer classes. Any other global raises :class:`UnsafeCheckpointError` naming
+    its module and name when it is looked up, before anything is called.
 
     Args:
         file: a binary file object.
-        on_dangerous: ``"raise"`` (default): a global that can execute code (``os.system``,
-            ``builtins.eval``, ``subprocess.Popen``, ...) raises :class:`UnsafeCheckpointError`
-            naming it, before anything is called; ``"stub"``: it is stubbed like any other.
+        allow_stubs: extra ``"module.Name"`` globals to stub (inert, never imported), e.g. the
+            config class of a checkpoint from another training code base. Dotted names and
+            ``builtins``/``os``/``subprocess``/``torch``/... modules are not accepted.
         stubbed: a list that receives ``"module.name"`` of every stubbed global (first use).
 
     ``stubbed_globals`` (sorted, unique) lists what was stubbed. Use it directly
@@ -318,15 +540,13 @@ class RestrictedUnpickler(pickle.Unpickler):
     ``torch.load(..., weights_only=False, pickle_module=restricted_pickle_module())``.
     """
 
-    on_dangerous = "raise"
+    _allow_stubs: frozenset = frozenset()
     _shared_record: list | None = None
 
-    def __init__(self, file, *args, on_dangerous: str | None = None, stubbed: list | None = None, **kwargs):
+    def __init__(self, file, *args, allow_stubs=None, stubbed: list | None = None, **kwargs):
         super().__init__(file, *args, **kwargs)
-        if on_dangerous is not None:
-            self.on_dangerous = on_dangerous
-        if self.on_dangerous not in ("raise", "stub"):
-            raise ValueError(f"on_dangerous must be 'raise' or 'stub', got {self.on_dangerous!r}")
+        if allow_stubs is not None:
+            self._allow_stubs = _parse_allow_stubs(allow_stubs)
         if stubbed is not None:
             self._record = stubbed
         elif self._shared_record is not None:
@@ -340,8 +560,12 @@ class RestrictedUnpickler(pickle.Unpickler):
         return sorted(set(self._record))
 
     def find_class(self, module: str, name: str):
-        if not isinstance(module, str) or not isinstance(name, str):
-            raise UnsafeCheckpointError(f"global with non-string name {module!r}.{name!r}")
+        if type(module) is not str or type(name) is not str:
+            raise UnsafeCheckpointError(f"the checkpoint's pickle references a global with a non-string name {module!r}.{name!r}")
+        if "." in name:
+            # pickle resolves a dotted name attribute by attribute (torch → serialization → os
+            # → system): it reaches whatever the module imports.
+            raise _refuse_global(module, name, "a dotted name that walks through the module's attributes")
         # Protocol 0-2 pickles written by Python 2 name `__builtin__`, `copy_reg`, ...
         if (module, name) in _compat_pickle.NAME_MAPPING:
             module, name = _compat_pickle.NAME_MAPPING[(module, name)]
@@ -351,32 +575,19 @@ class RestrictedUnpickler(pickle.Unpickler):
             module = "torch._tensor"
 
         key = (module, name)
-        if key in _SAFE_GLOBALS:
-            return _SAFE_GLOBALS[key]
-        if key in _SAFE_FUNCTIONS:
-            return _Frozen(_SAFE_FUNCTIONS[key], f"{module}.{name}")
-        if key in _UNTYPED_STORAGE:
-            return _UntypedStorageType()
-        if key == ("torch", "Tensor"):
-            # Only ever the `new_type` argument of _rebuild_from_type_v2, which ignores it: an
-            # inert marker (not a constructor), not reported as a stubbed foreign class.
+        obj = ALLOWED_GLOBALS.get(key)
+        if obj is not None:
+            return obj
+        if key in CONFIG_STUB_GLOBALS or key in self._allow_stubs:
             if key not in self._stubs:
                 self._stubs[key] = _make_stub(module, name)
+                self._record.append(f"{module}.{name}")
             return self._stubs[key]
-        if module == "torch":
-            obj = _torch_attribute(name)
-            if obj is not None:
-                return obj
-        qual = f"{module}.{name}"
-        if _is_dangerous(module, name) and self.on_dangerous == "raise":
-            raise UnsafeCheckpointError(
-                f"the checkpoint's pickle references {qual}, which can execute code; refusing to load it "
-                "(nothing from the file was run)"
-            )
-        if key not in self._stubs:
-            self._stubs[key] = _make_stub(module, name)
-            self._record.append(qual)
-        return self._stubs[key]
+        raise _refuse_global(
+            module, name,
+            "which is not on the converter's allowlist (tensor/storage rebuilders, plain containers, torch dtypes "
+            "and the pickled config/tokenizer classes)",
+        )  # fmt: skip
 
 
 class _RestrictedPickleModule:
@@ -385,12 +596,12 @@ class _RestrictedPickleModule:
     __name__ = "esorl_restricted_pickle"
     UnpicklingError = pickle.UnpicklingError
 
-    def __init__(self, on_dangerous: str = "raise"):
+    def __init__(self, allow_stubs=()):
         self.stubbed: list[str] = []
         self.Unpickler = type(
             "RestrictedUnpickler",
             (RestrictedUnpickler,),
-            {"on_dangerous": on_dangerous, "_shared_record": self.stubbed, "__module__": __name__},
+            {"_allow_stubs": _parse_allow_stubs(allow_stubs), "_shared_record": self.stubbed, "__module__": __name__},
         )
 
     def load(self, file, **kwargs):
@@ -402,9 +613,9 @@ class _RestrictedPickleModule:
         return self.load(io.BytesIO(data), **kwargs)
 
 
-def restricted_pickle_module(on_dangerous: str = "raise") -> _RestrictedPickleModule:
+def restricted_pickle_module(allow_stubs=()) -> _RestrictedPickleModule:
     """A fresh ``pickle_module`` for ``torch.load``; ``.stubbed`` lists the stubbed globals."""
-    return _RestrictedPickleModule(on_dangerous)
+    return _RestrictedPickleModule(allow_stubs)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -423,7 +634,7 @@ def _strip_prefix(state_dict: dict) -> tuple[dict, list[str]]:
     return keep, ignored
 
 
-def load_official_checkpoint(path: str | os.PathLike, on_dangerous: str = "raise") -> dict:
+def load_official_checkpoint(path: str | os.PathLike, allow_stubs=()) -> dict:
     """Read a reference (Lightning) checkpoint without running anything from it.
 
     Returns ``{"state_dict", "ema", "global_step", "stubbed_globals", "epoch", "ignored_keys",
@@ -432,15 +643,17 @@ def load_official_checkpoint(path: str | os.PathLike, on_dangerous: str = "raise
     "shadow_params"}`` (the list in backbone-parameter order) or ``None``.
 
     Raises ``FileNotFoundError`` / :class:`CheckpointError` (not a checkpoint, no
-    ``state_dict``, EMA length mismatch, ...) / :class:`UnsafeCheckpointError`, always naming
-    the file.
+    ``state_dict``, EMA length mismatch, ...) / :class:`UnsafeCheckpointError` (a global off
+    the allowlist, naming its module and name, or an allowed callable given hostile
+    arguments), always naming the file. ``allow_stubs``: extra ``"module.Name"`` classes to
+    stub (see :class:`RestrictedUnpickler`).
     """
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"checkpoint not found: {p}")
     if p.is_dir():
         raise CheckpointError(f"{p} is a directory; expected a Lightning .ckpt file")
-    pm = restricted_pickle_module(on_dangerous)
+    pm = restricted_pickle_module(allow_stubs)
     is_zip = zipfile.is_zipfile(p)
     try:
         try:
@@ -448,7 +661,7 @@ def load_official_checkpoint(path: str | os.PathLike, on_dangerous: str = "raise
         except (RuntimeError, OSError) as e:
             if not is_zip or isinstance(e, UnsafeCheckpointError):
                 raise
-            obj = torch.load(p, map_location="cpu", weights_only=False, pickle_module=restricted_pickle_module(on_dangerous))
+            obj = torch.load(p, map_location="cpu", weights_only=False, pickle_module=restricted_pickle_module(allow_stubs))
     except UnsafeCheckpointError as e:
         raise UnsafeCheckpointError(f"{p}: {e}") from None
     except Exception as e:  # noqa: BLE001 - every failure becomes one clear message
@@ -683,7 +896,7 @@ def convert_official(
     tokenizer: str | os.PathLike | None = "gpt2",
     mask_token_id: int | None = None,
     overwrite: bool = False,
-    on_dangerous: str = "raise",
+    allow_stubs=(),
 ) -> Path:
     """Convert a reference ``.ckpt`` into an esorl model directory (safetensors + config.json).
 
@@ -693,7 +906,8 @@ def convert_official(
     ``tokenizer_settings.json`` when it cannot be loaded) and ``conversion.json``
     (provenance). Weights are stored in float32 (the model's dtype; a bf16 checkpoint is
     upcast losslessly). Written atomically: built in ``<out_dir>.tmp-<pid>`` and renamed. An
-    existing non-empty ``out_dir`` is an error unless ``overwrite``.
+    existing non-empty ``out_dir`` is an error unless ``overwrite``. ``allow_stubs``: extra
+    ``"module.Name"`` classes the pickle may reference, stubbed (see :class:`RestrictedUnpickler`).
     """
     from ..modeling_esolm import EsoLMModel
 
@@ -704,7 +918,7 @@ def convert_official(
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True / --overwrite)")
 
-    ck = load_official_checkpoint(ckpt_path, on_dangerous=on_dangerous)
+    ck = load_official_checkpoint(ckpt_path, allow_stubs=allow_stubs)
     raw = ck["state_dict"]
     cfg = infer_config(raw, mask_token_id=mask_token_id, max_seq_len=max_seq_len, n_heads=n_heads)
     if use_ema:
@@ -765,7 +979,10 @@ def convert_official(
 
 def main(argv: list[str] | None = None) -> int:
     """``esorl convert-official <file.ckpt> <out_dir> [--no-ema] [--n-heads N] [--max-seq-len L]
-    [--tokenizer NAME|PATH|none] [--mask-token-id ID] [--overwrite] [--stub-dangerous]``."""
+    [--tokenizer NAME|PATH|none] [--mask-token-id ID] [--overwrite] [--allow-stub MODULE.NAME ...]``.
+
+    Returns 0 on success, 1 when the file is refused (a global off the allowlist) or cannot be
+    converted; the reason goes to stderr."""
     ap = argparse.ArgumentParser(
         prog="esorl convert-official",
         description="Convert a released Eso-LM Lightning .ckpt into an esorl model directory (no code from the file runs).",
@@ -778,14 +995,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokenizer", default="gpt2", help="tokenizer name or path to save alongside, or 'none' (default gpt2)")
     ap.add_argument("--mask-token-id", type=int, default=None, help="MASK id (default vocab_size - 1)")
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty out_dir")
-    ap.add_argument("--stub-dangerous", action="store_true", help="stub code-executing globals instead of refusing the file")
+    ap.add_argument(
+        "--allow-stub", action="append", default=[], metavar="MODULE.NAME",
+        help="also accept this pickled class (e.g. another code base's config class) as an inert stub; repeatable",
+    )  # fmt: skip
     a = ap.parse_args(argv)
     tok = None if str(a.tokenizer).lower() == "none" else a.tokenizer
     try:
         out = convert_official(
             a.ckpt, a.out_dir, use_ema=not a.no_ema, n_heads=a.n_heads, max_seq_len=a.max_seq_len,
             tokenizer=tok, mask_token_id=a.mask_token_id, overwrite=a.overwrite,
-            on_dangerous="stub" if a.stub_dangerous else "raise",
+            allow_stubs=a.allow_stub,
         )  # fmt: skip
     except (CheckpointError, ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)

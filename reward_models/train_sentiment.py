@@ -395,6 +395,7 @@ def _train(train_path: Path, dev_path: Path, out: Path, cfg: SentimentTrainConfi
     per_epoch: list[float] = []
     best_acc, best_epoch, best_state = -1.0, 0, None
     bar = tqdm(total=total, desc="train sentiment RM", disable=not progress, dynamic_ncols=True)
+    skipped = 0
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         order = torch.randperm(len(train_ids), generator=gen).tolist()
@@ -411,8 +412,12 @@ def _train(train_path: Path, dev_path: Path, out: Path, cfg: SentimentTrainConfi
             loss = torch.nn.functional.cross_entropy(logits, labels_t[idx], label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            opt.step()
+            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            if torch.isfinite(gn):
+                opt.step()
+            else:  # a non-finite gradient never reaches the weights or Adam's moments (as GradScaler)
+                skipped += 1
+                opt.zero_grad(set_to_none=True)
             sched.step()
             step += 1
             bar.update(1)
@@ -452,6 +457,7 @@ def _train(train_path: Path, dev_path: Path, out: Path, cfg: SentimentTrainConfi
         "seed": cfg.seed,
         "epochs": cfg.epochs,
         "steps": step,
+        "skipped_updates": skipped,
         "vocab_size": len(tokenizer),
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "train_time_s": round(elapsed, 2),

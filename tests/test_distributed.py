@@ -47,3 +47,52 @@ def test_ddp_and_zero_match_single_process(tmp_path):
         for step in (1, 2):
             assert abs(multi[step]["train/loss"] - single[step]["train/loss"]) < 1e-5, (name, step, multi[step], single[step])
         assert abs(multi[2]["val/nelbo"] - single[2]["val/nelbo"]) < 1e-4, name  # EMA eval too
+
+
+_NAN_SCRIPT = '''
+import sys
+sys.path.insert(0, sys.argv[1])
+from esorl.config import load_config
+from esorl.rl.grpo import EsoGRPOTrainer, GRPORecipe
+from esorl.train.common import TrainingDiverged
+tr = EsoGRPOTrainer(load_config(GRPORecipe, sys.argv[2], []))
+p0 = next(p for p in tr.model.parameters() if p.requires_grad)
+left = [1]
+def hook(g):  # one rank's gradient overflows once (a backward overflow)
+    if left[0] and tr.accelerator.process_index == 0:
+        left[0] -= 1
+        return g * float("nan")
+    return g
+p0.register_hook(hook)
+try:
+    tr.run()
+    print("NO_DIVERGENCE")
+except TrainingDiverged as e:
+    open(sys.argv[3] + f".rank{tr.accelerator.process_index}", "w").write(str(e))
+'''
+
+
+@pytest.mark.slow
+def test_zero_nonfinite_gradient_stops_before_the_engine_steps(tmp_path):
+    """DeepSpeed steps inside its engine and skips non-finite gradients only in fp16: esorl
+    checks the partitioned gradients first, on every rank, and stops before the update; no
+    checkpoint is written from it."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from rl_fixtures import make_tiny_policy, recipe_dict
+
+    pol = make_tiny_policy(tmp_path)
+    script = tmp_path / "nan_run.py"
+    script.write_text(_NAN_SCRIPT)
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    for name in ("cpu_zero2_2proc", "cpu_zero3_2proc"):
+        out = tmp_path / name
+        f = tmp_path / f"{name}.yaml"
+        f.write_text(yaml.safe_dump(recipe_dict(pol, out, tmp_path / "cache", per_device_train_batch_size=4, save_steps=1)))
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs" / f"{name}.yaml")]
+        marker = tmp_path / f"{name}.diverged"
+        res = subprocess.run(launch + [str(script), str(REPO), str(f), str(marker)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        for rank in (0, 1):  # every rank stopped, before the update of step 1
+            m = Path(f"{marker}.rank{rank}")
+            assert m.exists() and "a gradient is non-finite at step 1" in m.read_text(), (name, rank, res.stdout[-2000:], res.stderr[-3000:])
+        assert "NO_DIVERGENCE" not in res.stdout
+        assert not (out / "checkpoints").exists() or not list((out / "checkpoints").glob("step-*")), name

@@ -98,3 +98,17 @@ def test_likelihood_script(tmp_path):
     assert res["exact"]["token_ratio"] == pytest.approx((8 + 48) / (8 + 24))
     assert res["mc_elbo"]["token_ratio"] == pytest.approx(4.0)
     assert all(r["finite"] and r["median_s"] > 0 for r in res.values())
+
+
+def test_gpu_recipes_script_smoke(tmp_path):
+    """``gpu_recipes.py`` (run on a lent GPU: every bf16 recipe for two steps as shipped)
+    keeps working: its CPU smoke mode runs two recipes under CPU bf16 autocast."""
+    if not (REPO.parent / "shared" / "data" / "gsm8k").is_dir():
+        pytest.skip("needs ../shared/data (the recipes' local data)")
+    env = dict(os.environ, PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu", WANDB_MODE="disabled", HF_HUB_OFFLINE="1")
+    res_json = tmp_path / "res.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "gpu_recipes.py"), "--smoke", "--device", "cpu", "--only", "grpo_gsm8k,sft_gsm8k_owt",
+                           "--out", str(tmp_path / "work"), "--json", str(res_json)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(res_json.read_text())["results"]
+    assert set(res) == {"grpo_gsm8k", "sft_gsm8k_owt"} and all(r["ok"] and r["mixed_precision"] == "bf16" for r in res.values())

@@ -161,6 +161,10 @@ def validate(cfg) -> None:
         v = getattr(cfg, f.name)
         if dataclasses.is_dataclass(v):
             validate(v)
+        elif isinstance(v, list):  # e.g. the list of reward specs
+            for x in v:
+                if dataclasses.is_dataclass(x):
+                    validate(x)
     if hasattr(cfg, "validate"):
         cfg.validate()
 

@@ -20,7 +20,7 @@ from ..sampling import SamplingConfig
 from ..schedule import ScheduleConfig, make_generator
 from ..train.common import Checkpointer, NonFiniteGuard, RunLogger, all_reduce_sum, check_resume, flat_config, lr_factor, make_accelerator, set_learning_rate
 from ..configuration_esolm import EsoLMConfig
-from .common import (all_gather_cat, build_rewards, check_prompt_lengths, ensure_policy, load_prompts, load_tokenizer_for, prepare_reference,
+from .common import (all_gather_cat, build_rewards, check_prompt_lengths, ensure_policy, resolve_callable, load_prompts, load_tokenizer_for, prepare_reference,
                      score_rewards)
 
 _PURPOSE_PROMPTS, _PURPOSE_EST = 6, 7
@@ -96,6 +96,10 @@ class RLTrainerBase:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.accelerator = acc = make_accelerator(c.mixed_precision, 1)
         torch.manual_seed(c.seed)
+        if reward_funcs is None:  # user reward code is found (or not) before any expensive set-up
+            for r in recipe.rewards:
+                if ":" in r.name:
+                    resolve_callable(r.name)
         with acc.main_process_first():
             self.model_dir = ensure_policy(recipe.policy)
         self.tokenizer = load_tokenizer_for(recipe.policy, self.model_dir)

@@ -79,6 +79,49 @@ class RewardSpec:
     weight: float = 1.0
     kwargs: dict = field(default_factory=dict)
 
+    def validate(self):
+        if self.name not in BUILTIN_REWARDS and ":" not in self.name:
+            raise ValueError(f"rewards: unknown reward {self.name!r}: use one of {', '.join(BUILTIN_REWARDS)}, "
+                             "module:function (a module importable from the working directory) or path/to/file.py:function")
+
+
+BUILTIN_REWARDS = ("sentiment", "hf_classifier", "keyword", "length", "format", "gsm8k")
+
+
+def resolve_callable(spec: str):
+    """``module:attr`` (importable, the working directory included, as ``python -m`` would)
+    or ``path/to/file.py:attr``. Raises ``ImportError`` / ``AttributeError`` naming it."""
+    import importlib
+    import importlib.util
+    import os
+    import sys
+
+    mod_name, _, attr = spec.rpartition(":")
+    if not mod_name or not attr:
+        raise ValueError(f"{spec!r}: expected module:function or path/to/file.py:function")
+    if mod_name.endswith(".py") or "/" in mod_name or os.sep in mod_name:
+        path = Path(mod_name)
+        if not path.is_file():
+            raise FileNotFoundError(f"reward {spec!r}: no such file {path}")
+        uniq = f"esorl_user_{abs(hash(str(path.resolve())))}"
+        mod = sys.modules.get(uniq)
+        if mod is None:
+            s = importlib.util.spec_from_file_location(uniq, path)
+            mod = importlib.util.module_from_spec(s)
+            sys.modules[uniq] = mod
+            s.loader.exec_module(mod)
+    else:
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())  # the console script does not put the working directory on sys.path
+        try:
+            mod = importlib.import_module(mod_name)
+        except ModuleNotFoundError as e:
+            raise ModuleNotFoundError(f"reward {spec!r}: cannot import {mod_name!r} from {os.getcwd()} ({e}); "
+                                      f"pass a file path instead (path/to/{mod_name.replace('.', '/')}.py:{attr})") from None
+    if not hasattr(mod, attr):
+        raise AttributeError(f"reward {spec!r}: {mod_name} has no attribute {attr!r}")
+    return getattr(mod, attr)
+
 
 def load_prompts(args: PromptArgs, split: str, limit: int, seed: int = 0) -> list[dict]:
     """Rows ``{"prompt": str, <columns>...}``."""
@@ -158,12 +201,9 @@ def build_reward(spec: RewardSpec, cache_dir: str = ".esorl_cache"):
     if spec.name == "gsm8k":
         return rm.gsm8k_answer_reward
     if ":" in spec.name:
-        import importlib
-
-        mod, fn = spec.name.split(":", 1)
-        obj = getattr(importlib.import_module(mod), fn)
+        obj = resolve_callable(spec.name)
         return obj(**kw) if kw else obj
-    raise ValueError(f"unknown reward {spec.name!r}: use sentiment, hf_classifier, keyword, length, format, gsm8k or module:function")
+    spec.validate()  # unknown name: raises
 
 
 def build_rewards(specs: list[RewardSpec], cache_dir: str):

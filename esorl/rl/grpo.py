@@ -16,6 +16,7 @@ over it (each accumulating ``gradient_accumulation_steps`` micro-batches per ran
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,6 +155,13 @@ class EsoGRPOTrainer(RLTrainerBase):
 
     def __init__(self, recipe: GRPORecipe, reward_funcs=None, reward_weights=None):
         c = recipe.grpo
+        # checked before any set-up work (policy, rewards, logging): ranks come from the launcher
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        gen_batch = c.per_device_train_batch_size * c.gradient_accumulation_steps * world
+        if gen_batch % c.num_generations:
+            raise ValueError(f"grpo: the generation batch per_device_train_batch_size × gradient_accumulation_steps × ranks = "
+                             f"{c.per_device_train_batch_size} × {c.gradient_accumulation_steps} × {world} = {gen_batch} "
+                             f"must be a multiple of num_generations={c.num_generations}")
         self.setup(recipe, c, reward_funcs, reward_weights)
         acc = self.accelerator
         model = EsoLMModel.from_pretrained(str(self.model_dir))
@@ -166,9 +174,7 @@ class EsoGRPOTrainer(RLTrainerBase):
         self.policy = EsoPolicy(self.model, self.tokenizer, c.sampling(), acc, c.attention_backend)
         self.ref_policy = self.make_reference(c.beta > 0)
         self._old_cache: dict = {}
-        self.gen_batch = c.per_device_train_batch_size * c.gradient_accumulation_steps * self.world
-        if self.gen_batch % c.num_generations:
-            raise ValueError(f"generation batch {self.gen_batch} (per_device_train_batch_size × gradient_accumulation_steps × ranks) must be a multiple of num_generations={c.num_generations}")
+        self.gen_batch = gen_batch
 
     # ------------------------------------------------------------------ batches
     def rollout(self, step: int) -> dict:

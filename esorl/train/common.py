@@ -257,6 +257,14 @@ def make_accelerator(mixed_precision: str = "auto", gradient_accumulation_steps:
         # `use_cpu: true` does not set ACCELERATE_USE_CPU for the ranks it starts)
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
         cpu = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true"
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps one process-wide state and refuses a second Accelerator with another
+    # precision; a process that builds several runs (a notebook, a sweep, a comparison with
+    # diagnostics) may ask for another one: reset that state (the process group is kept)
+    st = AcceleratorState._shared_state
+    if st and st.get("_mixed_precision", mixed_precision) != mixed_precision:
+        AcceleratorState._reset_state()
     acc = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps, kwargs_handlers=handlers, cpu=cpu)
     return acc
 

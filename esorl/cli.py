@@ -70,6 +70,10 @@ def anticipated_errors() -> tuple[type[BaseException], ...]:
         from .train.common import CheckpointError, TrainingDiverged
 
         errs += [CheckpointError, TrainingDiverged]
+    if "esorl.train.run_dir" in sys.modules:
+        from .train.run_dir import RunDirError
+
+        errs.append(RunDirError)
     if "reward_models.combine" in sys.modules:
         from reward_models.combine import RewardFunctionError
 
@@ -99,8 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     if cmd not in COMMANDS:
         print(f"esorl: unknown command {cmd!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    from .train import run_dir
+
+    run_dir.INVOCATION = ["esorl", cmd, *rest]  # for "resume with: ..." after an interrupt
     try:
         rc = _load(COMMANDS[cmd][0])(rest)
+    except run_dir.RunInterrupted as e:  # SIGINT/SIGTERM: a checkpoint was saved
+        print(f"esorl {cmd}: {e}", file=sys.stderr)
+        return 130
     except SystemExit as e:  # argparse: --help (0) or a usage error (2, already printed)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     except KeyboardInterrupt:

@@ -215,6 +215,7 @@ def recipe_argparser(prog: str, description: str, example: str = ""):
     p.add_argument("--defaults", action="store_true", help="run on the built-in defaults of every field (no recipe file)")
     p.add_argument("--resume", nargs="?", const="latest", default=False,
                    help="resume from the latest checkpoint of the output directory, or from the given checkpoint directory")
+    p.add_argument("--overwrite", action="store_true", help="delete the run already in the output directory and start over")
     p.add_argument("overrides", nargs="*", help=f"key=value overrides{', e.g. ' + example if example else ''} (esorl config <command> lists them)")
     return p
 

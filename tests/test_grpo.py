@@ -109,7 +109,7 @@ def test_beta_reference_model_and_resume(policy_dir, tmp_path):
     st2 = tr2.opt.state_dict()["state"][0]
     for k, v in opt_state.items():
         assert torch.equal(v, st2[k]), k
-    tr2.run()
+    tr2.run(resume="latest")
     assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3]
 
 

@@ -201,7 +201,7 @@ def test_kl_reference_model_and_resume(policy_dir, tmp_path):
     for i, s in opt_state.items():
         for k, v in s.items():
             assert torch.equal(v, st2[i][k]), (i, k)
-    tr2.run()
+    tr2.run(resume="latest")
     assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3]
 
 

@@ -26,6 +26,7 @@ from ..policy import EstimatorConfig
 from ..rl.common import PolicyArgs, PromptArgs, RewardSpec, check_policy_source
 from ..rl.grpo import EsoGRPOConfig, EsoGRPOTrainer, GRPORecipe
 from ..train.common import LoggingConfig, TrainingDiverged
+from ..train.run_dir import claim
 
 
 @dataclass
@@ -101,7 +102,16 @@ def run_recipe(cfg: CompareConfig, est: EstimatorSpec, seed: int) -> GRPORecipe:
 def run_compare(cfg: CompareConfig) -> dict:
     check_policy_source(cfg.policy)  # before anything is written
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    # a comparison always continues its own directory (finished arms are skipped), but never
+    # shares it with a concurrent comparison
+    lock = claim(out, "auto", False, None, "output_dir")
+    try:
+        return _run_compare(cfg, out)
+    finally:
+        lock.release()
+
+
+def _run_compare(cfg: CompareConfig, out: Path) -> dict:
     save_config(cfg, out / "config.yaml")
     jobs = [(e, s) for s in cfg.seeds for e in cfg.estimators]
     shared_rewards = None

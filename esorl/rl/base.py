@@ -18,6 +18,7 @@ from ..modeling_esolm import EsoLMModel
 from ..policy import EsoPolicy, EstimatorConfig
 from ..sampling import SamplingConfig
 from ..schedule import ScheduleConfig, make_generator
+from ..train.run_dir import GracefulStop, RunInterrupted, claim, resume_command
 from ..train.common import Checkpointer, NonFiniteGuard, RunLogger, all_reduce_sum, check_resume, flat_config, lr_factor, make_accelerator, set_learning_rate
 from ..configuration_esolm import EsoLMConfig
 from .common import (all_gather_cat, build_rewards, check_prompt_lengths, ensure_policy, resolve_callable, load_prompts, load_tokenizer_for, prepare_reference,
@@ -123,9 +124,7 @@ class RLTrainerBase:
             raise ValueError(f"{self.kind}.reward_weights has {len(self.reward_weights)} entries for {len(self.reward_funcs)} reward functions")
         self.out = Path(c.output_dir)
         self.ckpt = Checkpointer(self.out, c.save_total_limit)
-        self.logger = RunLogger(self.out, recipe.logging, asdict(recipe), enabled=acc.is_main_process)
-        if acc.is_main_process:
-            save_config(recipe, self.out / "config.yaml")
+        self.logger = None  # opened by run(), once the output directory is claimed (nothing is written before)
         self.step = 0
         self._perms: dict[int, torch.Tensor] = {}
 
@@ -259,7 +258,6 @@ class RLTrainerBase:
         state, _ = Checkpointer.load(self.accelerator, path)
         self.step = state["step"]
         self.guard.load_state_dict(state)
-        self.logger.truncate_after(self.step)
         self.accelerator.print(f"[esorl] resumed {self.kind.upper()} from {path} at step {self.step}"
                                + (f" with changed settings: {'; '.join(changed)}" if changed else ""))
 
@@ -279,31 +277,63 @@ class RLTrainerBase:
         """Write the trained artefacts; returns their paths."""
         raise NotImplementedError
 
-    def run(self, resume=False) -> dict:
+    def open_run(self, resume, overwrite: bool = False):
+        """Claim the output directory (one owner, one history: :mod:`esorl.train.run_dir`),
+        then open the logs and write ``config.yaml``. Returns the directory's lock."""
+        lock = claim(self.out, resume, overwrite, self.accelerator, f"{self.kind}.output_dir")
+        resuming = resume not in (False, None, "", "false")
+        self.logger = RunLogger(self.out, self.recipe.logging, asdict(self.recipe), enabled=self.accelerator.is_main_process, resume=resuming)
+        if self.accelerator.is_main_process:
+            save_config(self.recipe, self.out / "config.yaml")
+        return lock
+
+    def run(self, resume=False, overwrite: bool = False) -> dict:
         """Train to ``max_steps`` (resuming if asked), with periodic eval, logs, completions
-        and checkpoints; export, plot ``reward_curve.png``."""
+        and checkpoints; export, plot ``reward_curve.png``. ``resume``: as
+        :func:`esorl.train.pretrain.run_pretrain`; ``overwrite``: delete a run already in
+        ``output_dir`` first. SIGINT/SIGTERM save a checkpoint at the next step boundary and
+        raise :class:`~esorl.train.run_dir.RunInterrupted`."""
+        lock = self.open_run(resume, overwrite)
+        try:
+            return self._run(resume)
+        finally:
+            lock.release()
+
+    def _run(self, resume) -> dict:
         c = self.cfg
         self.resume(resume)
+        if resume not in (False, None, "", "false"):
+            self.logger.truncate_after(self.step)  # records after the checkpoint are redone
         bar = tqdm(total=c.max_steps, initial=self.step, desc=self.progress_desc(), disable=not self.accelerator.is_main_process, dynamic_ncols=True)
         if self.step == 0 and c.eval_steps:
             self.logger.log(self.evaluate(), 0)
-        while self.step < c.max_steps:
-            batch, m = self.step_once(time.time())
-            last = self.step == c.max_steps
-            if c.eval_steps and (self.step % c.eval_steps == 0 or last):
-                m.update(self.evaluate())
-            if self.step % c.logging_steps == 0 or last:
-                self.logger.log(m, self.step)
-                self.log_completions(batch)
-            bar.update(1)
-            bar.set_postfix(**self.postfix(m))
-            if self.accelerator.is_main_process and c.num_completions_to_print and self.step % max(c.logging_steps, 10) == 0:
-                for p, t in list(zip(batch["prompts"], batch["texts"]))[: c.num_completions_to_print]:
-                    tqdm.write(f"  [{self.step}] {p!r} -> {t!r}")
-            if (c.save_steps and self.step % c.save_steps == 0) or last:
-                self.save()
+        with GracefulStop() as stop:
+            while self.step < c.max_steps:
+                batch, m = self.step_once(time.time())
+                last = self.step == c.max_steps
+                if c.eval_steps and (self.step % c.eval_steps == 0 or last):
+                    m.update(self.evaluate())
+                if self.step % c.logging_steps == 0 or last:
+                    self.logger.log(m, self.step)
+                    self.log_completions(batch)
+                bar.update(1)
+                bar.set_postfix(**self.postfix(m))
+                if self.accelerator.is_main_process and c.num_completions_to_print and self.step % max(c.logging_steps, 10) == 0:
+                    for p, t in list(zip(batch["prompts"], batch["texts"]))[: c.num_completions_to_print]:
+                        tqdm.write(f"  [{self.step}] {p!r} -> {t!r}")
+                saved = (c.save_steps and self.step % c.save_steps == 0) or last
+                if saved:
+                    self.save()
+                if not last and stop.requested(self.accelerator.device):
+                    if not saved:
+                        self.save()
+                    bar.close()
+                    self.logger.finish()
+                    raise RunInterrupted(f"{self.kind} stopped by {stop.signame or 'a signal on another rank'} at step {self.step} of "
+                                         f"{c.max_steps}; checkpoint {self.ckpt.latest()}. Resume with: {resume_command()}")
         bar.close()
         res = self.export_all()
         self.plot()
         self.logger.finish()
+        self.accelerator.print(f"[esorl] {self.kind.upper()} finished: metrics, checkpoints and model in {self.out}")
         return {"output_dir": str(self.out), **res}

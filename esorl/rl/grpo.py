@@ -309,4 +309,4 @@ def main(argv=None):
 
     a = parse_recipe_args(recipe_argparser("esorl grpo", "GRPO fine-tuning of an Eso-LM (exact or Monte Carlo likelihoods)", "grpo.learning_rate=1e-5"), argv)
     recipe = load_config(GRPORecipe, a.config, a.overrides)
-    EsoGRPOTrainer(recipe).run(a.resume)
+    EsoGRPOTrainer(recipe).run(a.resume, a.overwrite)

@@ -572,4 +572,4 @@ def main(argv=None):
 
     a = parse_recipe_args(recipe_argparser("esorl ppo", "PPO over denoising steps for an Eso-LM (value head on the clean copies)", "ppo.learning_rate=1e-5"), argv)
     recipe = load_config(PPORecipe, a.config, a.overrides)
-    EsoPPOTrainer(recipe).run(a.resume)
+    EsoPPOTrainer(recipe).run(a.resume, a.overwrite)

@@ -537,23 +537,37 @@ def check_finite(value: float, step: int, checkpointer: Checkpointer, what: str 
 
 
 class RunLogger:
-    """Writes ``metrics.jsonl`` (always) and wandb (offline unless configured), main process only."""
+    """Writes ``metrics.jsonl`` (always) and wandb (offline unless configured), main process only.
 
-    def __init__(self, output_dir: str | Path, cfg: LoggingConfig, config_dict: dict, enabled: bool = True):
+    A resumed run (``resume=True``) continues the *same* wandb run (its id is kept in
+    ``<output_dir>/.wandb_run_id``), and :meth:`truncate_after` makes it skip the steps the
+    interrupted run had already sent, so that a synced history has each step once."""
+
+    def __init__(self, output_dir: str | Path, cfg: LoggingConfig, config_dict: dict, enabled: bool = True, resume: bool = False):
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
         self.wandb = None
+        self.wandb_after = -1  # wandb already holds steps <= this (resumed run)
         if not enabled:
             return
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         # an explicit "disabled" in the config wins; otherwise WANDB_MODE (if set) overrides
         mode = "disabled" if cfg.wandb_mode == "disabled" else (os.environ.get("WANDB_MODE") or cfg.wandb_mode)
         if mode != "disabled":
+            id_file = Path(output_dir) / ".wandb_run_id"
             try:
                 import wandb
 
+                run_id = id_file.read_text().strip() if resume and id_file.is_file() else None
+                if run_id is None:
+                    import secrets
+
+                    run_id = secrets.token_hex(4)  # wandb run ids: short, lower-case, unique per run directory
+                    _atomic_write(id_file, run_id)
+                else:
+                    self.wandb_after = max((r.get("step", 0) for r in read_metrics(self.path)), default=-1)
                 self.wandb = wandb.init(
-                    project=cfg.wandb_project, name=cfg.run_name or Path(output_dir).name, mode=mode,
+                    project=cfg.wandb_project, name=cfg.run_name or Path(output_dir).name, mode=mode, id=run_id, resume="allow",
                     dir=str(output_dir), config=config_dict, reinit="finish_previous",
                 )
             except Exception as e:  # noqa: BLE001 - logging must never kill a run
@@ -566,7 +580,7 @@ class RunLogger:
         rec = {"step": step, "time": time.time(), **{k: _plain(v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(rec) + "\n")
-        if self.wandb is not None:
+        if self.wandb is not None and step > self.wandb_after:
             self.wandb.log({k: v for k, v in rec.items() if isinstance(v, (int, float))}, step=step)
 
     def truncate_after(self, step: int) -> None:

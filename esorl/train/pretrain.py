@@ -26,6 +26,7 @@ from ..schedule import make_generator
 from .common import (EMA, Checkpointer, LoggingConfig, NonFiniteGuard, OptimConfig, RunLogger, all_reduce_sum, check_finite, check_resume,
                      configure_deepspeed, flat_config, make_accelerator, make_optimizer, read_metrics, set_learning_rate)
 from .data_prep import DataConfig, prepare_data
+from .run_dir import GracefulStop, RunInterrupted, claim, resume_command
 
 _PURPOSE_DATA = 2
 
@@ -199,7 +200,7 @@ def export_model(accelerator, model, ema: EMA | None, tok, out_dir: Path) -> Non
     accelerator.wait_for_everyone()
 
 
-def run_pretrain(cfg: PretrainConfig, resume: str | bool = False, data_fn=None, name: str = "pretrain") -> dict:
+def run_pretrain(cfg: PretrainConfig, resume: str | bool = False, data_fn=None, name: str = "pretrain", overwrite: bool = False) -> dict:
     """Train; returns the final metrics. Writes ``<output_dir>/{metrics.jsonl, config.yaml,
     checkpoints/, model/}``.
 
@@ -209,7 +210,10 @@ def run_pretrain(cfg: PretrainConfig, resume: str | bool = False, data_fn=None, 
     ``prompt_mask`` ``(N, L)`` bool, whose tokens are then clean context at step 0 and never
     scored (:func:`esorl.objective.hybrid_loss`). ``cfg`` only needs the sections ``model``,
     ``data`` (``seq_len``, ``source``), ``objective``, ``optim``, ``train``, ``logging``.
-    ``name``: progress-bar label."""
+    ``name``: progress-bar label. ``resume``: ``False`` (a new run: an ``output_dir`` that
+    holds a run is refused unless ``overwrite``), ``"latest"``/``True``, ``"auto"`` (resume if
+    possible) or a checkpoint directory. SIGINT/SIGTERM save a checkpoint at the next step
+    boundary and raise :class:`~esorl.train.run_dir.RunInterrupted`."""
     tcfg = cfg.train
     out_dir = Path(tcfg.output_dir)
     G, micro = tcfg.batch_size, tcfg.micro_batch_size
@@ -222,103 +226,118 @@ def run_pretrain(cfg: PretrainConfig, resume: str | bool = False, data_fn=None, 
     accelerator = make_accelerator(tcfg.mixed_precision, accum)
     torch.manual_seed(tcfg.seed)  # dropout RNG; the objective never uses global state
 
-    with accelerator.main_process_first():
-        tok, data = data_fn() if data_fn is not None else prepare_data(cfg.data, tcfg.seed)
-    train = data["train"]
-    if len(train["input_ids"]) == 0:
-        raise ValueError(f"data: the training split of {cfg.data.source!r} is empty")
-    model = build_model(cfg.model, tok, cfg.data.seq_len)
-    if cfg.data.seq_len > model.config.max_seq_len:  # (model is not wrapped yet here)
-        raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds the model context max_seq_len={model.config.max_seq_len}")
-    # the fused AdamW kernel on GPUs (DeepSpeed keeps its own optimizer partitions: foreach)
-    ds = getattr(accelerator.state, "deepspeed_plugin", None) is not None
-    opt = make_optimizer(model.parameters(), cfg.optim, device=None if ds else accelerator.device)
-    configure_deepspeed(accelerator, micro, accum, cfg.optim.grad_clip)
-    model, opt = accelerator.prepare(model, opt)
-    ema = EMA(model.parameters(), tcfg.ema_decay) if tcfg.ema_decay > 0 else None
+    lock = claim(out_dir, resume, overwrite, accelerator)  # before any work: one owner, one history
+    try:
+        with accelerator.main_process_first():
+            tok, data = data_fn() if data_fn is not None else prepare_data(cfg.data, tcfg.seed)
+        train = data["train"]
+        if len(train["input_ids"]) == 0:
+            raise ValueError(f"data: the training split of {cfg.data.source!r} is empty")
+        model = build_model(cfg.model, tok, cfg.data.seq_len)
+        if cfg.data.seq_len > model.config.max_seq_len:  # (model is not wrapped yet here)
+            raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds the model context max_seq_len={model.config.max_seq_len}")
+        # the fused AdamW kernel on GPUs (DeepSpeed keeps its own optimizer partitions: foreach)
+        ds = getattr(accelerator.state, "deepspeed_plugin", None) is not None
+        opt = make_optimizer(model.parameters(), cfg.optim, device=None if ds else accelerator.device)
+        configure_deepspeed(accelerator, micro, accum, cfg.optim.grad_clip)
+        model, opt = accelerator.prepare(model, opt)
+        ema = EMA(model.parameters(), tcfg.ema_decay) if tcfg.ema_decay > 0 else None
 
-    ckpt = Checkpointer(out_dir, tcfg.keep_last)
-    guard = NonFiniteGuard(accelerator, model, opt, ckpt)
-    logger = RunLogger(out_dir, cfg.logging, asdict(cfg), enabled=accelerator.is_main_process)
-    if accelerator.is_main_process:
-        save_config(cfg, out_dir / "config.yaml")
-    step = 0
-    # data position = rows consumed so far: step × batch_size within one setting, carried
-    # over a resume so that a changed batch size continues where the data stopped
-    pos0, step0 = 0, 0
-    path = ckpt.resolve(resume)
-    if path is not None:
-        state = Checkpointer.read_state(path)
-        changed = check_resume(state, path, accelerator, flat_config(cfg), RESUME_FIXED)
-        state, extras = Checkpointer.load(accelerator, path, ["ema"] if ema else [])
-        step = step0 = state["step"]
-        pos0 = int(state.get("data_position", step * G))
-        guard.load_state_dict(state)
-        if ema:
-            ema.load_state_dict(extras["ema"])
-            ema.decay = tcfg.ema_decay  # the current setting, not the saved one
-        logger.truncate_after(step)
-        accelerator.print(f"[esorl] resumed from {path} at step {step}" + (f" with changed settings: {'; '.join(changed)}" if changed else ""))
+        ckpt = Checkpointer(out_dir, tcfg.keep_last)
+        guard = NonFiniteGuard(accelerator, model, opt, ckpt)
+        resuming = resume not in (False, None, "", "false")
+        logger = RunLogger(out_dir, cfg.logging, asdict(cfg), enabled=accelerator.is_main_process, resume=resuming)
+        if accelerator.is_main_process:
+            save_config(cfg, out_dir / "config.yaml")
+        step = 0
+        # data position = rows consumed so far: step × batch_size within one setting, carried
+        # over a resume so that a changed batch size continues where the data stopped
+        pos0, step0 = 0, 0
+        path = ckpt.resolve(resume)
+        if path is not None:
+            state = Checkpointer.read_state(path)
+            changed = check_resume(state, path, accelerator, flat_config(cfg), RESUME_FIXED)
+            state, extras = Checkpointer.load(accelerator, path, ["ema"] if ema else [])
+            step = step0 = state["step"]
+            pos0 = int(state.get("data_position", step * G))
+            guard.load_state_dict(state)
+            if ema:
+                ema.load_state_dict(extras["ema"])
+                ema.decay = tcfg.ema_decay  # the current setting, not the saved one
+            accelerator.print(f"[esorl] resumed from {path} at step {step}" + (f" with changed settings: {'; '.join(changed)}" if changed else ""))
 
-    n_rows = len(train["input_ids"])
-    bar = tqdm(total=tcfg.max_steps, initial=step, desc=name, disable=not accelerator.is_main_process, dynamic_ncols=True)
-    last = {}
-    model.train()
-    t0 = time.time()
-    while step < tcfg.max_steps:
-        rows = global_batch_rows(pos0 + (step - step0) * G, G, n_rows, tcfg.seed)
-        x_all, v_all = train["input_ids"][rows], train["valid"][rows].bool()
-        pm_all = train["prompt_mask"][rows].bool() if "prompt_mask" in train else None
-        scored = v_all if pm_all is None else v_all & ~pm_all  # prompts are context, never scored
-        is_mdm = torch.arange(G) < int(cfg.objective.batch_split * G)
-        counts = (scored[is_mdm].sum().item(), scored[~is_mdm].sum().item())  # global: every rank sees `rows`
-        # the learning rate (and AdamW settings) of this step from the current config
-        o = cfg.optim
-        set_learning_rate(opt, o.lr * o.factor(step, tcfg.max_steps), betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
-        loss_sum = 0.0
-        for m in range(accum):
-            sl = rank_slice(G, micro, world, accelerator.process_index, accum, m)
-            gidx = torch.arange(G)[sl]
-            x, v = x_all[sl].to(accelerator.device), v_all[sl].to(accelerator.device)
-            pm = {} if pm_all is None else {"prompt_mask": pm_all[sl].to(accelerator.device)}
-            with accelerator.autocast():
-                out = hybrid_loss(model, x, v, cfg.objective, tcfg.seed, step, gidx, G, counts, backend=tcfg.attention_backend, single_forward=world > 1, **pm)
-            # DDP/ZeRO average gradients over ranks: scale back so the summed gradient is that
-            # of (global sums / global counts)
-            guard.backward(out.loss * world, m == accum - 1, world)
-            loss_sum += out.loss.detach().float()
-        loss = all_reduce_sum(torch.as_tensor(loss_sum, device=accelerator.device)).item()
-        if not math.isfinite(loss):
-            opt.zero_grad(set_to_none=True)
-            check_finite(loss, step + 1, ckpt)  # before any update: a NaN loss never reaches the weights
-        gnorm, applied = guard.step(o.grad_clip, step + 1)
-        if ema and applied:
-            ema.update()
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}")
-        if step % cfg.logging.log_every == 0 or step == tcfg.max_steps:
-            last = {"train/loss": loss, "train/lr": opt.param_groups[0]["lr"], "train/step_time": (time.time() - t0) / cfg.logging.log_every,
-                    "train/grad_norm": gnorm, "train/skipped_updates": guard.skipped_updates}
-            t0 = time.time()
-        if (tcfg.eval_every and step % tcfg.eval_every == 0) or step == tcfg.max_steps:
-            if ema:
-                ema.swap()
-            last.update(evaluate(model, data["eval"], cfg, accelerator, tcfg.eval_batches))
-            if ema:
-                ema.swap()
-            accelerator.print(f"[esorl] step {step}: loss {loss:.4f}  val NELBO {last['val/nelbo']:.4f}  val PPL {last['val/ppl']:.2f}")
-        if last and (step % cfg.logging.log_every == 0 or step == tcfg.max_steps or "val/nelbo" in last):
-            logger.log(last, step)
-            last = {}
-        if (tcfg.save_every and step % tcfg.save_every == 0) or step == tcfg.max_steps:
-            ckpt.save(accelerator, step, {"data_position": pos0 + (step - step0) * G, "config": flat_config(cfg), **guard.state_dict()},
-                      {"ema": ema.state_dict()} if ema else None, verify=(model, opt))
-    bar.close()
-    export_model(accelerator, model, ema, tok, out_dir / "model")
-    metrics = read_metrics(out_dir / "metrics.jsonl") if accelerator.is_main_process else []
-    logger.finish()
-    return {"output_dir": str(out_dir), "model_dir": str(out_dir / "model"), "metrics": metrics}
+        if resuming:
+            logger.truncate_after(step)  # records after the checkpoint (or of a run with none) are redone
+        n_rows = len(train["input_ids"])
+        bar = tqdm(total=tcfg.max_steps, initial=step, desc=name, disable=not accelerator.is_main_process, dynamic_ncols=True)
+        last = {}
+        model.train()
+        t0 = time.time()
+        with GracefulStop() as stop:
+            while step < tcfg.max_steps:
+                rows = global_batch_rows(pos0 + (step - step0) * G, G, n_rows, tcfg.seed)
+                x_all, v_all = train["input_ids"][rows], train["valid"][rows].bool()
+                pm_all = train["prompt_mask"][rows].bool() if "prompt_mask" in train else None
+                scored = v_all if pm_all is None else v_all & ~pm_all  # prompts are context, never scored
+                is_mdm = torch.arange(G) < int(cfg.objective.batch_split * G)
+                counts = (scored[is_mdm].sum().item(), scored[~is_mdm].sum().item())  # global: every rank sees `rows`
+                # the learning rate (and AdamW settings) of this step from the current config
+                o = cfg.optim
+                set_learning_rate(opt, o.lr * o.factor(step, tcfg.max_steps), betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+                loss_sum = 0.0
+                for m in range(accum):
+                    sl = rank_slice(G, micro, world, accelerator.process_index, accum, m)
+                    gidx = torch.arange(G)[sl]
+                    x, v = x_all[sl].to(accelerator.device), v_all[sl].to(accelerator.device)
+                    pm = {} if pm_all is None else {"prompt_mask": pm_all[sl].to(accelerator.device)}
+                    with accelerator.autocast():
+                        out = hybrid_loss(model, x, v, cfg.objective, tcfg.seed, step, gidx, G, counts, backend=tcfg.attention_backend, single_forward=world > 1, **pm)
+                    # DDP/ZeRO average gradients over ranks: scale back so the summed gradient is that
+                    # of (global sums / global counts)
+                    guard.backward(out.loss * world, m == accum - 1, world)
+                    loss_sum += out.loss.detach().float()
+                loss = all_reduce_sum(torch.as_tensor(loss_sum, device=accelerator.device)).item()
+                if not math.isfinite(loss):
+                    opt.zero_grad(set_to_none=True)
+                    check_finite(loss, step + 1, ckpt)  # before any update: a NaN loss never reaches the weights
+                gnorm, applied = guard.step(o.grad_clip, step + 1)
+                if ema and applied:
+                    ema.update()
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}")
+                if step % cfg.logging.log_every == 0 or step == tcfg.max_steps:
+                    last = {"train/loss": loss, "train/lr": opt.param_groups[0]["lr"], "train/step_time": (time.time() - t0) / cfg.logging.log_every,
+                            "train/grad_norm": gnorm, "train/skipped_updates": guard.skipped_updates}
+                    t0 = time.time()
+                if (tcfg.eval_every and step % tcfg.eval_every == 0) or step == tcfg.max_steps:
+                    if ema:
+                        ema.swap()
+                    last.update(evaluate(model, data["eval"], cfg, accelerator, tcfg.eval_batches))
+                    if ema:
+                        ema.swap()
+                    accelerator.print(f"[esorl] step {step}: loss {loss:.4f}  val NELBO {last['val/nelbo']:.4f}  val PPL {last['val/ppl']:.2f}")
+                if last and (step % cfg.logging.log_every == 0 or step == tcfg.max_steps or "val/nelbo" in last):
+                    logger.log(last, step)
+                    last = {}
+                save = lambda: ckpt.save(accelerator, step, {"data_position": pos0 + (step - step0) * G, "config": flat_config(cfg), **guard.state_dict()},  # noqa: E731
+                                         {"ema": ema.state_dict()} if ema else None, verify=(model, opt))
+                saved = (tcfg.save_every and step % tcfg.save_every == 0) or step == tcfg.max_steps
+                if saved:
+                    save()
+                if step < tcfg.max_steps and stop.requested(accelerator.device):
+                    path = save() if not saved else ckpt.latest()
+                    bar.close()
+                    logger.finish()
+                    raise RunInterrupted(f"{name} stopped by {stop.signame or 'a signal on another rank'} at step {step} of {tcfg.max_steps}; "
+                                         f"checkpoint {path}. Resume with: {resume_command()}")
+        bar.close()
+        export_model(accelerator, model, ema, tok, out_dir / "model")
+        metrics = read_metrics(out_dir / "metrics.jsonl") if accelerator.is_main_process else []
+        logger.finish()
+        return {"output_dir": str(out_dir), "model_dir": str(out_dir / "model"), "metrics": metrics}
+    finally:
+        lock.release()
 
 
 def main(argv=None):
@@ -326,5 +345,5 @@ def main(argv=None):
 
     a = parse_recipe_args(recipe_argparser("esorl pretrain", "train an Eso-LM with the hybrid AR + MDM objective", "optim.lr=1e-3"), argv)
     cfg = load_config(PretrainConfig, a.config, a.overrides)
-    res = run_pretrain(cfg, a.resume)
+    res = run_pretrain(cfg, a.resume, overwrite=a.overwrite)
     print(f"[esorl] model written to {res['model_dir']}")

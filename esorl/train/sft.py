@@ -316,14 +316,14 @@ def ensure_model(args: SFTModelArgs) -> Path:
     return ensure_policy(args)
 
 
-def run_sft(cfg: SFTConfig, resume: str | bool = False) -> dict:
+def run_sft(cfg: SFTConfig, resume: str | bool = False, overwrite: bool = False) -> dict:
     """Fine-tune; returns ``{"output_dir", "model_dir", "metrics"}``. Writes
     ``<train.output_dir>/{metrics.jsonl, config.yaml, checkpoints/, model/}`` like pretraining.
     ``train/loss`` and ``val/nelbo`` are per completion token (the prompt is never scored)."""
     model_dir = ensure_model(cfg.model)
     if str(model_dir) != cfg.model.init_from:
         cfg.model.init_from = str(model_dir)
-    return run_pretrain(cfg, resume, data_fn=lambda: prepare_sft_data(cfg, str(model_dir)), name="sft")
+    return run_pretrain(cfg, resume, data_fn=lambda: prepare_sft_data(cfg, str(model_dir)), name="sft", overwrite=overwrite)
 
 
 def main(argv=None):
@@ -331,5 +331,5 @@ def main(argv=None):
 
     a = parse_recipe_args(recipe_argparser("esorl sft", __doc__.split("\n")[0], "optim.lr=1e-4"), argv)
     cfg = load_config(SFTConfig, a.config, a.overrides)
-    res = run_sft(cfg, a.resume)
+    res = run_sft(cfg, a.resume, a.overwrite)
     print(f"[esorl] model written to {res['model_dir']}")

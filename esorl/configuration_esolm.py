@@ -5,6 +5,35 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 
+def check_model_dir(path, what: str = "--model"):
+    """A ``save_pretrained`` directory of an Eso-LM, or an error saying what the path is
+    instead: ``FileNotFoundError`` (missing, no ``config.json`` — with a hint at
+    ``<run>/model`` — or no weights), ``NotADirectoryError``, ``ValueError`` (another
+    ``model_type``). ``what``: the flag or config field, for the message."""
+    import json
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{what} {path}: no such directory (esorl runs write their model to <output_dir>/model)")
+    if not p.is_dir():
+        raise NotADirectoryError(f"{what} {path}: is a file, expected a save_pretrained directory (config.json + model.safetensors)")
+    cfg = p / "config.json"
+    if not cfg.is_file():
+        hint = f"; did you mean {p / 'model'}?" if (p / "model" / "config.json").is_file() else ""
+        raise FileNotFoundError(f"{what} {path}: no config.json, so not a model directory{hint}")
+    try:
+        model_type = json.loads(cfg.read_text()).get("model_type")
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} {path}: config.json is not valid JSON ({e})") from None
+    if model_type != "esolm":
+        raise ValueError(f"{what} {path}: a {model_type!r} model, not an Eso-LM (model_type 'esolm'); "
+                         "convert released Eso-LM checkpoints with `esorl convert-official`")
+    if not any(p.glob("*.safetensors")):
+        raise FileNotFoundError(f"{what} {path}: config.json but no *.safetensors weights")
+    return p
+
+
 class EsoLMConfig(PretrainedConfig):
     """Configuration of :class:`esorl.modeling_esolm.EsoLMModel`.
 

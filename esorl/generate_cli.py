@@ -11,33 +11,7 @@ RL scores, see docs). The step count is the trajectory's: its diffusion steps pl
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
-
-def check_model_dir(path: str, flag: str = "--model") -> Path:
-    """A ``save_pretrained`` directory of an Eso-LM, or ``ValueError``/``FileNotFoundError``
-    saying what the path is instead (with a hint at ``<run>/model``)."""
-    import json
-
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{flag} {path}: no such directory (esorl runs write their model to <output_dir>/model)")
-    if not p.is_dir():
-        raise NotADirectoryError(f"{flag} {path}: is a file, expected a save_pretrained directory (config.json + model.safetensors)")
-    cfg = p / "config.json"
-    if not cfg.is_file():
-        hint = f"; did you mean {p / 'model'}?" if (p / "model" / "config.json").is_file() else ""
-        raise FileNotFoundError(f"{flag} {path}: no config.json, so not a model directory{hint}")
-    try:
-        model_type = json.loads(cfg.read_text()).get("model_type")
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{flag} {path}: config.json is not valid JSON ({e})") from None
-    if model_type != "esolm":
-        raise ValueError(f"{flag} {path}: a {model_type!r} model, not an Eso-LM (model_type 'esolm'); "
-                         "convert released Eso-LM checkpoints with `esorl convert-official`")
-    if not any(p.glob("*.safetensors")):
-        raise FileNotFoundError(f"{flag} {path}: config.json but no *.safetensors weights")
-    return p
+from esorl.configuration_esolm import check_model_dir
 
 
 def _positive_int(s: str) -> int:

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -99,3 +100,47 @@ def test_config_command(tmp_path):
     res = esorl("config", "grpo", cwd=tmp_path)
     assert res.returncode == 0 and "grpo.learning_rate" in res.stdout
     assert esorl("config", "nope", cwd=tmp_path).returncode == 2
+
+
+def test_policy_paths_are_checked_for_what_they_must_be(tmp_path):
+    """policy.init_from pointing at a missing directory, at a run directory instead of
+    <run>/model, or at a BERT directory: one line saying so, before any work."""
+    (tmp_path / "run" / "model").mkdir(parents=True)
+    (tmp_path / "run" / "model" / "config.json").write_text('{"model_type": "esolm"}')
+    (tmp_path / "run" / "model" / "model.safetensors").write_bytes(b"")
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert", "hidden_size": 128}')
+    for init_from, needle in ((tmp_path / "nope", "no such directory"), (tmp_path / "run", "did you mean"),
+                              (tmp_path / "bert", "'bert' model, not an Eso-LM")):
+        f = tmp_path / "r.yaml"
+        f.write_text(f"policy: {{init_from: {init_from}}}\nrewards: [{{name: keyword}}]\n")
+        res = esorl("grpo", "--config", str(f), cwd=tmp_path)
+        one_line_error(res, "policy.init_from", needle)
+        assert not (tmp_path / "runs").exists()
+
+
+def test_missing_local_data_says_how_to_get_it(tmp_path):
+    from esorl.data import load_text_dataset
+
+    with pytest.raises(FileNotFoundError, match=r"does not exist\. This is the SST-2.*'stanfordnlp/sst2'"):
+        load_text_dataset(str(tmp_path / "shared" / "data" / "sst2"))
+
+
+def test_own_reward_function_from_the_working_directory_and_a_file(tmp_path):
+    """`rewards: [{name: my_rewards:ok}]` with ./my_rewards.py used to fail with
+    ModuleNotFoundError from the console script; a file path works too."""
+    from esorl.rl.common import RewardSpec, build_reward
+
+    (tmp_path / "my_rewards.py").write_text("def ok(prompts, completions, **kw):\n    return [1.0] * len(completions)\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "other.py").write_text("def half(prompts, completions, **kw):\n    return [0.5] * len(completions)\n")
+    code = ("import sys; from esorl.rl.common import RewardSpec, build_reward; "
+            "print(build_reward(RewardSpec(name='my_rewards:ok'))(['a'], ['b']), build_reward(RewardSpec(name='sub/other.py:half'))(['a'], ['b']))")
+    exe = shutil.which("esorl")
+    py = str(Path(exe).with_name("python")) if exe else sys.executable
+    res = subprocess.run([py, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONSAFEPATH": "1"})
+    assert res.returncode == 0 and "[1.0] [0.5]" in res.stdout, res.stderr[-2000:]
+    with pytest.raises(ValueError, match="unknown reward 'sentimental'"):
+        RewardSpec(name="sentimental").validate()
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        build_reward(RewardSpec(name=str(tmp_path / "missing.py") + ":f"))

@@ -170,6 +170,17 @@ def _load_hub(source: str, split: str, data_files: dict | None) -> datasets.Data
     ) from last
 
 
+#: local data the shipped recipes read from ``../shared/data/<name>`` (present on the project's
+#: own machines, not in a clone): what it is, its hub name, and the expected local format
+KNOWN_DATA = {
+    "sst2": ("the SST-2 sentence-level sentiment data (Socher et al. 2013)", "stanfordnlp/sst2",
+             "train.tsv / dev.tsv / test.tsv with `text<TAB>label` lines"),
+    "gsm8k": ("GSM8K (OpenAI, MIT licence)", "openai/gsm8k",
+              "train.jsonl / test.jsonl with question and answer fields (hub config 'main')"),
+    "tinyshakespeare": ("the Tiny Shakespeare corpus", "karpathy/tiny_shakespeare", "input.txt"),
+}
+
+
 def _load_raw(source, split: str, data_files: dict | None) -> datasets.Dataset:
     """The dataset behind ``source``/``split`` with its original columns (``.txt`` gives
     ``text``; ``.tsv`` gives ``text`` and, when labelled, ``label``)."""
@@ -180,7 +191,12 @@ def _load_raw(source, split: str, data_files: dict | None) -> datasets.Dataset:
     if path.is_dir():
         return _load_file(_find_split_file(path, split), split)
     if _looks_like_path(source):
-        raise FileNotFoundError(f"data path {source} (split {split!r}) does not exist")
+        hint = KNOWN_DATA.get(path.name)
+        raise FileNotFoundError(
+            f"data path {source} (split {split!r}) does not exist"
+            + (f". This is {hint[0]}, not part of the repository: with a network use the hub name ({hint[1]!r}) as the source, "
+               f"or save it locally as {hint[2]} and point the recipe at that directory" if hint else
+               ". Point the recipe's source at an existing file or directory, or at a hub dataset name"))
     return _load_hub(source, split, data_files)
 
 

@@ -230,12 +230,12 @@ def score_rewards(funcs, weights, prompts: list[str], completions: list[str], co
 def check_policy_source(args: PolicyArgs) -> None:
     """Fail before any work if the policy can neither be loaded nor built: ``init_from`` is
     not a model directory and there is no existing ``pretrain_recipe`` to build it."""
+    from esorl.configuration_esolm import check_model_dir
+
     p = Path(args.init_from)
-    if (p / "config.json").exists():
+    if p.exists() or not args.pretrain_recipe:
+        check_model_dir(p, "policy.init_from")  # exists: must be an Eso-LM; else: says what it is
         return
-    if not args.pretrain_recipe:
-        hint = f"; did you mean {p / 'model'}?" if (p / "model" / "config.json").exists() else ""
-        raise FileNotFoundError(f"policy.init_from: no model at {p} (and no policy.pretrain_recipe to build one){hint}")
     if not Path(args.pretrain_recipe).is_file():
         raise FileNotFoundError(f"policy.pretrain_recipe: no such file {args.pretrain_recipe}")
 

@@ -108,7 +108,9 @@ class PretrainConfig:
 
 def build_model(args: ModelArgs, tok, seq_len: int) -> EsoLMModel:
     if args.init_from:
-        return EsoLMModel.from_pretrained(args.init_from)
+        from ..configuration_esolm import check_model_dir
+
+        return EsoLMModel.from_pretrained(str(check_model_dir(args.init_from, "model.init_from")))
     from ..data import tokenizer_ids
 
     ids = tokenizer_ids(tok)

@@ -112,3 +112,38 @@ def test_log_ratio_clamp_keeps_the_loss_finite():
     lp = torch.tensor([[-900.0, 0.0]])
     loss, kl, _, _ = grpo_token_loss(lp, torch.zeros(1, 2), torch.tensor([-1.0]), torch.ones(1, 2), 0.2, 0.2, beta=0.1, ref_logp=torch.zeros(1, 2))
     assert torch.isfinite(loss).all() and torch.isfinite(kl).all()
+
+
+def test_plots_are_readable(policy_dir, tmp_path, monkeypatch):
+    """Every plot has labelled axes and a legend matching its series; the KL plot is on a
+    log scale (the arms differ by orders of magnitude); the diagnostics bars never overlap."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    import esorl.compare.report as rep
+
+    seen = {}
+    real = rep.save_figure
+
+    def spy(fig, path):
+        seen[path.name] = [(ax.get_yscale(), [(round(p.get_x(), 6), round(p.get_width(), 6)) for p in ax.patches]) for ax in fig.axes]
+        return real(fig, path)
+
+    monkeypatch.setattr(rep, "save_figure", spy)
+    run_compare(_cfg(policy_dir, tmp_path, **{"diagnostics": {"draws": 2, "fresh_batches": 1, "ref_n": 4, "when": ["initial"], "mc_n_scaling": [2]}}))
+    assert seen["kl_vs_step.png"][0][0] == "symlog"
+    for yscale, patches in seen["grad_variance_and_logprob_error.png"]:
+        spans = sorted(patches)
+        assert all(a[0] + a[1] <= b[0] + 1e-9 for a, b in zip(spans, spans[1:])), spans  # no overlapping bars
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [0, 1], label="a")
+    ax.plot([0, 1], [1, 0], label="b")
+    with pytest.raises(ValueError, match="no x-axis label"):
+        rep.check_figure(fig)
+    ax.set_xlabel("step"), ax.set_ylabel("reward")
+    with pytest.raises(ValueError, match="without a legend"):
+        rep.check_figure(fig)
+    ax.legend()
+    rep.check_figure(fig)

@@ -48,7 +48,8 @@ def _band(ax, runs_for_est, xkey, ykey, label):
         X = np.array([x["step"] for x in seqs[0][:n]])
     else:
         X = np.mean([np.cumsum([x.get("time/step", 0.0) for x in r[:n]]) for r in seqs], axis=0)
-    m, s = Y.mean(0), Y.std(0)
+    m = Y.mean(0)
+    s = Y.std(0, ddof=1) if len(seqs) > 1 else np.zeros_like(m)  # sample std over seeds
     ax.plot(X, m, label=label)
     ax.fill_between(X, m - s, m + s, alpha=0.2)
 
@@ -69,14 +70,17 @@ def write_report(cfg, out: Path, diag: dict) -> dict:
             _band(ax, runs[n], xkey, "reward", n)
         if cfg.reward_threshold:
             ax.axhline(cfg.reward_threshold, ls="--", c="gray", lw=0.8)
-        ax.set_xlabel(xl), ax.set_ylabel("mean reward (band: ±1 std over seeds)"), ax.legend(), ax.grid(alpha=0.3)
-        fig.tight_layout(), fig.savefig(out / fname, dpi=120), plt.close(fig)
+        ax.set_xlabel(xl), ax.set_ylabel("reward per completion (mean over seeds; band ±1 std)"), ax.legend(), ax.grid(alpha=0.3)
+        save_figure(fig, out / fname)
         plots.append(fname)
     fig, ax = plt.subplots(figsize=(6, 4))
     for n in names:
         _band(ax, runs[n], "step", "train/kl", n)
-    ax.set_xlabel("step"), ax.set_ylabel("KL to reference (k3, per token)"), ax.legend(), ax.grid(alpha=0.3)
-    fig.tight_layout(), fig.savefig(out / "kl_vs_step.png", dpi=120), plt.close(fig)
+    # KL spans orders of magnitude across estimators (mc_elbo's importance weights): a
+    # symmetric log axis shows every series (and zeros) instead of flattening all but one
+    ax.set_yscale("symlog", linthresh=1e-3)
+    ax.set_xlabel("step"), ax.set_ylabel("KL to reference, k3 (nats per token, symlog)"), ax.legend(), ax.grid(alpha=0.3)
+    save_figure(fig, out / "kl_vs_step.png")
     plots.append("kl_vs_step.png")
 
     # cost per step, by phase
@@ -94,22 +98,30 @@ def write_report(cfg, out: Path, diag: dict) -> dict:
         vals = [cost[n][ph] for n in names]
         ax.bar(names, vals, bottom=bottom, label=ph)
         bottom = [b + v for b, v in zip(bottom, vals)]
-    ax.set_ylabel("seconds per step"), ax.legend(), ax.set_title("cost per RL step by phase")
-    fig.tight_layout(), fig.savefig(out / "cost_per_step.png", dpi=120), plt.close(fig)
+    ax.set_xlabel("estimator"), ax.set_ylabel("wall-clock per RL step (s)"), ax.legend(), ax.set_title("cost per RL step by phase")
+    save_figure(fig, out / "cost_per_step.png")
     plots.append("cost_per_step.png")
 
     if diag:
-        when = "initial" if "initial" in diag else next(iter(diag))
-        d = diag[when]["estimators"]
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        axes[0].bar(names, [d[n]["grad_var_fixed_batch"] for n in names], label="fixed batch (estimator noise)")
-        axes[0].bar(names, [d[n]["grad_var_fresh_rollouts"] for n in names], alpha=0.5, label="fresh rollouts (total)")
-        axes[0].set_yscale("symlog", linthresh=1e-8), axes[0].set_title(f"policy-gradient variance ({when} policy)"), axes[0].legend(fontsize=7)
-        axes[1].bar(names, [d[n]["abs_error_vs_own_reference"] for n in names])
-        axes[1].set_title("|estimate − own large-n ref| per sequence")
-        for a in axes:
-            a.tick_params(axis="x", rotation=20)
-        fig.tight_layout(), fig.savefig(out / "grad_variance_and_logprob_error.png", dpi=120), plt.close(fig)
+        import numpy as np
+
+        whens = [w for w in ("initial", "final") if w in diag] or list(diag)
+        fig, axes = plt.subplots(len(whens), 2, figsize=(11, 4 * len(whens)), squeeze=False)
+        x = np.arange(len(names))
+        for row, when in zip(axes, whens):
+            d = diag[when]["estimators"]
+            # side by side (never overlapping), each series in its own legend entry
+            row[0].bar(x - 0.2, [d[n]["grad_var_fixed_batch"] for n in names], 0.4, label="fixed batch (estimator noise only)")
+            row[0].bar(x + 0.2, [d[n]["grad_var_fresh_rollouts"] for n in names], 0.4, label="fresh rollouts (estimator + sampling)")
+            row[0].set_yscale("symlog", linthresh=1e-8)
+            row[0].set_ylabel("variance of the policy gradient\n(Σ over parameters, symlog)")
+            row[0].set_title(f"policy-gradient variance ({when} policy)"), row[0].legend(fontsize=7)
+            row[1].bar(x, [d[n]["abs_error_vs_own_reference"] for n in names], 0.6, label="|estimate − own large-n reference|")
+            row[1].set_ylabel("log-likelihood error (nats per sequence)")
+            row[1].set_title(f"estimate error vs its own large-n value ({when} policy)"), row[1].legend(fontsize=7)
+            for a in row:
+                a.set_xticks(x, names, rotation=20), a.set_xlabel("estimator")
+        save_figure(fig, out / "grad_variance_and_logprob_error.png")
         plots.append("grad_variance_and_logprob_error.png")
 
     # table
@@ -189,8 +201,34 @@ def plot_reward_curve(metrics_path: Path, png: Path, title: str = "") -> Path:
         ax.plot(*zip(*tr), label="train reward (mean over the step's completions)")
     if ev:
         ax.plot(*zip(*ev), "o-", label="held-out prompts (eval/reward)")
-    ax.set_xlabel("step"), ax.set_ylabel("reward"), ax.grid(alpha=0.3), ax.legend(fontsize=8)
+    ax.set_xlabel("step"), ax.set_ylabel("reward per completion (mean)"), ax.grid(alpha=0.3), ax.legend(fontsize=8)
     if title:
         ax.set_title(title)
-    fig.tight_layout(), fig.savefig(png, dpi=120), plt.close(fig)
+    save_figure(fig, png)
     return png
+
+
+def check_figure(fig) -> None:
+    """Every plot a user gets has labelled axes and a legend that matches what is drawn:
+    raise ``ValueError`` naming the panel otherwise (a check, not a test-only helper)."""
+    for ax in fig.axes:
+        name = ax.get_title() or "(untitled panel)"
+        if not ax.get_xlabel() or not ax.get_ylabel():
+            raise ValueError(f"plot panel {name!r} has no {'x' if not ax.get_xlabel() else 'y'}-axis label")
+        leg = ax.get_legend()
+        handles, labels = ax.get_legend_handles_labels()
+        if len(labels) > 1 and leg is None:
+            raise ValueError(f"plot panel {name!r} draws {len(labels)} labelled series without a legend")
+        if leg is not None and [t.get_text() for t in leg.get_texts()] != labels:
+            raise ValueError(f"plot panel {name!r}: the legend does not match the series drawn")
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Check (:func:`check_figure`), save as PNG (120 dpi) and close."""
+    import matplotlib.pyplot as plt
+
+    check_figure(fig)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -144,3 +144,21 @@ def test_own_reward_function_from_the_working_directory_and_a_file(tmp_path):
         RewardSpec(name="sentimental").validate()
     with pytest.raises(FileNotFoundError, match="no such file"):
         build_reward(RewardSpec(name=str(tmp_path / "missing.py") + ":f"))
+
+
+def test_grpo_set_up_errors_come_before_any_work_and_output_is_named(tmp_path):
+    """num_generations not dividing the batch, and a completion length that fills the
+    context, fail before a run directory exists; a finished run says where its output went."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import yaml
+
+    from rl_fixtures import make_tiny_policy, recipe_dict
+
+    pol = make_tiny_policy(tmp_path)
+    f = tmp_path / "g.yaml"
+    f.write_text(yaml.safe_dump(recipe_dict(pol, tmp_path / "out", tmp_path / "cache", max_steps=1)))
+    one_line_error(esorl("grpo", "--config", str(f), "grpo.num_generations=7", cwd=tmp_path), "must be a multiple of num_generations=7")
+    one_line_error(esorl("grpo", "--config", str(f), "grpo.max_completion_length=48", cwd=tmp_path), "leaves no room for a prompt")
+    assert not (tmp_path / "out").exists()
+    res = esorl("grpo", "--config", str(f), cwd=tmp_path)
+    assert res.returncode == 0 and f"GRPO finished: metrics, checkpoints and model in {tmp_path / 'out'}" in res.stdout, res.stderr[-2000:]

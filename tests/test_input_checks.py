@@ -127,7 +127,8 @@ def test_an_over_long_prompt_fails_at_set_up_naming_file_and_row(tmp_path, algo)
     (data / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in short))
     base = recipe_dict(pdir, tmp_path / "run", tmp_path / "cache") if algo == "grpo" else ppo_recipe_dict(pdir, tmp_path / "run", tmp_path / "cache")
     base["prompts"] = {"source": str(data), "prompt_field": "prompt", "eval_prompts": 4}
-    base["rewards"] = [{"name": "no_such_module:never_built"}]  # set-up must fail before rewards are built
+    (tmp_path / "rm.py").write_text("class Never:\n    def __init__(self, **kw):\n        raise RuntimeError('the reward was built')\n")
+    base["rewards"] = [{"name": f"{tmp_path / 'rm.py'}:Never", "kwargs": {"x": 1}}]  # set-up must fail before rewards are built
     make = (lambda b: EsoGRPOTrainer(load_config(GRPORecipe, None, [], base=b))) if algo == "grpo" else (lambda b: EsoPPOTrainer(load_config(PPORecipe, None, [], base=b)))
     with pytest.raises(ValueError, match=r"prompts '.*prompts' split 'train'.*row 7, has 61 tokens.*max_seq_len=48.*room for 42"):
         make(base)

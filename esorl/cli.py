@@ -12,6 +12,7 @@ import sys
 
 # name -> (module[:function], one-line description)
 COMMANDS = {
+    "prepare-data": ("esorl.train.data_prep", "tokenize a pretraining corpus into memory-mapped shards (data.storage: shards)"),
     "pretrain": ("esorl.train.pretrain", "train an Eso-LM with the hybrid AR + MDM objective (recipes/pretrain/)"),
     "sft": ("esorl.train.sft", "supervised fine-tuning on prompt/completion pairs (recipes/sft/)"),
     "grpo": ("esorl.rl.grpo", "GRPO with exact or Monte Carlo likelihoods (recipes/rl/grpo_*.yaml)"),
@@ -70,6 +71,10 @@ def anticipated_errors() -> tuple[type[BaseException], ...]:
         from .train.common import CheckpointError, TrainingDiverged
 
         errs += [CheckpointError, TrainingDiverged]
+    if "esorl.data.shards" in sys.modules:
+        from .data.shards import ShardError
+
+        errs.append(ShardError)
     if "esorl.train.run_dir" in sys.modules:
         from .train.run_dir import RunDirError
 

@@ -24,8 +24,9 @@ TINY = {
 }
 
 
-def _run(tmp_path, name, launcher):
+def _run(tmp_path, name, launcher, **data):
     cfg = json.loads(json.dumps(TINY))
+    cfg["data"].update(data)
     cfg["data"]["cache_dir"] = str(tmp_path / "cache")
     cfg["train"]["output_dir"] = str(tmp_path / name)
     f = tmp_path / f"{name}.yaml"
@@ -47,6 +48,18 @@ def test_ddp_and_zero_match_single_process(tmp_path):
         for step in (1, 2):
             assert abs(multi[step]["train/loss"] - single[step]["train/loss"]) < 1e-5, (name, step, multi[step], single[step])
         assert abs(multi[2]["val/nelbo"] - single[2]["val/nelbo"]) < 1e-4, name  # EMA eval too
+
+
+@pytest.mark.slow
+def test_sharded_data_two_ranks_match_one(tmp_path):
+    """Memory-mapped shards: each rank reads only its rows of the global batch, and the
+    2-rank DDP losses equal the single-process ones."""
+    kw = {"storage": "shards", "mode": "wrap", "shards_dir": str(tmp_path / "shards")}
+    single = _run(tmp_path, "single_shards", [sys.executable], **kw)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs" / "cpu_ddp_2proc.yaml")]
+    multi = _run(tmp_path, "ddp_shards", launch, **kw)
+    for step in (1, 2):
+        assert abs(multi[step]["train/loss"] - single[step]["train/loss"]) < 1e-5, (step, multi[step], single[step])
 
 
 _NAN_SCRIPT = '''

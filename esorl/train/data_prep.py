@@ -35,6 +35,11 @@ class DataConfig:
     synthetic_size: training sentences of the synthetic corpus (dev/test: 1000 each).
     synthetic_seed: seed of the synthetic corpus.
     cache_dir: where generated corpora, tokenizers and tokenized tensors are cached.
+    storage: ``memory`` (tokenize into one tensor, cached: small corpora) or ``shards``
+        (token ids in memory-mapped files read window by window: any corpus size; prepared
+        by ``esorl prepare-data`` or on the first ``esorl pretrain``, see :mod:`esorl.data.shards`).
+    shards_dir: where the shards go (default ``<cache_dir>/shards-<hash of the inputs>``).
+    num_proc: tokenizer processes for ``shards`` preparation.
     """
 
     source: str = "synthetic"
@@ -51,8 +56,17 @@ class DataConfig:
     synthetic_size: int = 20000
     synthetic_seed: int = 0
     cache_dir: str = ".esorl_cache"
+    storage: str = "memory"
+    shards_dir: str = ""
+    num_proc: int = 1
 
     def validate(self):
+        if self.storage not in ("memory", "shards"):
+            raise ValueError(f"data.storage must be 'memory' or 'shards', got {self.storage!r}")
+        if self.num_proc < 1:
+            raise ValueError(f"data.num_proc must be >= 1, got {self.num_proc}")
+        if self.tokenizer.startswith("train:") and self.tokenizer[6:] not in ("word", "bpe"):
+            raise ValueError(f"data.tokenizer {self.tokenizer!r}: trained tokenizers are train:word or train:bpe")
         if self.mode not in ("wrap", "pad"):
             raise ValueError(f"data.mode must be 'wrap' or 'pad', got {self.mode!r}")
         if self.seq_len < 2:
@@ -99,10 +113,51 @@ def get_tokenizer(cfg: DataConfig, train_texts: list[str] | None = None):
     return load_tokenizer(cfg.tokenizer)
 
 
+def shards_root(cfg: DataConfig, tok, seed: int) -> Path:
+    """The shard directory of a config: ``data.shards_dir`` or one named by its inputs."""
+    if cfg.shards_dir:
+        return Path(cfg.shards_dir)
+    from esorl.data.shards import tokenizer_hash
+
+    key = _key({"src": cfg.source, "split": cfg.train_split, "eval": [cfg.eval_split, cfg.eval_fraction, seed], "field": cfg.text_field,
+                "bos": cfg.add_bos, "tok": tokenizer_hash(tok), "syn": [cfg.synthetic_size, cfg.synthetic_seed]})
+    return Path(cfg.cache_dir) / f"shards-{key}"
+
+
+# documents a tokenizer is trained on when the corpus is sharded (a sample, not the corpus)
+TOKENIZER_TRAIN_DOCS = 200_000
+
+
+def prepare_shard_data(cfg: DataConfig, seed: int = 0, rebuild: bool = False, progress: bool = True):
+    """``storage: shards``: the tokenizer and ``{"train", "eval"}`` :class:`~esorl.data.shards.ShardedSplit`
+    views over memory-mapped shards (prepared first if needed; a no-op when they exist)."""
+    from esorl.data.shards import ShardedSplit, ShardPlan, TokenShards, open_corpus, prepare_shards
+
+    src = resolve_source(cfg)
+    if cfg.tokenizer.startswith("train:"):
+        ds = open_corpus(src, cfg.train_split, cfg.text_field)
+        tok = get_tokenizer(cfg, list(ds.select(range(min(len(ds), TOKENIZER_TRAIN_DOCS)))["text"]))
+    else:
+        tok = get_tokenizer(cfg)
+    root = shards_root(cfg, tok, seed)
+    plan = ShardPlan(source=src, split=cfg.train_split, text_field=cfg.text_field, eval_split=cfg.eval_split,
+                     eval_fraction=cfg.eval_fraction if not cfg.eval_split else 0.0, seed=seed, add_bos=cfg.add_bos, docs_per_shard=100_000)
+    prepare_shards(plan, tok, root, num_proc=cfg.num_proc, rebuild=rebuild, progress=progress)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    splits = {name: ShardedSplit(TokenShards(root, name), cfg.seq_len, cfg.mode, pad, cfg.truncate) for name in ("train", "eval")
+              if name in json.loads((root / "index.json").read_text())["splits"]}
+    if "eval" not in splits:
+        raise ValueError(f"data: no held-out documents in {cfg.source!r} (set data.eval_split or a larger data.eval_fraction)")
+    return tok, splits
+
+
 def prepare_data(cfg: DataConfig, seed: int = 0):
-    """Tokenizer and ``{"train": {...}, "eval": {...}}`` tensors (``input_ids``, ``valid``)."""
+    """Tokenizer and ``{"train": {...}, "eval": {...}}`` rows (``input_ids``, ``valid``):
+    tensors (``storage: memory``) or views over memory-mapped shards (``storage: shards``)."""
     from esorl.data import split_train_eval, tokenize_and_pack
 
+    if cfg.storage == "shards":
+        return prepare_shard_data(cfg, seed)
     train_texts = load_texts(cfg, cfg.train_split)
     tok = get_tokenizer(cfg, train_texts)
     key = _key({**asdict(cfg), "cache_dir": None, "tok": len(tok), "seed": seed})
@@ -121,3 +176,31 @@ def prepare_data(cfg: DataConfig, seed: int = 0):
     torch.save(out, tmp)
     tmp.replace(cache)
     return tok, out
+
+
+def main(argv=None):
+    """``esorl prepare-data --config <pretrain recipe> [key=value ...] [--num-proc N] [--rebuild]``:
+    tokenize the recipe's corpus into memory-mapped shards (what ``esorl pretrain`` with
+    ``data.storage: shards`` would do on its first start), with a progress bar; resumable, and a
+    no-op when the shards exist."""
+    import argparse
+
+    from esorl.config import load_config
+    from esorl.train.pretrain import PretrainConfig
+
+    p = argparse.ArgumentParser(prog="esorl prepare-data", description="tokenize a pretraining recipe's corpus into memory-mapped shards")
+    p.add_argument("--config", required=True, help="a pretraining recipe (its data section; train.seed picks the held-out documents)")
+    p.add_argument("--num-proc", type=int, default=None, help="tokenizer processes (default: data.num_proc)")
+    p.add_argument("--rebuild", action="store_true", help="tokenize again even if shards of other inputs are there")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.shards_dir=/scratch/owt")
+    a = p.parse_args(argv)
+    cfg = load_config(PretrainConfig, a.config, a.overrides)
+    cfg.data.storage = "shards"
+    if a.num_proc:
+        cfg.data.num_proc = a.num_proc
+    tok, splits = prepare_shard_data(cfg.data, cfg.train.seed, rebuild=a.rebuild)
+    root = splits["train"].shards.root
+    idx = json.loads((root / "index.json").read_text())
+    size = sum(f.stat().st_size for f in root.glob("*.bin"))
+    print(f"[esorl] shards in {root}: " + ", ".join(f"{k} {v:,} tokens" for k, v in idx["tokens"].items())
+          + f" ({idx['dtype']}, {size / 2**20:.1f} MiB); train with data.storage=shards data.shards_dir={root}")

@@ -15,6 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -22,7 +23,6 @@ from ..config import load_config, save_config
 from ..configuration_esolm import EsoLMConfig
 from ..modeling_esolm import EsoLMModel
 from ..objective import ObjectiveConfig, hybrid_loss
-from ..schedule import make_generator
 from .common import (EMA, Checkpointer, LoggingConfig, NonFiniteGuard, OptimConfig, RunLogger, all_reduce_sum, check_finite, check_resume,
                      configure_deepspeed, flat_config, make_accelerator, make_optimizer, read_metrics, set_learning_rate)
 from .data_prep import DataConfig, prepare_data
@@ -124,16 +124,19 @@ def build_model(args: ModelArgs, tok, seq_len: int) -> EsoLMModel:
 
 def global_batch_rows(position: int, G: int, n_rows: int, seed: int) -> torch.Tensor:
     """Row indices of the global batch that starts at data position ``position`` (rows
-    consumed so far; ``step × G`` within one setting): epochs are seeded permutations, so a
-    batch is a pure function of ``(seed, position)`` and resuming needs only the position."""
-    flat = torch.arange(position, position + G)
+    consumed so far; ``step × G`` within one setting): every epoch is a seeded permutation of
+    the rows, evaluated per position (:func:`esorl.data.shards.permute`: O(G) work and memory
+    per batch whatever the number of rows), so a batch is a pure function of ``(seed,
+    position)`` and resuming, on any number of ranks, needs only the position."""
+    from ..data.shards import permute
+
+    flat = np.arange(position, position + G, dtype=np.int64)
     epochs, within = flat // n_rows, flat % n_rows
-    out = torch.empty(G, dtype=torch.long)
-    for e in epochs.unique().tolist():
-        perm = torch.randperm(n_rows, generator=make_generator(seed, _PURPOSE_DATA, e))
+    out = np.empty(G, dtype=np.int64)
+    for e in np.unique(epochs).tolist():
         sel = epochs == e
-        out[sel] = perm[within[sel]]
-    return out
+        out[sel] = permute(within[sel], n_rows, seed, _PURPOSE_DATA, e)
+    return torch.from_numpy(out)
 
 
 def rank_slice(G: int, micro: int, world: int, rank: int, accum: int, m: int) -> slice:

@@ -112,3 +112,17 @@ def test_gpu_recipes_script_smoke(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(res_json.read_text())["results"]
     assert set(res) == {"grpo_gsm8k", "sft_gsm8k_owt"} and all(r["ok"] and r["mixed_precision"] == "bf16" for r in res.values())
+
+
+def test_data_shards_script_smoke(tmp_path):
+    """``data_shards.py`` (issue 16's benchmark) runs at a tiny size and reports preparation
+    and loading throughput and one peak-RSS figure per training configuration."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu", WANDB_MODE="disabled", HF_HUB_OFFLINE="1")
+    out = tmp_path / "res.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "data_shards.py"), "--tokens", "3e5", "--small-tokens", "5e4", "--steps", "2",
+                           "--load-batches", "5", "--num-proc", "1", "--work", str(tmp_path / "w"), "--out", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert set(r["corpora"]) == {"big", "small"} and all(c["prepare_tokens_per_s"] > 0 for c in r["corpora"].values())
+    assert r["load_tokens_per_s"] > 0 and set(r["training_peak_rss_mb"]) == {"small-shards", "big-shards", "small-memory"}

@@ -98,8 +98,9 @@ def load_texts(cfg: DataConfig, split: str) -> list[str]:
     return list(load_text_dataset(resolve_source(cfg), split=split, text_field=cfg.text_field)["text"])
 
 
-def get_tokenizer(cfg: DataConfig, train_texts: list[str] | None = None):
-    """Load or train (and cache) the tokenizer the config names."""
+def get_tokenizer(cfg: DataConfig, train_texts=None):
+    """Load or train (and cache) the tokenizer the config names. ``train_texts``: the texts
+    to train on, or a callable returning them (only called when no cached tokenizer fits)."""
     from esorl.data import load_tokenizer, train_tokenizer
 
     if cfg.tokenizer.startswith("train:"):
@@ -108,7 +109,9 @@ def get_tokenizer(cfg: DataConfig, train_texts: list[str] | None = None):
         out = Path(cfg.cache_dir) / f"tokenizer-{kind}-{key}"
         if (out / "tokenizer.json").exists():
             return load_tokenizer(str(out))
-        texts = train_texts if train_texts is not None else load_texts(cfg, cfg.train_split)
+        texts = train_texts() if callable(train_texts) else train_texts
+        if texts is None:
+            texts = load_texts(cfg, cfg.train_split)
         return train_tokenizer(texts, out, kind=kind, vocab_size=cfg.tokenizer_vocab_size)
     return load_tokenizer(cfg.tokenizer)
 
@@ -134,11 +137,11 @@ def prepare_shard_data(cfg: DataConfig, seed: int = 0, rebuild: bool = False, pr
     from esorl.data.shards import ShardedSplit, ShardPlan, TokenShards, open_corpus, prepare_shards
 
     src = resolve_source(cfg)
-    if cfg.tokenizer.startswith("train:"):
+    def sample_texts():  # a trained tokenizer sees a sample of the corpus, read only if not cached
         ds = open_corpus(src, cfg.train_split, cfg.text_field)
-        tok = get_tokenizer(cfg, list(ds.select(range(min(len(ds), TOKENIZER_TRAIN_DOCS)))["text"]))
-    else:
-        tok = get_tokenizer(cfg)
+        return list(ds.select(range(min(len(ds), TOKENIZER_TRAIN_DOCS)))["text"])
+
+    tok = get_tokenizer(cfg, sample_texts)
     root = shards_root(cfg, tok, seed)
     plan = ShardPlan(source=src, split=cfg.train_split, text_field=cfg.text_field, eval_split=cfg.eval_split,
                      eval_fraction=cfg.eval_fraction if not cfg.eval_split else 0.0, seed=seed, add_bos=cfg.add_bos, docs_per_shard=100_000)

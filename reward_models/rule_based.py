@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import re
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal, InvalidOperation, localcontext
 from typing import Any, Iterable, Literal, Sequence
 
 __all__ = [
@@ -86,8 +86,11 @@ def _canonical(sign: str | None, num: str) -> str | None:
         d = -d
     if d == 0:
         return "0"
-    s = format(d.normalize(), "f")
-    return s
+    # normalize() rounds to the context's precision (28 digits by default): two different
+    # long numbers would compare equal; give it every digit the number has
+    with localcontext() as ctx:
+        ctx.prec = max(28, len(num) + 2)
+        return format(d.normalize(), "f")
 
 
 def _numbers(text: str) -> list[str]:

@@ -600,3 +600,14 @@ def test_classifier_batching_pad_id_and_side():
         SequenceClassifierReward(_tiny_gpt2(), tokenizer=_word_tokenizer(specials=False), label=0)
     with pytest.raises(ValueError, match="not a token id"):
         SequenceClassifierReward(_tiny_gpt2(pad_token_id=99), tokenizer=_word_tokenizer(), label=0)
+
+
+def test_gsm8k_long_numbers_are_compared_exactly():
+    """Regression: canonicalisation rounded to 28 significant digits, so two different
+    answers longer than that compared equal (a wrong answer scored 1.0)."""
+    from reward_models import extract_gsm8k_answer, gsm8k_answer_reward
+
+    gold, wrong = "1234567890123456789012345678901", "1234567890123456789012345678999"
+    assert extract_gsm8k_answer(f"#### {gold}") == gold
+    assert gsm8k_answer_reward(["q"], [f"#### {wrong}"], answer=[f"#### {gold}"]) == [0.0]
+    assert gsm8k_answer_reward(["q"], [f"#### {gold}.000"], answer=[f"#### {gold}"]) == [1.0]

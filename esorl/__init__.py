@@ -1,9 +1,13 @@
 """esorl: RL fine-tuning of Esoteric Language Models with exact trajectory likelihoods.
 
-``EsoLMConfig``, ``EsoLMModel`` and ``EsoKVCache`` are imported on first access (so that
-``esorl --help`` does not load torch); accessing ``EsoLMModel`` also registers the Eso-LM
-with ``transformers``' ``AutoConfig`` / ``AutoModel``.
+Importing ``esorl`` registers the Eso-LM with ``transformers``' ``AutoConfig`` /
+``AutoModel``. Only the console script's own ``esorl``, ``esorl --help`` and ``esorl
+--version`` skip that import (they need no torch, and answer at once); there ``EsoLMConfig``,
+``EsoLMModel`` and ``EsoKVCache`` are imported on first access.
 """
+
+import os as _os
+import sys as _sys
 
 __version__ = "0.1.0"
 __all__ = ["EsoLMConfig", "EsoLMModel", "EsoKVCache", "__version__"]
@@ -21,3 +25,13 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
+
+
+def _help_only() -> bool:
+    argv = _sys.argv
+    return _os.path.basename(argv[0] or "") == "esorl" and (len(argv) == 1 or argv[1] in ("-h", "--help", "-V", "--version"))
+
+
+if not _help_only():
+    from .configuration_esolm import EsoLMConfig  # noqa: E402,F401
+    from .modeling_esolm import EsoKVCache, EsoLMModel  # noqa: E402,F401  (registers the auto classes)

@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rc = _load(COMMANDS[cmd][0])(rest)
     except run_dir.RunInterrupted as e:  # SIGINT/SIGTERM: a checkpoint was saved
-        print(f"esorl {cmd}: {e}", file=sys.stderr)
+        if int(__import__("os").environ.get("RANK", "0")) == 0:
+            print(f"esorl {cmd}: {e}", file=sys.stderr)
         return 130
     except SystemExit as e:  # argparse: --help (0) or a usage error (2, already printed)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)

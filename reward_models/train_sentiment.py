@@ -395,7 +395,7 @@ def _train(train_path: Path, dev_path: Path, out: Path, cfg: SentimentTrainConfi
     per_epoch: list[float] = []
     best_acc, best_epoch, best_state = -1.0, 0, None
     bar = tqdm(total=total, desc="train sentiment RM", disable=not progress, dynamic_ncols=True)
-    skipped = 0
+    skipped = consecutive = 0
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         order = torch.randperm(len(train_ids), generator=gen).tolist()
@@ -415,9 +415,14 @@ def _train(train_path: Path, dev_path: Path, out: Path, cfg: SentimentTrainConfi
             gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             if torch.isfinite(gn):
                 opt.step()
+                consecutive = 0
             else:  # a non-finite gradient never reaches the weights or Adam's moments (as GradScaler)
                 skipped += 1
+                consecutive += 1
                 opt.zero_grad(set_to_none=True)
+                if consecutive >= 5:
+                    raise RuntimeError(f"sentiment reward model: the gradient was non-finite in {consecutive} consecutive steps "
+                                       f"(step {step}); lower lr")
             sched.step()
             step += 1
             bar.update(1)

@@ -118,7 +118,9 @@ def _launch(policy_dir, tmp_path, name, launcher):
     f = tmp_path / f"{name}.yaml"
     f.write_text(yaml.safe_dump(d))
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
-    res = subprocess.run(launcher + ["-m", "esorl.cli", "grpo", "--config", str(f), "grpo.per_device_train_batch_size=4" if "proc" in name else "grpo.per_device_train_batch_size=8"],
+    # the same global batch of 8: one process × 8, or 2 ranks × 2 completions × 2 accumulated micro-batches
+    over = ["grpo.per_device_train_batch_size=2", "grpo.gradient_accumulation_steps=2"] if "proc" in name else ["grpo.per_device_train_batch_size=8"]
+    res = subprocess.run(launcher + ["-m", "esorl.cli", "grpo", "--config", str(f), *over],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return read_metrics(tmp_path / name / "metrics.jsonl")
@@ -133,3 +135,5 @@ def test_grpo_ddp_and_zero_match_single_process(policy_dir, tmp_path):
         assert len(multi) == 2
         assert abs(multi[0]["reward"] - single[0]["reward"]) < 1e-9, name  # identical rollouts
         assert abs(multi[0]["train/loss"] - single[0]["train/loss"]) < 1e-5, (name, multi[0], single[0])
+        # the gradient itself (Adam hides a scale error from the losses): not divided by the accumulation count
+        assert multi[0]["train/grad_norm"] == pytest.approx(single[0]["train/grad_norm"], rel=1e-4), (name, multi[0], single[0])

@@ -165,3 +165,57 @@ def test_grpo_sigterm_saves_and_resumes(tmp_path):
     stopped = int(line.split(" at step ")[1].split()[0])
     assert (tmp_path / "grpo" / "checkpoints" / f"step-{stopped:07d}").is_dir()
     assert line.endswith(f"Resume with: esorl grpo --config {f} --resume")
+
+
+_RACE = r"""
+import sys, time
+from esorl.train.run_dir import claim, RunDirError
+t0 = float(sys.argv[2])
+while time.time() < t0:
+    pass
+try:
+    lock = claim(sys.argv[1], False, False)
+    print("WON", flush=True)
+    time.sleep(1.5)
+    lock.release()
+except RunDirError:
+    print("REFUSED", flush=True)
+"""
+
+
+def test_two_runs_claiming_at_the_same_instant_one_wins(tmp_path):
+    """The lock is created atomically (O_EXCL): of two runs that check an empty directory at
+    the same moment, exactly one takes it."""
+    for trial in range(2):
+        out = tmp_path / f"d{trial}"
+        start = time.time() + 2.0
+        procs = [subprocess.Popen([sys.executable, "-c", _RACE, str(out), str(start)], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+        results = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
+        assert results == ["REFUSED", "WON"], (trial, results)
+
+
+def test_resume_command_for_each_command():
+    from esorl.train import run_dir
+
+    old = run_dir.INVOCATION
+    try:
+        run_dir.INVOCATION = ["esorl", "grpo", "--config", "r.yaml", "--resume", "runs/x/checkpoints/step-0000002", "grpo.max_steps=9"]
+        assert run_dir.resume_command() == "esorl grpo --config r.yaml grpo.max_steps=9 --resume"
+        run_dir.INVOCATION = ["esorl", "compare", "--config", "c.yaml", "seeds=[0]"]
+        assert run_dir.resume_command() == "esorl compare --config c.yaml 'seeds=[0]'"  # compare continues by running again
+        run_dir.INVOCATION = ["esorl", "pretrain", "--config", "p.yaml", "--overwrite"]
+        assert run_dir.resume_command() == "esorl pretrain --config p.yaml --resume"
+    finally:
+        run_dir.INVOCATION = old
+
+
+def test_an_ignored_signal_stays_ignored():
+    from esorl.train.run_dir import GracefulStop
+
+    old = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        with GracefulStop():
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, old)

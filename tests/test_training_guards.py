@@ -229,3 +229,60 @@ def test_resume_refuses_what_it_cannot_honour_before_any_work(policy_dir, tmp_pa
     grpo(policy_dir, tmp_path / "g", max_steps=1, save_steps=1).run()
     with pytest.raises(CheckpointError, match=r"grpo\.seed"):
         grpo(policy_dir, tmp_path / "g", max_steps=2, seed=3).run(resume="latest")
+
+
+# ----------------------------------------------------------------------------- review regressions
+
+
+def test_gradient_does_not_depend_on_micro_batching(tmp_path):
+    """The accumulated gradient is that of the global batch, whatever micro_batch_size (an
+    accelerate accumulation count divided it by the number of micro-batches)."""
+    norms = []
+    for micro in (8, 4, 2):
+        run_pretrain(tiny_cfg(tmp_path / str(micro), **{"train.max_steps": 1, "train.micro_batch_size": micro, "train.eval_every": 0}))
+        norms.append(read_metrics(tmp_path / str(micro) / "run" / "metrics.jsonl")[0]["train/grad_norm"])
+    assert norms[1] == pytest.approx(norms[0], rel=1e-5) and norms[2] == pytest.approx(norms[0], rel=1e-5), norms
+
+
+def test_checkpoints_of_the_previous_version_resume(tmp_path):
+    """A checkpoint as the previous version wrote it (the LR scheduler saved as accelerate's
+    custom object, no recorded settings) resumes."""
+    run_pretrain(tiny_cfg(tmp_path, **{"train.max_steps": 3}))
+    ck = tmp_path / "run" / "checkpoints" / "step-0000003"
+    torch.save({"base_lrs": [3e-3], "last_epoch": 3, "_step_count": 4}, ck / "custom_checkpoint_0.pkl")
+    st = json.loads((ck / "trainer_state.json").read_text())
+    for k in ("config", "zero_stage", "verified_finite", "skipped_updates"):
+        st.pop(k, None)
+    (ck / "trainer_state.json").write_text(json.dumps(st))
+    run_pretrain(tiny_cfg(tmp_path, **{"train.max_steps": 5}), resume="latest")
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "train/loss" in r] == [1, 2, 3, 4, 5]
+
+
+def test_a_refused_resume_writes_nothing(policy_dir, tmp_path):
+    run_pretrain(tiny_cfg(tmp_path, **{"train.max_steps": 2}))
+    run = tmp_path / "run"
+    before = {f: (run / f).read_bytes() for f in ("config.yaml", "metrics.jsonl")}
+    with pytest.raises(CheckpointError, match="train.seed"):
+        run_pretrain(tiny_cfg(tmp_path, **{"train.max_steps": 4, "train.seed": 7}), resume="latest")
+    assert {f: (run / f).read_bytes() for f in before} == before
+    grpo(policy_dir, tmp_path / "g", max_steps=1, save_steps=1).run()
+    g = tmp_path / "g" / "run"
+    before = {f: (g / f).read_bytes() for f in ("config.yaml", "metrics.jsonl")}
+    with pytest.raises(CheckpointError, match="grpo.seed"):
+        grpo(policy_dir, tmp_path / "g", max_steps=2, seed=9).run(resume="latest")
+    assert {f: (g / f).read_bytes() for f in before} == before
+
+
+def test_resume_with_nothing_saved_starts_from_step_zero(tmp_path, policy_dir):
+    run_pretrain(tiny_cfg(tmp_path, **{"train.max_steps": 2}), resume="latest")
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "train/loss" in r] == [1, 2]
+    tr = grpo(policy_dir, tmp_path / "g", max_steps=1)
+    tr.resume("latest")  # by hand, as the Python API allows; run() then continues that state
+    tr.run()
+    assert [r["step"] for r in read_metrics(tmp_path / "g" / "run" / "metrics.jsonl")] == [1]
+
+
+def test_resume_honours_moved_data_and_cache_dirs(tmp_path):
+    run_pretrain(tiny_cfg(tmp_path, **{"train.max_steps": 2}))
+    run_pretrain(tiny_cfg(tmp_path, **{"train.max_steps": 3, "data.cache_dir": str(tmp_path / "moved_cache")}), resume="latest")
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "train/loss" in r] == [1, 2, 3]

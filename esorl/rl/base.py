@@ -31,7 +31,9 @@ _PURPOSE_PROMPTS, _PURPOSE_EST = 6, 7
 class EsoRLArgs:
     """Fields GRPO and PPO share, with TRL's names: optimizer (``learning_rate``,
     ``adam_beta1``, ``adam_beta2``, ``adam_epsilon``, ``weight_decay``, ``max_grad_norm``, ``warmup_steps``,
-    ``lr_scheduler_type`` constant | cosine), loop (``max_steps``, ``per_device_train_batch_size``,
+    ``lr_scheduler_type`` constant | cosine; as in TRL, ``warmup_steps`` and the schedule
+    count *optimizer updates*: GRPO makes ``num_iterations`` per step, PPO
+    ``num_ppo_epochs × num_mini_batches``), loop (``max_steps``, ``per_device_train_batch_size``,
     ``gradient_accumulation_steps``), sampling (``temperature``, ``top_p``, ``top_k``; RL default
     ``top_p = 1``, spec §7), rewards (``reward_weights``), bookkeeping (``seed``,
     ``logging_steps``, ``save_steps``, ``save_total_limit``, ``eval_steps``, ``output_dir``,
@@ -95,14 +97,15 @@ class RLTrainerBase:
     def setup(self, recipe, c, reward_funcs=None, reward_weights=None) -> None:
         self.recipe, self.cfg = recipe, c
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.accelerator = acc = make_accelerator(c.mixed_precision, 1)
-        torch.manual_seed(c.seed)
         if reward_funcs is None:  # user reward code is found (or not) before any expensive set-up
             for r in recipe.rewards:
                 if ":" in r.name:
                     resolve_callable(r.name)
-        with acc.main_process_first():
-            self.model_dir = ensure_policy(recipe.policy)
+        # a chained pretraining (policy.pretrain_recipe) runs first, on every rank, with its own
+        # accelerator: this run's accelerator is made after it, so neither changes the other
+        self.model_dir = ensure_policy(recipe.policy)
+        self.accelerator = acc = make_accelerator(c.mixed_precision, 1)
+        torch.manual_seed(c.seed)
         self.tokenizer = load_tokenizer_for(recipe.policy, self.model_dir)
         # data-dependent limits are checked before anything expensive (reward models) is
         # built and before the first step: a prompt too long for the context names its row
@@ -125,6 +128,7 @@ class RLTrainerBase:
         self.out = Path(c.output_dir)
         self.ckpt = Checkpointer(self.out, c.save_total_limit)
         self.logger = None  # opened by run(), once the output directory is claimed (nothing is written before)
+        self._resumed_from = None  # the checkpoint resume() loaded, if any
         self.step = 0
         self._perms: dict[int, torch.Tensor] = {}
 
@@ -240,8 +244,7 @@ class RLTrainerBase:
     def resume_fixed(self) -> dict[str, str]:
         """Settings (dotted names; a trailing ``.`` = a whole section) a resumed run cannot
         change, with the reason; every other change is honoured from the new config."""
-        return {"policy.": "the checkpoint holds the weights of the policy it started from",
-                f"{self.kind}.seed": "rollouts, prompt order and estimator noise are keyed by it"}
+        return {f"{self.kind}.seed": "rollouts, prompt order and estimator noise are keyed by it"}
 
     def save(self) -> None:
         self.ckpt.save(self.accelerator, self.step, {"kind": self.kind, "config": flat_config(self.recipe), **self.guard.state_dict()},
@@ -258,6 +261,7 @@ class RLTrainerBase:
         state, _ = Checkpointer.load(self.accelerator, path)
         self.step = state["step"]
         self.guard.load_state_dict(state)
+        self._resumed_from = path
         self.accelerator.print(f"[esorl] resumed {self.kind.upper()} from {path} at step {self.step}"
                                + (f" with changed settings: {'; '.join(changed)}" if changed else ""))
 
@@ -279,8 +283,19 @@ class RLTrainerBase:
 
     def open_run(self, resume, overwrite: bool = False):
         """Claim the output directory (one owner, one history: :mod:`esorl.train.run_dir`),
-        then open the logs and write ``config.yaml``. Returns the directory's lock."""
+        refuse a resume that cannot be honoured, and only then open the logs and write
+        ``config.yaml``. Returns the directory's lock."""
         lock = claim(self.out, resume, overwrite, self.accelerator, f"{self.kind}.output_dir")
+        try:
+            path = self.ckpt.resolve(resume)
+            if path is not None:
+                state = Checkpointer.read_state(path)
+                if state.get("kind", self.kind) != self.kind:
+                    raise ValueError(f"checkpoint {path} is a {state.get('kind')!r} checkpoint, not a {self.kind} one")
+                check_resume(state, path, self.accelerator, flat_config(self.recipe), self.resume_fixed())
+        except BaseException:
+            lock.release()
+            raise
         resuming = resume not in (False, None, "", "false")
         self.logger = RunLogger(self.out, self.recipe.logging, asdict(self.recipe), enabled=self.accelerator.is_main_process, resume=resuming)
         if self.accelerator.is_main_process:
@@ -293,6 +308,8 @@ class RLTrainerBase:
         :func:`esorl.train.pretrain.run_pretrain`; ``overwrite``: delete a run already in
         ``output_dir`` first. SIGINT/SIGTERM save a checkpoint at the next step boundary and
         raise :class:`~esorl.train.run_dir.RunInterrupted`."""
+        if resume in (False, None, "", "false") and self._resumed_from is not None:
+            resume = str(self._resumed_from)  # resume() was called by hand: continue that checkpoint
         lock = self.open_run(resume, overwrite)
         try:
             return self._run(resume)
@@ -301,9 +318,10 @@ class RLTrainerBase:
 
     def _run(self, resume) -> dict:
         c = self.cfg
-        self.resume(resume)
+        if self._resumed_from is None or str(self._resumed_from) != str(resume):
+            self.resume(resume)
         if resume not in (False, None, "", "false"):
-            self.logger.truncate_after(self.step)  # records after the checkpoint are redone
+            self.logger.truncate_after(self.step if self.step else -1)  # records after the checkpoint are redone
         bar = tqdm(total=c.max_steps, initial=self.step, desc=self.progress_desc(), disable=not self.accelerator.is_main_process, dynamic_ncols=True)
         if self.step == 0 and c.eval_steps:
             self.logger.log(self.evaluate(), 0)

@@ -103,13 +103,20 @@ def resolve_callable(spec: str):
         path = Path(mod_name)
         if not path.is_file():
             raise FileNotFoundError(f"reward {spec!r}: no such file {path}")
-        uniq = f"esorl_user_{abs(hash(str(path.resolve())))}"
+        import hashlib
+
+        # the same name in every process (ranks, pickling), unlike hash()
+        uniq = "esorl_user_" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
         mod = sys.modules.get(uniq)
         if mod is None:
             s = importlib.util.spec_from_file_location(uniq, path)
             mod = importlib.util.module_from_spec(s)
             sys.modules[uniq] = mod
-            s.loader.exec_module(mod)
+            try:
+                s.loader.exec_module(mod)
+            except BaseException:
+                del sys.modules[uniq]  # a half-executed module is not kept
+                raise
     else:
         if os.getcwd() not in sys.path and "" not in sys.path:
             sys.path.insert(0, os.getcwd())  # the console script does not put the working directory on sys.path
@@ -164,6 +171,10 @@ def check_prompt_lengths(rows: list[dict], tokenizer, max_prompt_tokens: int, wh
         return
     enc = tokenizer([r["prompt"] for r in rows], add_special_tokens=False)["input_ids"]
     extra = 1 if tokenizer.bos_token_id is not None else 0
+    empty = [r.get(SOURCE_ROW, i) for i, (r, e) in enumerate(zip(rows, enc)) if len(e) + extra == 0]
+    if empty:
+        raise ValueError(f"{where}: {len(empty)} empty prompt(s) (rows {', '.join(map(str, empty[:10]))}) and the tokenizer has no BOS "
+                         "token, so their first step would have no context; drop those rows or use a tokenizer with BOS")
     bad = [(r.get(SOURCE_ROW, i), len(e) + extra) for i, (r, e) in enumerate(zip(rows, enc)) if len(e) + extra > max_prompt_tokens]
     if bad:
         row, n = max(bad, key=lambda x: x[1])

@@ -309,4 +309,7 @@ def main(argv=None):
 
     a = parse_recipe_args(recipe_argparser("esorl grpo", "GRPO fine-tuning of an Eso-LM (exact or Monte Carlo likelihoods)", "grpo.learning_rate=1e-5"), argv)
     recipe = load_config(GRPORecipe, a.config, a.overrides)
+    from ..train.run_dir import precheck
+
+    precheck(recipe.grpo.output_dir, a.resume, a.overwrite, "grpo.output_dir")  # before any set-up work
     EsoGRPOTrainer(recipe).run(a.resume, a.overwrite)

@@ -572,4 +572,7 @@ def main(argv=None):
 
     a = parse_recipe_args(recipe_argparser("esorl ppo", "PPO over denoising steps for an Eso-LM (value head on the clean copies)", "ppo.learning_rate=1e-5"), argv)
     recipe = load_config(PPORecipe, a.config, a.overrides)
+    from ..train.run_dir import precheck
+
+    precheck(recipe.ppo.output_dir, a.resume, a.overwrite, "ppo.output_dir")  # before any set-up work
     EsoPPOTrainer(recipe).run(a.resume, a.overwrite)

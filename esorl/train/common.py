@@ -119,6 +119,8 @@ def make_optimizer(params, cfg: OptimConfig, device=None):
 
 # consecutive updates skipped for a non-finite gradient before the run is declared diverged
 MAX_CONSECUTIVE_SKIPPED = 5
+# with fp16 loss scaling, overflows are how the scale is found (from 2^16 down): allow more
+MAX_CONSECUTIVE_SKIPPED_FP16 = 40
 
 
 class NonFiniteGuard:
@@ -149,7 +151,7 @@ class NonFiniteGuard:
         if self.is_ds:
             engine = acc.deepspeed_engine_wrapped.engine
             engine.set_gradient_accumulation_boundary(is_boundary=sync)
-            engine.backward(loss)
+            engine.backward(loss, scale_wrt_gas=False)  # the loss is already normalised over the optimizer batch
         elif not sync and world > 1:
             with acc.no_sync(self.model):
                 acc.backward(loss)
@@ -161,42 +163,48 @@ class NonFiniteGuard:
         ``step``: the step number shown in the logs (for messages). Returns ``(grad_norm,
         applied)``; the gradients are cleared either way."""
         acc = self.acc
+        limit = MAX_CONSECUTIVE_SKIPPED
         if self.is_ds:
             engine = acc.deepspeed_engine_wrapped.engine
-            if _ds_overflow(engine):
-                engine.optimizer.zero_grad()
-                raise TrainingDiverged(self._message(f"a gradient is non-finite at step {step} (DeepSpeed: stopped before its update)"))
-            engine.step()
-            gn = engine.get_global_grad_norm()
-            gn = float(gn) if gn is not None else float("nan")
-            return gn, True
-        # the total norm of the (DDP-reduced) gradients: `inf` as the max norm measures without clipping
-        gn = acc.clip_grad_norm_(self.model.parameters(), max_grad_norm if max_grad_norm > 0 else float("inf"))
-        gn = float(gn) if gn is not None else float("nan")
-        scaler = getattr(acc, "scaler", None)
-        if scaler is not None:  # fp16: GradScaler skips non-finite steps and lowers its scale
-            self.opt.step()
-            applied = not getattr(self.opt, "step_was_skipped", False)
-        elif math.isfinite(gn):
-            self.opt.step()
-            applied = True
+            if engine.fp16_enabled():
+                # fp16: DeepSpeed's dynamic loss scaler skips overflowing steps and lowers its
+                # scale (routine at the start); count its decisions, as with GradScaler
+                engine.step()
+                applied, limit = bool(engine.was_step_applied()), MAX_CONSECUTIVE_SKIPPED_FP16
+                gn = float("inf") if not applied else float(engine.get_global_grad_norm() or float("nan"))
+            else:
+                if _ds_overflow(engine):  # bf16/fp32: DeepSpeed has no skip of its own
+                    engine.optimizer.zero_grad()
+                    raise TrainingDiverged(self._message(f"a gradient is non-finite at step {step} (DeepSpeed: stopped before its update)"))
+                engine.step()
+                gn = engine.get_global_grad_norm()
+                return (float(gn) if gn is not None else float("nan")), True
         else:
-            applied = False
-        self.opt.zero_grad(set_to_none=True)
+            # the total norm of the (DDP-reduced, unscaled) gradients: `inf` as the max norm measures without clipping
+            gn = acc.clip_grad_norm_(self.model.parameters(), max_grad_norm if max_grad_norm > 0 else float("inf"))
+            gn = float(gn) if gn is not None else float("nan")
+            applied = math.isfinite(gn)
+            if getattr(acc, "scaler", None) is not None:
+                # fp16: GradScaler skips a non-finite step itself and lowers its scale; its step
+                # must run either way (decided from the unscaled norm: a fused optimizer's skip is
+                # not reported by accelerate)
+                self.opt.step()
+                limit = MAX_CONSECUTIVE_SKIPPED_FP16
+            elif applied:
+                self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
         if applied:
             self.consecutive = 0
         else:
             self.skipped_updates += 1
             self.consecutive += 1
             acc.print(f"[esorl] step {step}: gradient norm {gn} is not finite; update skipped ({self.skipped_updates} skipped so far)")
-            if self.consecutive >= MAX_CONSECUTIVE_SKIPPED and scaler is None:
+            if self.consecutive >= limit:
                 raise TrainingDiverged(self._message(f"the gradient was non-finite in {self.consecutive} consecutive updates up to step {step}"))
         return gn, applied
 
     def _message(self, what: str) -> str:
-        last = self.ckpt.latest()
-        return (f"{what}: stopping. No update with a non-finite value was applied. The last good checkpoint is "
-                f"{last if last else '(none written yet)'}; resume from it with a lower learning rate.")
+        return f"{what}: stopping. No update with a non-finite value was applied. {self.ckpt.describe_last_good()}"
 
     def state_dict(self) -> dict:
         return {"skipped_updates": self.skipped_updates}
@@ -214,9 +222,11 @@ def _ds_overflow(engine) -> bool:
         except TypeError:
             return bool(opt.has_overflow())
     bad = torch.zeros((), device=engine.device)
-    for p in engine.module.parameters():
-        if p.grad is not None:
-            bad = torch.maximum(bad, (~torch.isfinite(p.grad)).any().float())
+    # ZeRO-1 with bf16 (BF16_Optimizer) accumulates into fp32 flat buffers and clears p.grad
+    flats = getattr(opt, "fp32_groups_gradients_flat", None)
+    tensors = list(flats) if flats else [p.grad for p in engine.module.parameters() if p.grad is not None]
+    for t in tensors:
+        bad = torch.maximum(bad, (~torch.isfinite(t)).any().float())
     return bool(all_reduce_sum(bad).item() > 0)
 
 
@@ -377,10 +387,9 @@ class Checkpointer:
         and only ever called good, when it is."""
         final = self.root / f"step-{step:07d}"
         if verify and not parameters_finite(*verify):
-            last = self.latest()
             raise TrainingDiverged(
                 f"step {step}: the weights or the optimizer state hold a non-finite value, so no checkpoint was written. "
-                f"The last good checkpoint is {last if last else '(none written yet)'}.")
+                + self.describe_last_good())
         tmp = self.root / f"step-{step:07d}.tmp"
         if accelerator.is_main_process:
             if tmp.exists():
@@ -408,6 +417,22 @@ class Checkpointer:
         for p in done[: -self.keep_last] if self.keep_last > 0 else []:
             shutil.rmtree(p, ignore_errors=True)
 
+    def describe_last_good(self) -> str:
+        """A sentence naming the newest checkpoint known to be finite (written with its weights
+        and optimizer state checked), for divergence messages."""
+        done = sorted(p for p in self.root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")) if self.root.is_dir() else []
+        for p in reversed(done):
+            try:
+                ok = json.loads((p / "trainer_state.json").read_text()).get("verified_finite")
+            except (OSError, json.JSONDecodeError):
+                continue
+            if ok:
+                return f"The last good checkpoint is {p}; resume from it with a lower learning rate."
+        if done:
+            return (f"The last checkpoint is {done[-1]} (written by an earlier esorl, not checked for non-finite values); "
+                    "resume from it with a lower learning rate.")
+        return "No checkpoint was written yet; start again with a lower learning rate."
+
     def latest(self) -> Path | None:
         f = self.root / "latest"
         if not f.exists():
@@ -420,8 +445,10 @@ class Checkpointer:
             return None
         if resume in (True, "true", "latest", "auto"):
             p = self.latest()
-            if p is None and resume in (True, "true", "latest"):
-                raise CheckpointError(f"--resume: no checkpoint under {self.root}")
+            if p is None and resume != "auto":
+                # nothing saved yet (e.g. interrupted while a chained pretraining ran, before
+                # this run's first checkpoint): there is nothing to lose, so start from step 0
+                print(f"[esorl] --resume: no checkpoint under {self.root} yet; starting from step 0")
             return p
         p = Path(resume)
         if not p.is_dir():
@@ -442,13 +469,25 @@ class Checkpointer:
     @staticmethod
     def load(accelerator, path: Path, extras: list[str] = ()) -> tuple[dict, dict]:
         state = Checkpointer.read_state(path)
+        # checkpoints of earlier versions hold custom objects no longer registered (the LR
+        # scheduler: the learning rate is now computed from the config); accelerate refuses a
+        # count mismatch, so stand-ins absorb them for the load
+        n_saved = len(list(Path(path).glob("custom_checkpoint_*.pkl")))
+        stand_ins = [_Ignored() for _ in range(max(0, n_saved - len(getattr(accelerator, "_custom_objects", []))))]
+        for s in stand_ins:
+            accelerator.register_for_checkpointing(s)
         try:
             accelerator.load_state(str(path))
         except Exception as e:  # noqa: BLE001 - re-raised with the path named
             raise CheckpointError(f"checkpoint {path} could not be loaded ({type(e).__name__}: {e})") from e
+        finally:
+            for s in stand_ins:
+                accelerator._custom_objects.remove(s)
         out = {}
         for name in extras:
             f = path / f"{name}.rank{accelerator.process_index}.pt"
+            if not f.is_file() and getattr(accelerator.state, "deepspeed_plugin", None) is None and (path / f"{name}.rank0.pt").is_file():
+                f = path / f"{name}.rank0.pt"  # replicated state (DDP): a run resumed on more ranks reads rank 0's copy
             if not f.is_file():
                 raise CheckpointError(f"checkpoint {path} has no {f.name}")
             try:
@@ -516,6 +555,16 @@ def check_resume(state: dict, path: Path, accelerator, current: dict, fixed: dic
     return changed
 
 
+class _Ignored:
+    """A stand-in for a custom object an older checkpoint saved (its state is dropped)."""
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
     tmp.write_text(text)
@@ -526,11 +575,8 @@ def check_finite(value: float, step: int, checkpointer: Checkpointer, what: str 
     """Stop the run (:class:`TrainingDiverged`) if ``value`` is NaN/inf. ``step``: the step
     as the logs show it (1-based: the step that produced ``value``)."""
     if not math.isfinite(value):
-        last = checkpointer.latest()
-        raise TrainingDiverged(
-            f"{what} is {value} at step {step}: stopping. No update with a non-finite value was applied. "
-            f"The last good checkpoint is {last if last else '(none written yet)'}; resume from it with a lower learning rate."
-        )
+        raise TrainingDiverged(f"{what} is {value} at step {step}: stopping. No update with a non-finite value was applied. "
+                               + checkpointer.describe_last_good())
 
 
 # ----------------------------------------------------------------------------- logging

@@ -32,8 +32,10 @@ _PURPOSE_DATA = 2
 
 # settings a resumed pretraining run cannot change (the rest is honoured from the new config)
 RESUME_FIXED = {
-    "model.": "the checkpoint holds weights of this architecture",
-    "data.": "the rows, their order and the data position refer to this data",
+    **{f"model.{k}": "the checkpoint holds weights of this architecture" for k in ("hidden_size", "n_layers", "n_heads", "cond_dim", "mlp_ratio")},
+    **{f"data.{k}": "the rows, their order and the data position refer to this data" for k in
+       ("seq_len", "mode", "tokenizer", "tokenizer_vocab_size", "add_bos", "train_split", "text_field", "synthetic_size", "synthetic_seed",
+        "eval_split", "eval_fraction", "truncate")},
     "train.seed": "the data order and the objective's noise are keyed by it",
 }
 _EVAL_SEED = 12345
@@ -228,11 +230,18 @@ def run_pretrain(cfg: PretrainConfig, resume: str | bool = False, data_fn=None, 
     if G % (micro * world):
         raise ValueError(f"train.batch_size={G} must be a multiple of micro_batch_size × ranks = {micro} × {world}")
     accum = G // (micro * world)
-    accelerator = make_accelerator(tcfg.mixed_precision, accum)
+    # micro-batches are accumulated by hand (losses pre-normalised over the global batch), so
+    # accelerate must not divide them by its own accumulation count
+    accelerator = make_accelerator(tcfg.mixed_precision, 1)
     torch.manual_seed(tcfg.seed)  # dropout RNG; the objective never uses global state
 
     lock = claim(out_dir, resume, overwrite, accelerator)  # before any work: one owner, one history
     try:
+        # a resume that cannot be honoured is refused before data, model, logs or config.yaml
+        ckpt = Checkpointer(out_dir, tcfg.keep_last)
+        path = ckpt.resolve(resume)
+        if path is not None:
+            changed = check_resume(Checkpointer.read_state(path), path, accelerator, flat_config(cfg), RESUME_FIXED)
         with accelerator.main_process_first():
             tok, data = data_fn() if data_fn is not None else prepare_data(cfg.data, tcfg.seed)
         train = data["train"]
@@ -248,7 +257,6 @@ def run_pretrain(cfg: PretrainConfig, resume: str | bool = False, data_fn=None, 
         model, opt = accelerator.prepare(model, opt)
         ema = EMA(model.parameters(), tcfg.ema_decay) if tcfg.ema_decay > 0 else None
 
-        ckpt = Checkpointer(out_dir, tcfg.keep_last)
         guard = NonFiniteGuard(accelerator, model, opt, ckpt)
         resuming = resume not in (False, None, "", "false")
         logger = RunLogger(out_dir, cfg.logging, asdict(cfg), enabled=accelerator.is_main_process, resume=resuming)
@@ -258,10 +266,7 @@ def run_pretrain(cfg: PretrainConfig, resume: str | bool = False, data_fn=None, 
         # data position = rows consumed so far: step × batch_size within one setting, carried
         # over a resume so that a changed batch size continues where the data stopped
         pos0, step0 = 0, 0
-        path = ckpt.resolve(resume)
         if path is not None:
-            state = Checkpointer.read_state(path)
-            changed = check_resume(state, path, accelerator, flat_config(cfg), RESUME_FIXED)
             state, extras = Checkpointer.load(accelerator, path, ["ema"] if ema else [])
             step = step0 = state["step"]
             pos0 = int(state.get("data_position", step * G))
@@ -272,7 +277,7 @@ def run_pretrain(cfg: PretrainConfig, resume: str | bool = False, data_fn=None, 
             accelerator.print(f"[esorl] resumed from {path} at step {step}" + (f" with changed settings: {'; '.join(changed)}" if changed else ""))
 
         if resuming:
-            logger.truncate_after(step)  # records after the checkpoint (or of a run with none) are redone
+            logger.truncate_after(step if step else -1)  # records after the checkpoint (or of a run with none) are redone
         n_rows = len(train["input_ids"])
         bar = tqdm(total=tcfg.max_steps, initial=step, desc=name, disable=not accelerator.is_main_process, dynamic_ncols=True)
         last = {}

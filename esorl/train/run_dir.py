@@ -77,26 +77,46 @@ def _lock_holder(out: Path) -> dict | None:
     return info
 
 
+def precheck(out: str | Path, resume, overwrite: bool, what: str = "train.output_dir") -> None:
+    """The checks of :func:`claim` without taking the directory: called by the command line
+    before any set-up work (loading models, building rewards), so that a used or busy
+    directory is refused at once. :func:`claim` checks again when the run starts."""
+    out = Path(out)
+    holder = _lock_holder(out)
+    if holder is not None:
+        raise RunDirError(_busy(out, holder, what))
+    found = _history(out)
+    if found and resume in (False, None, "", "false") and not overwrite:
+        raise RunDirError(_used(out, found, what))
+
+
+def _busy(out: Path, holder: dict, what: str) -> str:
+    return (f"{what}={out} is in use by another esorl run (pid {holder.get('pid')} on {holder.get('host')}, started "
+            f"{holder.get('started')}: {holder.get('command', '?')}). Wait for it, or use another {what}; if no run is active "
+            f"(e.g. it was killed on another machine), delete {out / LOCK}.")
+
+
+def _used(out: Path, found: list[str], what: str) -> str:
+    return (f"{what}={out} already holds a run ({', '.join(found)}). Continue it with --resume, choose another {what}, "
+            f"or pass --overwrite to delete its artefacts and start over.")
+
+
 def claim(out: str | Path, resume, overwrite: bool, accelerator=None, what: str = "train.output_dir") -> "RunLock":
-    """Check and take ownership of ``out`` before any work (call on every rank).
+    """Check and take ownership of ``out`` before any work (call on every rank; without an
+    ``accelerator``, only the process with ``RANK`` 0 takes the lock).
 
     ``resume``: the run's ``--resume`` value (falsy = a new run; ``"auto"`` = continue if
     there is something to continue, as the comparison and chained pretraining do).
     Raises :class:`RunDirError` naming the directory, what it holds and what to do."""
     out = Path(out)
+    main = accelerator.is_main_process if accelerator is not None else int(os.environ.get("RANK", "0")) == 0
     holder = _lock_holder(out)
-    if holder is not None:
-        raise RunDirError(
-            f"{what}={out} is in use by another esorl run (pid {holder.get('pid')} on {holder.get('host')}, started "
-            f"{holder.get('started')}: {holder.get('command', '?')}). Wait for it, or use another {what}; if no run is active, "
-            f"delete {out / LOCK}.")
+    if holder is not None and (main or accelerator is not None):
+        raise RunDirError(_busy(out, holder, what))
     new_run = resume in (False, None, "", "false")
     found = _history(out)
     if found and new_run and not overwrite:
-        raise RunDirError(
-            f"{what}={out} already holds a run ({', '.join(found)}). Continue it with --resume, choose another {what}, "
-            f"or pass --overwrite to delete its artefacts and start over.")
-    main = accelerator is None or accelerator.is_main_process
+        raise RunDirError(_used(out, found, what))
     if accelerator is not None:
         accelerator.wait_for_everyone()  # every rank has checked before the lock is written
     if main:
@@ -120,16 +140,36 @@ class RunLock:
 
     def __init__(self, out: Path, owner: bool):
         self.path = out / LOCK
-        self.owner = owner
+        self.owner = False
         if owner:
             info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                     "command": " ".join(INVOCATION or sys.argv)}
-            tmp = self.path.with_name(f"{LOCK}.tmp{os.getpid()}")
-            tmp.write_text(json.dumps(info))
-            os.replace(tmp, self.path)
+            self._create(json.dumps(info).encode())
+            self.owner = True
             import atexit
 
             atexit.register(self.release)
+
+    def _create(self, data: bytes) -> None:
+        """Create the lock atomically (``O_EXCL``: of two runs racing, exactly one wins); a
+        stale lock (its process is gone) is first moved aside by an atomic rename."""
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = _lock_holder(self.path.parent)
+                if holder is not None:
+                    raise RunDirError(_busy(self.path.parent, holder, "output_dir")) from None
+                try:  # stale: only one of several contenders can rename it away
+                    os.rename(self.path, self.path.with_name(f"{LOCK}.stale{os.getpid()}"))
+                    os.unlink(self.path.with_name(f"{LOCK}.stale{os.getpid()}"))
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return
+        raise RunDirError(f"could not take the lock {self.path} (another run is starting at the same time)")
 
     def release(self) -> None:
         if self.owner:
@@ -142,8 +182,11 @@ class RunLock:
 
 
 def resume_command() -> str:
-    """The command that resumes this run: the user's command with ``--resume``."""
+    """The command that resumes this run: the user's command with ``--resume`` (``esorl
+    compare`` resumes by being run again: it skips finished arms and continues the others)."""
     argv = list(INVOCATION) if INVOCATION else ["esorl", *sys.argv[1:]]
+    if len(argv) > 1 and argv[1] == "compare":
+        return " ".join(shlex.quote(a) for a in argv if a != "--overwrite")
     out, skip = [], False
     for i, a in enumerate(argv):
         if skip:
@@ -183,11 +226,14 @@ class GracefulStop:
             raise KeyboardInterrupt
         self.flag = True
         self.signame = signal.Signals(signum).name
-        print(f"\n[esorl] {self.signame}: stopping after this step and saving a checkpoint (send it again to abort now)", file=sys.stderr, flush=True)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"\n[esorl] {self.signame}: stopping after this step and saving a checkpoint (send it again to abort now)", file=sys.stderr, flush=True)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             for s in self.SIGNALS:
+                if signal.getsignal(s) is signal.SIG_IGN:
+                    continue  # a signal the parent chose to ignore stays ignored (e.g. nohup)
                 self._old[s] = signal.signal(s, self._handler)
         return self
 

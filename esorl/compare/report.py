@@ -51,7 +51,10 @@ def _band(ax, runs_for_est, xkey, ykey, label):
     m = Y.mean(0)
     s = Y.std(0, ddof=1) if len(seqs) > 1 else np.zeros_like(m)  # sample std over seeds
     ax.plot(X, m, label=label)
-    ax.fill_between(X, m - s, m + s, alpha=0.2)
+    lo = m - s
+    if (Y >= 0).all():  # a non-negative quantity (reward, KL): the band does not cross below 0
+        lo = np.maximum(lo, 0.0)
+    ax.fill_between(X, lo, m + s, alpha=0.2)
 
 
 def write_report(cfg, out: Path, diag: dict) -> dict:

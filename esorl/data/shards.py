@@ -172,8 +172,8 @@ def prepare_shards(plan: ShardPlan, tok, root: str | Path, num_proc: int = 1, re
         if diff and not rebuild:
             what = ", ".join({"tokenizer_hash": "the tokenizer", "source_fingerprint": "the source data", "plan": "the preparation settings",
                               "dtype": "the vocabulary size", "version": "the shard format"}[k] for k in diff)
-            raise ShardError(f"{root} holds shards made with other inputs ({what} changed); pass --rebuild (rebuild=True) to "
-                             f"tokenize again, or use another directory")
+            raise ShardError(f"{root}: its shards were made with other inputs ({what} changed, per {idx_f.name if idx_f.exists() else 'progress.json'}); "
+                             f"pass --rebuild (rebuild=True) to tokenize again, or use another directory")
         if diff:
             shutil.rmtree(root)
         elif idx_f.exists() and have.get("complete"):

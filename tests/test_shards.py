@@ -83,7 +83,7 @@ def test_second_call_is_a_no_op_and_changed_inputs_are_refused(corpus, tmp_path)
     with pytest.raises(ShardError, match=r"the tokenizer changed.*--rebuild"):
         prepare_shards(plan(d), other, root, progress=False)
     (d / "train.txt").write_text("\n".join(texts[:300]) + "\n")  # same file, other content
-    with pytest.raises(ShardError, match=r"\(the source data changed\)"):
+    with pytest.raises(ShardError, match=r"\(the source data changed, per index.json\)"):
         prepare_shards(plan(d), tok, root, progress=False)
     prepare_shards(plan(d), tok, root, rebuild=True, progress=False)
     assert TokenShards(root, "train").n_docs + TokenShards(root, "eval").n_docs == 300

@@ -20,6 +20,7 @@ COMMANDS = {
     "compare": ("esorl.compare.runner", "the same GRPO run per likelihood estimator and seed, with a report (recipes/compare/)"),
     "sample": ("esorl.generate_cli", "generate completions from a saved model with the KV-cached sampler"),
     "score": ("esorl.generate_cli:score_main", "sample a completion and score it with every likelihood estimator"),
+    "eval": ("esorl.evaluation", "accuracy, pass@k, NFEs and speed of a model on a verifiable task over a grid of sampling schedules"),
     "convert-official": ("esorl.convert.official", "convert a released Eso-LM Lightning .ckpt (no code from the file runs)"),
     "config": ("esorl.cli:config_main", "print every field of a recipe config: type, default, help"),
 }

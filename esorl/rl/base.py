@@ -120,7 +120,7 @@ class RLTrainerBase:
         for rows, split in ((self.train_prompts, p.split), (self.eval_prompts, p.eval_split)):
             check_prompt_lengths(rows, self.tokenizer, context - n, f"prompts {p.source!r} split {split!r}", limit)
         if reward_funcs is None:
-            reward_funcs, reward_weights = build_rewards(recipe.rewards, recipe.prompts.cache_dir)
+            reward_funcs, reward_weights = build_rewards(recipe.rewards, recipe.prompts.cache_dir, recipe.prompts)
         self.reward_funcs = reward_funcs
         self.reward_weights = list(c.reward_weights) if c.reward_weights else list(reward_weights)
         if len(self.reward_weights) != len(self.reward_funcs):
@@ -171,7 +171,7 @@ class RLTrainerBase:
         ro = self.policy.generate(prompts, self.cfg.seed, step, sample_ids)
         t_sample = time.time() - t0
         texts = self.policy.texts(ro)
-        cols = {k: [x[k] for x in local] for k in self.recipe.prompts.columns}
+        cols = {k: [x[k] for x in local] for k in self.recipe.prompts.reward_columns()}
         total, per = score_rewards(self.reward_funcs, self.reward_weights, prompts, texts, cols)
         if reward_adjust is not None:
             total = reward_adjust(ro, total)
@@ -222,7 +222,7 @@ class RLTrainerBase:
         prompts = [r["prompt"] for r in rows]
         ro = self.policy.generate(prompts, self.cfg.seed + 99991, 0, torch.arange(len(prompts)))
         texts = self.policy.texts(ro)
-        cols = {k: [r[k] for r in rows] for k in self.recipe.prompts.columns}
+        cols = {k: [r[k] for r in rows] for k in self.recipe.prompts.reward_columns()}
         total, _ = score_rewards(self.reward_funcs, self.reward_weights, prompts, texts, cols)
         s = all_reduce_sum(torch.tensor([total.sum().item(), len(total)], device=self.accelerator.device, dtype=torch.float64))
         return {"eval/reward": (s[0] / s[1]).item()}

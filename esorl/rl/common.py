@@ -46,6 +46,12 @@ class PromptArgs:
     min_words: skip texts shorter than this when cutting prompts.
     synthetic_size / cache_dir: size of the embedded corpus (``source: synthetic``) and where
         generated corpora and reward models are cached.
+    task: a verifiable task by name (``countdown``, ``mini_sudoku``, ``basic_arithmetic``,
+        ``gsm8k``; :mod:`esorl.tasks`): prompts come from it (``split`` → its train split,
+        ``eval_split`` → its test split) and the rows carry ``answer``/``entry`` for the
+        ``task`` reward. For ``gsm8k``, ``source`` is a local directory or the hub name.
+    task_rendering: ``compact`` (small models) or ``natural`` (the library's question).
+    task_size: training questions drawn (procedural tasks; 0 = all for GSM8K).
     """
 
     source: str = "synthetic"
@@ -61,13 +67,30 @@ class PromptArgs:
     min_words: int = 5
     synthetic_size: int = 20000
     cache_dir: str = ".esorl_cache"
+    task: str = ""
+    task_rendering: str = "compact"
+    task_size: int = 1000
+
+    def validate(self):
+        if self.task:
+            from esorl.tasks import RENDERINGS, TASKS
+
+            if self.task not in TASKS:
+                raise ValueError(f"prompts.task: unknown task {self.task!r}; choose from {', '.join(TASKS)}")
+            if self.task_rendering not in RENDERINGS:
+                raise ValueError(f"prompts.task_rendering must be one of {RENDERINGS}, got {self.task_rendering!r}")
+
+    def reward_columns(self) -> list[str]:
+        """The row columns reward functions receive (a task's ``answer`` and ``entry`` too)."""
+        return list(dict.fromkeys(list(self.columns) + (["answer", "entry"] if self.task else [])))
 
 
 @dataclass
 class RewardSpec:
     """One reward function and its weight.
 
-    name: ``sentiment`` (the learned SST-2-style classifier, trained on first use with
+    name: ``task`` (the correctness of ``prompts.task``; kwargs ``format_weight`` adds its
+        format reward), ``sentiment`` (the learned SST-2-style classifier, trained on first use with
         ``reward_models.train_sentiment``; kwargs: ``model_dir``, ``train``, ``dev``,
         ``label``), ``hf_classifier`` (any HF sequence classifier; kwargs:
         ``model_name_or_path``, ``label``, ``kind``), ``keyword`` (kwargs ``positive``,
@@ -85,7 +108,7 @@ class RewardSpec:
                              "module:function (a module importable from the working directory) or path/to/file.py:function")
 
 
-BUILTIN_REWARDS = ("sentiment", "hf_classifier", "keyword", "length", "format", "gsm8k")
+BUILTIN_REWARDS = ("task", "sentiment", "hf_classifier", "keyword", "length", "format", "gsm8k")
 
 
 def resolve_callable(spec: str):
@@ -135,6 +158,18 @@ def load_prompts(args: PromptArgs, split: str, limit: int, seed: int = 0) -> lis
     from esorl.data import load_prompt_completion_dataset, load_text_dataset
     from esorl.train.data_prep import DataConfig, resolve_source
 
+    if args.task:
+        from esorl.tasks import load_task
+
+        tsplit = "train" if split == args.split else "test"
+        ds = load_task(args.task, tsplit, size=args.task_size if tsplit == "train" else (limit or 200), seed=seed,
+                       rendering=args.task_rendering, test_size=max(limit, 200), source="" if args.source == "synthetic" else args.source)
+        rows = [{"prompt": args.prompt_template.format(prompt=r["prompt"]), "answer": r["answer"], "entry": r["entry"],
+                 **{c: r[c] for c in args.columns if c in r}, SOURCE_ROW: i} for i, r in enumerate(ds)]
+        if not rows:
+            raise ValueError(f"prompts: task {args.task!r} split {tsplit!r} is empty")
+        random.Random(seed).shuffle(rows)
+        return rows[:limit] if limit else rows
     src = resolve_source(DataConfig(source=args.source, synthetic_size=args.synthetic_size, cache_dir=args.cache_dir)) if args.source == "synthetic" else args.source
     rows: list[dict] = []
     # each row remembers where it came from (SOURCE_ROW), so that a problem found later
@@ -217,10 +252,25 @@ def build_reward(spec: RewardSpec, cache_dir: str = ".esorl_cache"):
     spec.validate()  # unknown name: raises
 
 
-def build_rewards(specs: list[RewardSpec], cache_dir: str):
+def build_rewards(specs: list[RewardSpec], cache_dir: str, prompts: PromptArgs | None = None):
+    """Reward callables and weights; a ``task`` spec expands to the task's correctness (and
+    its format reward with ``kwargs.format_weight``)."""
     if not specs:
         raise ValueError("rewards: at least one reward function is needed")
-    return [build_reward(s, cache_dir) for s in specs], [s.weight for s in specs]
+    funcs, weights = [], []
+    for s in specs:
+        if s.name == "task":
+            if prompts is None or not prompts.task:
+                raise ValueError("rewards: 'task' needs prompts.task (the task whose answers it checks)")
+            from esorl.tasks import task_rewards
+
+            f, w = task_rewards(prompts.task, prompts.task_rendering, float(s.kwargs.get("format_weight", 0.0)))
+            funcs += f
+            weights += [s.weight * x for x in w]
+        else:
+            funcs.append(build_reward(s, cache_dir))
+            weights.append(s.weight)
+    return funcs, weights
 
 
 def score_rewards(funcs, weights, prompts: list[str], completions: list[str], columns: dict) -> tuple[torch.Tensor, dict]:

@@ -1,0 +1,87 @@
+"""reasoning-gym tasks: countdown, 4×4 mini sudoku, basic arithmetic.
+
+Questions come from the library's seeded generators and are judged by the library's own
+``score_answer`` on its own record of the question (the ``entry`` column). The ``compact``
+rendering and its answer format are esorl's, for models small enough to train on a CPU; a
+compact answer is turned back into the library's format before it is scored.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+# reasoning-gym's configuration per task (kept small: 4x4 sudoku, 2-3 term arithmetic)
+CONFIGS = {
+    "countdown": {"min_numbers": 3, "max_numbers": 4, "min_target": 10, "max_target": 100, "min_value": 1, "max_value": 25},
+    "mini_sudoku": {"min_empty": 4, "max_empty": 8},
+    "basic_arithmetic": {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2, "operators": ("+", "-", "*")},
+}
+
+
+def generate(name: str, size: int, seed: int) -> list[dict]:
+    """``size`` records ``{question, answer, metadata}`` of the named task."""
+    import reasoning_gym as rg
+
+    ds = rg.create_dataset(name, size=size, seed=seed, **CONFIGS[name])
+    return [{"question": e["question"], "answer": e["answer"], "metadata": e["metadata"]} for e in ds]
+
+
+def compact_prompt(name: str, e: dict) -> str:
+    m = e["metadata"]
+    if name == "countdown":
+        return f"{' '.join(map(str, m['numbers']))} -> {m['target']} ="
+    if name == "mini_sudoku":
+        return "sudoku " + " ".join("".join(str(v) if v else "0" for v in row) for row in m["puzzle"]) + " ="
+    if name == "basic_arithmetic":
+        return f"{m['expression']} ="
+    raise KeyError(name)
+
+
+def compact_answer(name: str, e: dict) -> str:
+    if name == "mini_sudoku":
+        return " ".join("".join(map(str, row)) for row in e["metadata"]["solution"])
+    return str(e["answer"])
+
+
+def to_library_answer(name: str, completion: str, rendering: str) -> str | None:
+    """The part of a completion the library should judge, in the library's answer format
+    (``None``: nothing to judge, e.g. an empty completion)."""
+    text = (completion or "").strip()
+    if not text:
+        return None
+    if rendering != "compact":
+        return text
+    if name == "mini_sudoku":  # 16 digits, compact rows "2143 4312 ..." → the library's grid
+        digits = "".join(re.findall(r"[1-4]", text))[:16]
+        if len(digits) < 16:
+            return None
+        return "\n".join(" ".join(digits[i * 4 : i * 4 + 4]) for i in range(4))
+    return text.splitlines()[0].strip()
+
+
+def score(name: str, completion: str, entry_json: str, rendering: str) -> float:
+    """1.0 if the library scores the completion as fully correct, else 0.0 (the library's
+    partial credits, e.g. countdown's 0.01 for a well-formed wrong expression, count as 0)."""
+    import reasoning_gym as rg
+
+    entry = json.loads(entry_json)
+    ans = to_library_answer(name, completion, rendering)
+    if ans is None:
+        return 0.0
+    try:
+        s = rg.get_score_answer_fn(name)(ans, entry)
+    except Exception:  # noqa: BLE001 - a malformed completion is wrong, not an error
+        return 0.0
+    return 1.0 if s >= 1.0 else 0.0
+
+
+FORMATS = {
+    # the shape of a well-formed answer per rendering (a format reward, where the task has one)
+    ("countdown", "compact"): r"^\s*[0-9+\-*/() ]+\s*$",
+    ("countdown", "natural"): r"[0-9]+\s*[+\-*/]\s*[0-9]+",
+    ("mini_sudoku", "compact"): r"^\s*[1-4]{4}( [1-4]{4}){3}\s*$",
+    ("mini_sudoku", "natural"): r"([1-4] [1-4] [1-4] [1-4]\s*\n?){4}",
+    ("basic_arithmetic", "compact"): r"^\s*-?[0-9]+\s*$",
+    ("basic_arithmetic", "natural"): r"-?[0-9]+",
+}

@@ -128,8 +128,25 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"esorl {cmd}: error: {_one_line(e)}", file=sys.stderr)
         return 1
+    _close_process_group()  # after success only: a failed rank must not wait for the others
     # a sub-command may report failure by returning a non-zero status (convert-official does)
     return int(rc) if isinstance(rc, int) and not isinstance(rc, bool) else 0
+
+
+def _close_process_group() -> None:
+    """Tear the distributed process group down before the interpreter exits: left to
+    interpreter shutdown, a rank's communication threads can still be joinable when their
+    objects are destroyed, and the process aborts ("terminate called without an active
+    exception", exit -6) after a successful run."""
+    if "torch.distributed" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

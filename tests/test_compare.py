@@ -147,3 +147,31 @@ def test_plots_are_readable(policy_dir, tmp_path, monkeypatch):
         rep.check_figure(fig)
     ax.legend()
     rep.check_figure(fig)
+
+
+def test_paired_statistics_against_hand_computation():
+    import math
+
+    from esorl.compare.stats import MIN_SEEDS, holm, paired_difference, verdict
+
+    ref = {0: 0.50, 1: 0.60, 2: 0.55, 3: 0.70, 4: 0.65}
+    arm = {0: 0.40, 1: 0.52, 2: 0.50, 3: 0.58, 4: 0.60, 9: 1.0}  # seed 9 has no pair: ignored
+    r = paired_difference(arm, ref)
+    d = [arm[s] - ref[s] for s in range(5)]
+    m = sum(d) / 5
+    sd = math.sqrt(sum((x - m) ** 2 for x in d) / 4)
+    t = m / (sd / math.sqrt(5))
+    assert r["n"] == 5 and r["mean"] == pytest.approx(m)
+    # t quantile 0.975 with 4 df = 2.776445; p from the t distribution with 4 df
+    assert r["ci"][0] == pytest.approx(m - 2.776445 * sd / math.sqrt(5), rel=1e-5)
+    assert r["ci"][1] == pytest.approx(m + 2.776445 * sd / math.sqrt(5), rel=1e-5)
+    # two-sided p of Student's t with 4 degrees of freedom, in closed form (no scipy)
+    a = abs(t) / math.sqrt(4 + t * t)
+    cdf = 0.5 + 0.5 * a * (1 + 0.5 * (1 - a * a))  # F(t) for ν = 4: ½ + ½·a·(1 + (1 − a²)/2), a = t/√(ν + t²)
+    assert t == pytest.approx(-5.8038, rel=1e-4) and r["p"] == pytest.approx(2 * (1 - cdf), rel=1e-6)
+    assert holm([0.01, 0.04, float("nan"), 0.03]) == pytest.approx([0.03, 0.06, float("nan"), 0.06], nan_ok=True)
+    assert verdict(r, 0.004).startswith("differs") and verdict(r, 0.2).startswith("no difference detected")
+    assert verdict(paired_difference({0: 1.0, 1: 2.0}, {0: 1.0, 1: 1.5}), 0.0).startswith(f"not tested (2 paired seed(s); a difference is stated from {MIN_SEEDS}")
+    # identical arms: no difference
+    same = paired_difference(ref, dict(ref))
+    assert same["mean"] == 0.0 and same["p"] != same["p"] and verdict(same, float("nan")).startswith("no difference detected")

@@ -104,14 +104,3 @@ def mc_elbo_fixed_batch_variance(policy, ro, adv, n: int, alpha0: float, draws: 
     """Gradient variance of ``mc_elbo(n)`` over repeated draws on one batch (falls as 1/n)."""
     est = EstimatorConfig("mc_elbo", n)
     return _grad_var([policy_gradient(policy, ro, adv, est, alpha0, 7000 + d) for d in range(draws)])
-
-
-def seed_noise_test(a: list[float], b: list[float]) -> tuple[float, float, bool]:
-    """Difference of means and its standard error (Welch); exceeds seed noise if |d| > 2 SE."""
-    import statistics as st
-
-    if len(a) < 2 or len(b) < 2:
-        return (sum(a) / len(a) - sum(b) / len(b)) if a and b else float("nan"), float("nan"), False
-    d = st.mean(a) - st.mean(b)
-    se = math.sqrt(st.variance(a) / len(a) + st.variance(b) / len(b))
-    return d, se, abs(d) > 2 * se if se > 0 else d != 0

@@ -89,28 +89,30 @@ def test_second_call_is_a_no_op_and_changed_inputs_are_refused(corpus, tmp_path)
     assert TokenShards(root, "train").n_docs + TokenShards(root, "eval").n_docs == 300
 
 
-def test_interrupted_preparation_resumes_to_the_same_shards(corpus, tmp_path, monkeypatch):
+@pytest.mark.parametrize("eval_split", ["", "dev"])
+def test_interrupted_preparation_resumes_to_the_same_shards(corpus, tmp_path, monkeypatch, eval_split):
     d, texts, tok = corpus
-    clean = prepare_shards(plan(d), tok, tmp_path / "clean", progress=False)
+    plan_ = lambda d: plan(d, eval_split=eval_split)  # noqa: E731 - carved held-out documents, or a source split
+    clean = prepare_shards(plan_(d), tok, tmp_path / "clean", progress=False)
     real = sh._write_atomic
     calls = {"n": 0}
 
     def dies_after_two_shards(path, data):
         if path.suffix == ".bin":
             calls["n"] += 1
-            if calls["n"] > 4:  # two shards written (train and eval part each), then the machine dies
+            if calls["n"] > (4 if not eval_split else 2):  # two shards written, then the machine dies
                 raise KeyboardInterrupt
         return real(path, data)
 
     monkeypatch.setattr(sh, "_write_atomic", dies_after_two_shards)
     with pytest.raises(KeyboardInterrupt):
-        prepare_shards(plan(d), tok, tmp_path / "resumed", progress=False)
+        prepare_shards(plan_(d), tok, tmp_path / "resumed", progress=False)
     assert not (tmp_path / "resumed" / "index.json").exists()
     with pytest.raises(ShardError, match="index.json is missing"):
         TokenShards(tmp_path / "resumed", "train")
     monkeypatch.setattr(sh, "_write_atomic", real)
     written = {f.name: f.stat().st_mtime_ns for f in (tmp_path / "resumed").glob("*.bin")}
-    prepare_shards(plan(d), tok, tmp_path / "resumed", progress=False)
+    prepare_shards(plan_(d), tok, tmp_path / "resumed", progress=False)
     for f in clean.glob("*.bin"):
         assert f.read_bytes() == (tmp_path / "resumed" / f.name).read_bytes(), f.name
     assert all((tmp_path / "resumed" / n).stat().st_mtime_ns == t for n, t in written.items())  # not redone

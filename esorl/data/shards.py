@@ -101,7 +101,7 @@ def open_corpus(source: str, split: str, text_field: str = "text"):
     through esorl's own reader.) Its ``_fingerprint`` identifies the content."""
     import datasets
 
-    from .datasets import _find_split_file, _looks_like_path, load_text_dataset
+    from .datasets import _find_split_file, load_text_dataset
 
     path = Path(source).expanduser()
     if path.is_dir():
@@ -115,8 +115,7 @@ def open_corpus(source: str, split: str, text_field: str = "text"):
         if text_field != "text":
             ds = ds.rename_column(text_field, "text")
         return ds.filter(lambda b: [bool(t and t.strip()) for t in b["text"]], batched=True)
-    if not path.exists() and _looks_like_path(source):
-        return load_text_dataset(source, split=split, text_field=text_field)  # raises the explanatory error
+    # .tsv, a hub name, or a missing path (esorl's loader raises the explanatory error)
     return load_text_dataset(source, split=split, text_field=text_field)
 
 
@@ -194,13 +193,14 @@ def prepare_shards(plan: ShardPlan, tok, root: str | Path, num_proc: int = 1, re
         bar = tqdm(total=n, desc=f"tokenize {name}", disable=not progress, dynamic_ncols=True, unit="doc")
         for k in range(n_shards):
             a, b = k * plan.docs_per_shard, min(n, (k + 1) * plan.docs_per_shard)
+            carve = name == "train" and not plan.eval_split and plan.eval_fraction > 0
             dest = {"train": f"train-{k:05d}", "eval": f"eval-{k:05d}"}
-            done = all((root / f"{d}.bin").exists() and (root / f"{d}.docs.npy").exists() for d in dest.values()
-                       if name == "train" or d.startswith("eval"))
+            writes = [dest["train"], dest["eval"]] if carve else [dest[name]]  # the files this shard produces
+            done = all((root / f"{d}.bin").exists() and (root / f"{d}.docs.npy").exists() for d in writes)
             if not done:
                 part = ds.select(range(a, b)).map(encode, batched=True, batch_size=1000, num_proc=num_proc if b - a > 4000 else None,
                                                   remove_columns=ds.column_names, desc=None)
-                if name == "train" and not plan.eval_split and plan.eval_fraction > 0:
+                if carve:
                     # held-out documents: a seeded draw per document, a pure function of (seed, document index)
                     u = permute(np.arange(a, b), max(n, 1), plan.seed, 7) / max(n, 1)
                     held = u < plan.eval_fraction

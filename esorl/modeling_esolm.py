@@ -6,6 +6,9 @@ from each token's *original position*, and attention under any mask built by
 :mod:`esorl.attention`. The model knows nothing about schedules or RL: it maps
 ``(ids, positions, mask[, cache])`` to logits.
 
+Training can recompute each block in the backward pass instead of keeping its activations
+(gradient checkpointing, the ``transformers`` API: ``model.gradient_checkpointing_enable()``).
+
 Parameter names follow the reference implementation (``vocab_embed.embedding``,
 ``blocks.{i}.attn_qkv.weight``, ...), so converting a released checkpoint is a key rename.
 """
@@ -17,6 +20,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
 from .attention import TokenDesc, attend
@@ -175,6 +179,10 @@ class StaticKVCache:
 class Block(nn.Module):
     """adaLN-gated pre-norm block; attention sees whatever the mask allows (spec §4)."""
 
+    # set by ``PreTrainedModel.gradient_checkpointing_enable`` (with ``_gradient_checkpointing_func``);
+    # :meth:`EsoLMModel.forward` decides when it applies
+    gradient_checkpointing = False
+
     def __init__(self, config: EsoLMConfig):
         super().__init__()
         d = config.hidden_size
@@ -258,7 +266,7 @@ class EsoLMModel(PreTrainedModel):
     config_class = EsoLMConfig
     base_model_prefix = "esolm"
     main_input_name = "input_ids"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
     _no_split_modules = ["Block"]
 
     def __init__(self, config: EsoLMConfig):
@@ -294,6 +302,15 @@ class EsoLMModel(PreTrainedModel):
     def get_input_embeddings(self):
         return self.vocab_embed
 
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=checkpoint, every_n_layers: int = 1):
+        """Called by ``gradient_checkpointing_enable`` / ``_disable`` (``transformers``): sets
+        each :class:`Block`'s flag and checkpoint function (``torch.utils.checkpoint`` with the
+        caller's kwargs, e.g. ``use_reentrant``). ``every_n_layers``: checkpoint blocks 0, n,
+        2n, ... only (the base class counts only its own layer type, so it is applied here)."""
+        super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, every_n_layers)
+        for i, block in enumerate(self.blocks):
+            block.gradient_checkpointing = enable and i % every_n_layers == 0
+
     def conditioning(self, batch_size: int = 1) -> torch.Tensor:
         """The adaLN input ``c = SiLU(MLP(sinusoid(σ = 0)))``: a constant ``(1, cond_dim)``."""
         sigma = torch.zeros(1, device=self.vocab_embed.embedding.device)
@@ -327,6 +344,11 @@ class EsoLMModel(PreTrainedModel):
                 training layout).
             return_hidden: also return the final hidden states ``(B, L, d)`` (value heads).
             raw_logits: keep the MASK logit; by default it is ``-inf`` (spec §1).
+
+        With gradient checkpointing enabled, a block's activations are recomputed in the
+        backward pass when the model is in training mode, gradients are on and no ``cache`` is
+        given (a sampler's forward writes its cache and keeps no graph: it runs as is).
+        Dropout is replayed exactly (``torch.utils.checkpoint`` restores the RNG state).
         """
         if mask is None:
             raise ValueError("EsoLMModel.forward: mask is required (the attention rule is what makes an Eso-LM): pass one from "
@@ -340,8 +362,14 @@ class EsoLMModel(PreTrainedModel):
         x = self.vocab_embed(input_ids)
         c = self.conditioning().to(x.dtype)
         cos, sin = self.rotary_emb(positions, x.dtype)
+        recompute = cache is None and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            x = block(x, c, cos, sin, mask, cache, i)
+            if recompute and block.gradient_checkpointing:
+                # positional tensors (reentrant checkpointing only passes gradients to those);
+                # non-tensor masks (CAUSAL / FULL, BlockMask, PrefixCausalMask) pass through as is
+                x = block._gradient_checkpointing_func(block.forward, x, c, cos, sin, mask, None, i)
+            else:
+                x = block(x, c, cos, sin, mask, cache, i)
         hidden = x
         flat = isinstance(logits_slice, torch.Tensor) and logits_slice.dtype == torch.bool
         if flat:

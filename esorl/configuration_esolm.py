@@ -56,6 +56,8 @@ class EsoLMConfig(PretrainedConfig):
     """
 
     model_type = "esolm"
+    # read by TRL when it rebuilds a reference model (trl.trainer.utils.create_model_from_path)
+    auto_map = {}  # never mutated (no remote code); a class attribute, not a config field
 
     def __init__(
         self,

@@ -1,7 +1,11 @@
 """Per-token log-likelihood estimators of a rollout (spec §6).
 
 Every estimator has the signature ``f(model, rollout, **params) -> (logp, valid)`` with
-``logp`` ``(B, N)`` per completion *position* (differentiable) and ``valid`` ``(B, N)``.
+``logp`` ``(B, N)`` per completion *position* (differentiable) and ``valid`` ``(B, N)``;
+with ``with_entropy=True`` it returns ``(logp, valid, entropy)``, ``entropy`` ``(B, N)`` the
+entropy (nats, at the rollout's temperature) of the predictive distribution each token's
+log-prob was read from, averaged over the forwards that read it (MC estimators; 0 where no
+draw read it).
 
 | name      | what                                    | forwards                         | bias / variance |
 |-----------|-----------------------------------------|----------------------------------|-----------------|
@@ -25,6 +29,7 @@ import torch
 from .attention import build_mask
 from .modeling_esolm import model_config
 from .layout import exact_layout, one_copy_layout, replay_layout, sequential_layout, sorted_table, trajectory_table
+from .logprobs import entropy as _entropy
 from .logprobs import token_logprobs
 from .rollout import Rollout
 from .schedule import EPS, alpha, make_generator
@@ -41,7 +46,8 @@ def _to_positions(vals_sigma: torch.Tensor, order: torch.Tensor) -> torch.Tensor
     return out.scatter_(1, order, vals_sigma)
 
 
-def exact(model, rollout: Rollout, kind: str = "model", temperature: float | None = None, backend: str = "auto", return_hidden: bool = False):
+def exact(model, rollout: Rollout, kind: str = "model", temperature: float | None = None, backend: str = "auto", return_hidden: bool = False,
+          with_entropy: bool = False):
     """Exact trajectory log-likelihood, one forward over ``[prompt | clean | queries]``
     (``P + 2N`` tokens) whatever the number of steps (spec §4 a).
 
@@ -58,25 +64,30 @@ def exact(model, rollout: Rollout, kind: str = "model", temperature: float | Non
     logits, hidden = out if return_hidden else (out, None)
     lp = token_logprobs(logits, table.ids[:, P:], T, rollout.top_k, rollout.top_p, kind)
     res = (_to_positions(lp, rollout.order), rollout.completion_mask)
+    if with_entropy:
+        res = res + (_to_positions(_entropy(logits, T), rollout.order),)
     if return_hidden:
         return res + (hidden[:, : qs.start],)
     return res
 
 
-def replay(model, rollout: Rollout, kind: str = "model", temperature: float | None = None, backend: str = "auto"):
+def replay(model, rollout: Rollout, kind: str = "model", temperature: float | None = None, backend: str = "auto", with_entropy: bool = False):
     """The same numbers as :func:`exact` with one forward per step (layout (c)):
     ``[clean copies with s < i | queries of step i]``. The test oracle and the cost baseline
     of trajectory-aware scoring (TraceRL)."""
     T = rollout.temperature if temperature is None else temperature
     table = _table(rollout)
     P = rollout.prompt_ids.shape[1]
-    chunks, c = [], 0
+    chunks, ents, c = [], [], 0
     for k in rollout.step_sizes.tolist():
         lay, qs = replay_layout(table, P + c, P + c, P + c + k, model_config(model).mask_token_id)
         logits = model(lay.ids, lay.positions, build_mask(lay.desc, lay.desc, backend), logits_slice=qs)
         chunks.append(token_logprobs(logits, table.ids[:, P + c : P + c + k], T, rollout.top_k, rollout.top_p, kind))
+        if with_entropy:
+            ents.append(_entropy(logits, T))
         c += k
-    return _to_positions(torch.cat(chunks, 1), rollout.order), rollout.completion_mask
+    res = (_to_positions(torch.cat(chunks, 1), rollout.order), rollout.completion_mask)
+    return res + (_to_positions(torch.cat(ents, 1), rollout.order),) if with_entropy else res
 
 
 # ----------------------------------------------------------------------------- MC estimators
@@ -94,10 +105,11 @@ def _prompt_completion(rollout: Rollout):
     return ids, pos, valid
 
 
-def _masked_pass(model, rollout: Rollout, masked: torch.Tensor, shuffle_key: torch.Tensor, temperature: float, backend: str):
+def _masked_pass(model, rollout: Rollout, masked: torch.Tensor, shuffle_key: torch.Tensor, temperature: float, backend: str, with_entropy: bool = False):
     """One forward over ``[prompt clean L→R | clean completion | masked]`` (random order
     inside each completion part via ``shuffle_key``); returns ``log p`` of every token at
-    its position ``(B, P + N)`` (meaningful where ``masked``)."""
+    its position ``(B, P + N)`` (meaningful where ``masked``), and with ``with_entropy`` the
+    predictive entropies ``(B, P + N)`` too."""
     ids, pos, valid = _prompt_completion(rollout)
     P = rollout.prompt_ids.shape[1]
     B, L = ids.shape
@@ -110,7 +122,11 @@ def _masked_pass(model, rollout: Rollout, masked: torch.Tensor, shuffle_key: tor
     lay = one_copy_layout(table, table.steps == 2, model_config(model).mask_token_id)
     logits = model(lay.ids, lay.positions, build_mask(lay.desc, lay.desc, backend))
     lp_sorted = token_logprobs(logits, table.ids, temperature)
-    return torch.empty_like(lp_sorted).scatter_(1, sidx, lp_sorted)
+    lp = torch.empty_like(lp_sorted).scatter_(1, sidx, lp_sorted)
+    if not with_entropy:
+        return lp
+    ent_sorted = _entropy(logits, temperature)
+    return lp, torch.empty_like(ent_sorted).scatter_(1, sidx, ent_sorted)
 
 
 def _draws(rollout: Rollout, seed: int, n_uniform: int, L: int):
@@ -124,7 +140,8 @@ def _draws(rollout: Rollout, seed: int, n_uniform: int, L: int):
     return torch.stack(us), torch.stack(ks)
 
 
-def mc_elbo(model, rollout: Rollout, n: int = 4, alpha0: float = 1.0, seed: int = 0, temperature: float | None = None, backend: str = "auto", chunk: int = 64):
+def mc_elbo(model, rollout: Rollout, n: int = 4, alpha0: float = 1.0, seed: int = 0, temperature: float | None = None, backend: str = "auto", chunk: int = 64,
+            with_entropy: bool = False):
     """Monte Carlo NELBO of ``y`` given the prompt, for the sampling ``alpha0`` (spec §6).
 
     Per token: mean over ``n`` draws of ``[masked]·α0(1−ε)/(1−α_t)·log p`` (MDM term, layout
@@ -141,7 +158,7 @@ def mc_elbo(model, rollout: Rollout, n: int = 4, alpha0: float = 1.0, seed: int 
     dev = rollout.completion_ids.device
     r, mu = _draws(rollout, seed, n, n * 3 * N)  # (B, n), (B, n·3N)
     mu = mu.view(B, n, 3 * N)
-    total = 0.0
+    total, ent_sum, ent_cnt = 0.0, 0.0, 0.0
     for d0 in range(0, n, chunk):
         d1 = min(n, d0 + chunk)
         m = d1 - d0
@@ -154,12 +171,20 @@ def mc_elbo(model, rollout: Rollout, n: int = 4, alpha0: float = 1.0, seed: int 
         masked_c = (u_mask >= a_t[:, None]) & rep.completion_mask
         masked = torch.cat([torch.zeros_like(rep.prompt_mask, dtype=torch.bool), masked_c], 1)
         key = torch.cat([torch.zeros(B * m, P, device=dev, dtype=u.dtype), u_order], 1).argsort(1).argsort(1)
-        lp = _masked_pass(model, rep, masked, key, T, backend)[:, P:]
+        lp = _masked_pass(model, rep, masked, key, T, backend, with_entropy)
+        if with_entropy:
+            lp, ent = lp[0][:, P:], lp[1][:, P:]
+            ent_sum = ent_sum + (ent * masked_c).view(B, m, N).sum(1)
+            ent_cnt = ent_cnt + masked_c.view(B, m, N).sum(1)
+        else:
+            lp = lp[:, P:]
         w = (alpha0 * (1 - EPS) / (1 - a_t)).to(lp.dtype)
         val = masked_c * w[:, None] * lp
         if alpha0 < 1.0:
             val = val + _ar_term(model, rep, u_z0 >= alpha0, u_order, T, backend)
         total = total + val.view(B, m, N).sum(1)
+    if with_entropy:
+        return total / n, rollout.completion_mask, ent_sum / torch.as_tensor(ent_cnt).clamp(min=1)
     return total / n, rollout.completion_mask
 
 
@@ -187,7 +212,7 @@ def _ar_term(model, rollout: Rollout, masked_c: torch.Tensor, u_order: torch.Ten
     return out[:, P:]
 
 
-def one_step(model, rollout: Rollout, p_mask: float = 0.15, seed: int = 0, temperature: float | None = None, backend: str = "auto"):
+def one_step(model, rollout: Rollout, p_mask: float = 0.15, seed: int = 0, temperature: float | None = None, backend: str = "auto", with_entropy: bool = False):
     """d1's diffu-GRPO estimate: the prompt masked independently with ``p_mask`` (d1's runs:
     0.15), the completion fully masked; per token ``log p(y_j | masked prompt)`` (one forward
     of ``P + N``). Biased (mean field). Share ``seed`` between current/old/reference passes."""
@@ -198,11 +223,14 @@ def one_step(model, rollout: Rollout, p_mask: float = 0.15, seed: int = 0, tempe
     _, mu = _draws(rollout, seed, 0, P + N)
     mu = mu.to(dev)
     masked = torch.cat([(mu[:, :P] < p_mask) & rollout.prompt_mask.bool(), rollout.completion_mask.bool()], 1)
-    lp = _masked_pass(model, rollout, masked, mu.argsort(1).argsort(1), T, backend)[:, P:]
-    return lp * rollout.completion_mask, rollout.completion_mask
+    out = _masked_pass(model, rollout, masked, mu.argsort(1).argsort(1), T, backend, with_entropy)
+    lp = (out[0] if with_entropy else out)[:, P:]
+    res = (lp * rollout.completion_mask, rollout.completion_mask)
+    return res + (out[1][:, P:] * rollout.completion_mask,) if with_entropy else res
 
 
-def coupled(model, rollout: Rollout, seed: int = 0, t_min: float = 0.2, t_max: float = 0.8, temperature: float | None = None, backend: str = "auto"):
+def coupled(model, rollout: Rollout, seed: int = 0, t_min: float = 0.2, t_max: float = 0.8, temperature: float | None = None, backend: str = "auto",
+            with_entropy: bool = False):
     """DiffuCoder's coupled-GRPO estimate: a completion mask at ``t ~ U(t_min, t_max)`` (one
     ``t`` per call, shared by the batch), its complement, and a fully-masked pass; the prompt
     is never masked. Per token ``(log p_all + log p_pair / w) / 2`` with ``w = t`` or ``1 − t``
@@ -219,11 +247,14 @@ def coupled(model, rollout: Rollout, seed: int = 0, t_min: float = 0.2, t_max: f
     m_a = (mu[:, :N] < t) & cm
     key = torch.cat([torch.zeros(B, P, device=dev), mu[:, N:]], 1).argsort(1).argsort(1)
     zeros_p = torch.zeros_like(rollout.prompt_mask, dtype=torch.bool)
-    lp_a = _masked_pass(model, rollout, torch.cat([zeros_p, m_a], 1), key, T, backend)[:, P:]
-    lp_b = _masked_pass(model, rollout, torch.cat([zeros_p, ~m_a & cm], 1), key, T, backend)[:, P:]
-    lp_all = _masked_pass(model, rollout, torch.cat([zeros_p, cm], 1), key, T, backend)[:, P:]
+    outs = [_masked_pass(model, rollout, torch.cat([zeros_p, m], 1), key, T, backend, with_entropy) for m in (m_a, ~m_a & cm, cm)]
+    lp_a, lp_b, lp_all = [(o[0] if with_entropy else o)[:, P:] for o in outs]
     pair = torch.where(m_a, lp_a / t, lp_b / (1 - t))
-    return (lp_all + pair) / 2 * cm, rollout.completion_mask
+    res = ((lp_all + pair) / 2 * cm, rollout.completion_mask)
+    if not with_entropy:
+        return res
+    e_a, e_b, e_all = [o[1][:, P:] for o in outs]
+    return res + ((e_all + torch.where(m_a, e_a, e_b)) / 2 * cm,)
 
 
 def estimate(model, rollout: Rollout, estimator: str = "exact", **params):

@@ -47,6 +47,16 @@ def filter_logprobs(logp: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logp
 
 
+def entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy (nats) of ``softmax(logits / T)`` over the last dimension, in float32 (float64
+    stays float64): the entropy of the model distribution a token was sampled from, TRL's
+    ``entropy`` metric. Shape: ``logits.shape[:-1]``."""
+    lp = model_logprobs(logits, temperature)
+    p = lp.exp()
+    # -inf log-probs (the MASK logit) have p = 0: count them as 0, not 0 · inf = nan
+    return -(p * lp.masked_fill(p == 0, 0.0)).sum(-1)
+
+
 def gather(logp: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return logp.gather(-1, tokens[..., None]).squeeze(-1)
 

@@ -133,7 +133,8 @@ class EsoPolicy:
         return self.accelerator.autocast() if self.accelerator is not None else contextlib.nullcontext()
 
     def log_probs(self, rollout: Rollout, estimator: str = "exact", **params):
-        """Per-token log-probs ``(B, N)`` and validity under the named estimator."""
+        """Per-token log-probs ``(B, N)`` and validity under the named estimator (with
+        ``with_entropy=True`` also the predictive entropies ``(B, N)``; see :mod:`esorl.likelihood`)."""
         with self.autocast():
             return estimate(self.model, rollout, estimator, backend=self.backend, **params)
 

@@ -1,0 +1,364 @@
+"""GRPO for Eso-LMs as a subclass of TRL's ``GRPOTrainer`` (TRL 1.16).
+
+Use it as TRL's trainer::
+
+    from esorl.rl import EsoGRPOConfig, EsoGRPOTrainer
+    trainer = EsoGRPOTrainer(model="runs/pretrain/model", reward_funcs=[my_reward],
+                             args=EsoGRPOConfig(output_dir="runs/grpo", likelihood="exact"),
+                             train_dataset=dataset)            # a datasets.Dataset with a "prompt" column
+    trainer.train()
+
+Everything that is not Eso-LM specific is TRL's: the data loader and its prompt groups, the
+reward contract (``f(prompts, completions, completion_ids, trainer_state, log_extra,
+log_metric, **columns)``), advantages (``scale_rewards``, ``multi_objective_aggregation``),
+every loss type, clipping (``epsilon``, ``epsilon_high``, ``delta``), the KL to a reference
+(``beta``, ``sync_ref_model``, PEFT's disabled adapters), ``top_entropy_quantile`` and the
+entropy bonus, metrics, callbacks, ``Trainer`` checkpoints and resume, evaluation,
+accumulation, DDP and DeepSpeed. Four hooks are replaced (see ``docs/ESOLM.md`` §6-7 for the
+semantics):
+
+``_generate``
+    rollouts come from esorl's KV-cached sampler (:meth:`esorl.policy.EsoPolicy.generate`).
+    A rollout is ``N = max_completion_length`` tokens; each one is sampled, so each one counts
+    in the loss (the trajectory's log-probability includes tokens after the first EOS: in
+    diffusion order they may be revealed early and condition earlier positions). The text the
+    reward functions see stops at the first EOS in position order (``completions``), and so do
+    the ``completion_ids`` they receive (EOS included, as TRL's). "Truncated"
+    (``mask_truncated_completions``, ``completions/clipped_ratio``) means *no EOS among the N
+    tokens*. The same semantics hold in PPO and in the comparison.
+``_generate_and_score_completions``
+    TRL's, plus the rollout's order σ, per-token step indices and step sizes as per-sample
+    tensors (so that TRL's shuffle and split of the generation batch carry them to every
+    micro-batch), and the old / reference log-probs under the chosen estimator (below).
+``_compute_loss``
+    TRL's loss on the micro-batch, with the log-probs and entropies of
+    ``_get_per_token_logps_and_entropies`` computed by the estimator on the micro-batch's
+    rollout instead of a left-to-right forward.
+``_get_per_token_logps_and_entropies``
+    the chosen estimator (``likelihood``): per-token log-probs ``[B, N]`` and the entropy of
+    the predictive distribution each one was read from ``[B, N]`` (TRL's ``entropy`` metric,
+    ``top_entropy_quantile`` and ``entropy_coef`` use it).
+
+Old and reference log-probs
+    ``exact``: the old log-probs are the sampler's recorded ones (no extra forward, spec: the
+    exact log-probs *are* the sampler's); the reference is scored once per generation batch.
+    Monte Carlo estimators: one noise seed per (generation batch, inner iteration ``μ``),
+    derived from ``(seed, global_step at generation, iteration)`` and shared by the current,
+    old and reference passes of that iteration; when TRL needs old log-probs (``μ > 1``, or
+    more micro-batches per generation than per optimizer step), they are scored before any
+    update under every iteration's seed; with ``μ = 1`` and aligned steps they are the current
+    ones detached (ratio 1), as in TRL.
+
+Same rollouts on any number of ranks
+    Rollout noise is keyed by ``(seed, global_step at generation, sample id)`` where the
+    sample id is the completion's position in the *global* generation batch (rank ``r`` holds
+    positions ``r·n … (r+1)·n − 1``, as TRL's ``process_slice``), and TRL's sampler yields the
+    same global batch for the same ``generation_batch_size``. So 1 process × 8 completions
+    and 2 ranks × 4 see identical prompts, rollouts and rewards.
+
+Not supported (refused at construction): vLLM / transformers continuous batching (the sampler
+is esorl's), tools and environments, multimodal prompts, conversational prompts without a
+chat template (the policy is a plain LM: pass text prompts).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+from trl import GRPOConfig, GRPOTrainer
+
+from ..modeling_esolm import EsoLMModel, unwrap
+from ..policy import EsoPolicy, EstimatorConfig
+from ..rollout import Rollout, first_eos_mask
+from ..sampling import SamplingConfig
+from ..schedule import ScheduleConfig, make_generator
+
+# random-stream purposes of this module (see esorl.schedule.make_generator)
+_PURPOSE_EST = 7
+# the eval rollouts use their own seed stream, fixed across evaluations (common random numbers)
+_EVAL_SEED_OFFSET = 99991
+
+
+@dataclass
+class EsoGRPOConfig(GRPOConfig):
+    """``trl.GRPOConfig`` plus the Eso-LM fields (every TRL field keeps its name and meaning).
+
+    Defaults that differ from TRL's: ``disable_dropout = True`` (sampling and scoring must see
+    the same function, or the ratio of an exact run is not 1 at the first iteration).
+    """
+
+    likelihood: str = field(default="exact", metadata={"help": "Likelihood estimator of the loss: exact | replay | mc_elbo | one_step | coupled (docs/ESOLM.md §6)."})
+    mc_samples: int = field(default=4, metadata={"help": "mc_elbo: Monte Carlo draws n per sequence."})
+    p_mask: float = field(default=0.15, metadata={"help": "one_step: prompt mask rate (d1's runs: 0.15)."})
+    sampling_alpha0: float = field(default=1.0, metadata={"help": "Sampling schedule α0: the share of the completion revealed by diffusion steps (1 = pure MDM, 0 = left to right)."})
+    diffusion_steps: int = field(default=8, metadata={"help": "Sampling schedule T: denoising steps for the diffusion part."})
+    schedule_kind: str = field(default="unified", metadata={"help": "Step-size schedule: unified (the paper's) | uniform | ..."})
+    attention_backend: str = field(default="auto", metadata={"help": "Attention backend: auto | sdpa | flex | eager."})
+    disable_dropout: bool = field(default=True, metadata={"help": "Disable dropout (TRL's field; on by default for Eso-LMs)."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.estimator().validate()
+        self.sampling().validate()
+        if self.use_vllm or self.use_transformers_continuous_batching or self.use_transformers_paged:
+            raise ValueError("EsoGRPOConfig: use_vllm / transformers continuous batching are not supported: Eso-LM rollouts come from esorl's KV-cached sampler")
+        if self.max_completion_length is None or self.max_completion_length < 1:
+            raise ValueError(f"EsoGRPOConfig.max_completion_length must be >= 1, got {self.max_completion_length}")
+        if self.num_generations is None or self.num_generations < 2:
+            raise ValueError(f"EsoGRPOConfig.num_generations must be >= 2 (advantages are group-relative), got {self.num_generations}")
+
+    def estimator(self) -> EstimatorConfig:
+        """The estimator settings (:class:`esorl.policy.EstimatorConfig`)."""
+        return EstimatorConfig(self.likelihood, self.mc_samples, self.p_mask)
+
+    def sampling(self) -> SamplingConfig:
+        """The sampler settings: ``max_completion_length`` tokens along the ``(α0, T)`` schedule."""
+        return SamplingConfig(self.max_completion_length, ScheduleConfig(kind=self.schedule_kind, alpha0=self.sampling_alpha0, num_steps=self.diffusion_steps),
+                              self.temperature, self.top_k, self.top_p)
+
+
+# keys of the per-sample rollout tensors added to TRL's generation output (each [B, ...])
+_ORDER, _STEPS, _SIZES, _IDS, _OLD, _REF = "eso_order", "eso_steps", "eso_step_sizes", "eso_sample_ids", "eso_old_logps", "eso_ref_logps"
+
+
+class EsoGRPOTrainer(GRPOTrainer):
+    """``trl.GRPOTrainer`` over Eso-LM rollouts with exact or Monte Carlo likelihoods.
+
+    Args: as ``trl.GRPOTrainer`` (``model`` an :class:`~esorl.EsoLMModel` or its directory,
+    ``reward_funcs``, ``args`` an :class:`EsoGRPOConfig`, ``train_dataset`` / ``eval_dataset``
+    with a text ``prompt`` column, ``processing_class`` the tokenizer (default: loaded from
+    the model directory), ``callbacks``, ``optimizers``, ``peft_config``).
+    """
+
+    _tag_names = ["trl", "grpo", "esorl", "eso-lm"]
+
+    def __init__(self, model, reward_funcs, args: EsoGRPOConfig | None = None, train_dataset=None, eval_dataset=None,
+                 processing_class=None, reward_processing_classes=None, callbacks=None, optimizers=(None, None), peft_config=None, **kwargs):
+        if args is None:
+            args = EsoGRPOConfig(output_dir="trainer_output")
+        if not isinstance(args, EsoGRPOConfig):
+            raise TypeError(f"EsoGRPOTrainer: args must be an EsoGRPOConfig (trl.GRPOConfig plus the Eso-LM fields), got {type(args).__name__}")
+        for k in ("rollout_func", "tools", "environment_factory"):
+            if kwargs.get(k) is not None:
+                raise ValueError(f"EsoGRPOTrainer: {k} is not supported (rollouts come from esorl's sampler)")
+        if isinstance(model, str):
+            model = EsoLMModel.from_pretrained(model)
+        if not isinstance(unwrap(model), EsoLMModel):
+            raise TypeError(f"EsoGRPOTrainer: model must be an EsoLMModel or its directory, got {type(model).__name__}")
+        if processing_class is None:
+            from ..data import load_tokenizer
+
+            processing_class = load_tokenizer(model.config._name_or_path)
+        if processing_class.pad_token_id is None:
+            processing_class.pad_token = processing_class.eos_token
+        super().__init__(model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         processing_class=processing_class, reward_processing_classes=reward_processing_classes, callbacks=callbacks,
+                         optimizers=optimizers, peft_config=peft_config, **kwargs)
+        self.estimator_cfg = args.estimator()
+        self.policy = EsoPolicy(self.model, processing_class, args.sampling(), self.accelerator, args.attention_backend)
+        self._generating = False  # inside TRL's generation: its old/ref scoring calls are answered by us afterwards
+        self._micro_rollout: Rollout | None = None  # the micro-batch the current loss is computed on
+        self._micro_seed = 0
+
+    # ------------------------------------------------------------------ noise keys
+    def estimator_seed(self, gen_step: int, iteration: int) -> int:
+        """The Monte Carlo noise seed of inner iteration ``iteration`` of the generation batch
+        sampled at ``global_step = gen_step``; shared by its current, old and reference passes."""
+        g = make_generator(self.args.seed, _PURPOSE_EST, gen_step, iteration)
+        return int(torch.randint(0, 2**31 - 1, (1,), generator=g))
+
+    def _updates_per_generation(self) -> int:
+        return max(1, self.args.steps_per_generation * self.num_iterations // self.args.gradient_accumulation_steps)
+
+    def _generation_step(self) -> int:
+        """``global_step`` at which the current generation batch was sampled (restored on resume)."""
+        u = self._updates_per_generation()
+        return self.state.global_step // u * u
+
+    def _iteration(self) -> int:
+        """Inner iteration (0 … μ−1) of the current micro-batch (TRL's buffer index logic)."""
+        return (self._step % (self.args.steps_per_generation * self.num_iterations)) // self.args.steps_per_generation
+
+    # ------------------------------------------------------------------ rollouts
+    def _generate(self, prompts: list):
+        """TRL's generation seam, answered by the Eso-LM sampler (see the module docstring)."""
+        if not all(isinstance(p, str) for p in prompts):
+            raise ValueError("EsoGRPOTrainer: prompts must be plain text (the Eso-LM policy has no chat template)")
+        mode = "train" if self.model.training else "eval"
+        n = len(prompts)
+        rank = self.accelerator.process_index
+        sample_ids = torch.arange(rank * n, (rank + 1) * n)
+        if mode == "train":
+            seed, step = self.args.seed, self._generation_step()
+        else:
+            seed, step = self.args.seed + _EVAL_SEED_OFFSET, 0
+        ro = self.policy.generate(prompts, seed, step, sample_ids)
+        self._pending_rollout = ro
+        prompt_ids = [ids[m].tolist() for ids, m in zip(ro.prompt_ids, ro.prompt_mask)]
+        completion_ids = ro.completion_ids.tolist()  # every sampled token: the loss counts them all
+        completions = self.policy.texts(ro)  # up to the first EOS: what the rewards see
+        self._reward_ids = [ids[m].tolist() for ids, m in zip(ro.completion_ids, ro.text_mask)]
+        # TRL's completion metrics, on the text the reward sees
+        dev = self.accelerator.device
+        text_len = self.accelerator.gather(ro.text_mask.sum(1).to(dev))
+        truncated = self.accelerator.gather(self._truncated(ro).to(dev))
+        m = self._metrics[mode]
+        if mode == "train":
+            self.state.num_input_tokens_seen += int(self.accelerator.gather(torch.tensor(sum(map(len, prompt_ids)) + ro.completion_ids.numel(), device=dev)).sum())
+        m["num_tokens"] = [self.state.num_input_tokens_seen]
+        m["completions/mean_length"].append(text_len.float().mean().item())
+        m["completions/min_length"].append(text_len.float().min().item())
+        m["completions/max_length"].append(text_len.float().max().item())
+        m["completions/clipped_ratio"].append(truncated.float().mean().item())
+        term = text_len[~truncated].float() if (~truncated).any() else torch.zeros(1, device=dev)
+        m["completions/mean_terminated_length"].append(term.mean().item())
+        m["completions/min_terminated_length"].append(term.min().item())
+        m["completions/max_terminated_length"].append(term.max().item())
+        return prompt_ids, completion_ids, None, completions, ro.logp_model.tolist(), {}, None, []
+
+    def _truncated(self, ro: Rollout) -> torch.Tensor:
+        """``[B]`` bool: no EOS among the rollout's tokens."""
+        eos = self.processing_class.eos_token_id
+        if eos is None:
+            return torch.ones(ro.batch_size, dtype=torch.bool)
+        return ~(ro.completion_ids == eos).any(1).cpu()
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        # reward functions receive the ids up to the first EOS, like the text
+        return super()._calculate_rewards(inputs, prompts, completions, self._reward_ids)
+
+    def _generate_and_score_completions(self, inputs):
+        mask_truncated = self.mask_truncated_completions
+        self.mask_truncated_completions = False  # TRL's test looks at the last token; ours: no EOS at all
+        self._generating = True
+        try:
+            out = super()._generate_and_score_completions(inputs)
+        finally:
+            self._generating = False
+            self.mask_truncated_completions = mask_truncated
+        ro = self._pending_rollout.to(self.accelerator.device)
+        self._pending_rollout = None
+        B, N = ro.completion_ids.shape
+        if out["completion_ids"].shape != (B, N):
+            raise RuntimeError(f"EsoGRPOTrainer: TRL padded the completions to {tuple(out['completion_ids'].shape)}, expected {(B, N)} (pad_to_multiple_of must be None)")
+        if mask_truncated:
+            keep = (~self._truncated(ro)).to(out["completion_mask"].device)
+            out["completion_mask"] = out["completion_mask"] * keep[:, None].to(out["completion_mask"].dtype)
+            out["num_items_in_batch"] = self.accelerator.gather(out["completion_mask"].sum()).sum()
+        out[_ORDER], out[_STEPS], out[_IDS] = ro.order, ro.steps, ro.sample_ids.to(ro.order.device)
+        out[_SIZES] = ro.step_sizes[None].expand(B, -1).clone()  # per sample, so that TRL's split keeps it
+        mode = "train" if self.model.training else "eval"
+        self._score_old_and_ref(out, ro, mode)
+        return out
+
+    @torch.no_grad()
+    def _score_old_and_ref(self, out: dict, ro: Rollout, mode: str) -> None:
+        """Old and reference log-probs ``[B, μ, N]`` (one slice per inner iteration) under the
+        estimator, before any update. TRL left placeholders (or nothing) for them."""
+        est = self.estimator_cfg
+        deterministic = est.likelihood in ("exact", "replay")
+        mu = self.num_iterations if mode == "train" else 1
+        gen = self._generation_step() if mode == "train" else -1
+        seeds = [self.estimator_seed(gen, it) for it in range(mu)]
+        need_old = "old_per_token_logps" in out
+        out.pop("old_per_token_logps", None)
+        out.pop("ref_per_token_logps", None)
+        if est.likelihood == "exact":
+            out["old_per_token_logps"] = ro.logp_model.to(out["completion_ids"].device).float()
+        elif need_old:
+            lps = [self._score(self.policy, ro, s)[0] for s in (seeds[:1] if deterministic else seeds)]
+            out[_OLD] = torch.stack(lps, 1).expand(-1, mu, -1).clone() if deterministic else torch.stack(lps, 1)
+        if self.beta != 0.0:
+            with self._reference() as ref_policy:
+                lps = [self._score(ref_policy, ro, s)[0] for s in (seeds[:1] if deterministic else seeds)]
+            out[_REF] = torch.stack(lps, 1).expand(-1, mu, -1).clone() if deterministic else torch.stack(lps, 1)
+
+    @contextlib.contextmanager
+    def _reference(self):
+        """The reference policy: TRL's ``ref_model``, or (PEFT) the policy with its adapters
+        disabled, as TRL does."""
+        if self.ref_model is not None:
+            yield EsoPolicy(self.ref_model, self.processing_class, self.args.sampling(), self.accelerator, self.args.attention_backend)
+            return
+        from trl.trainer.utils import use_adapter
+
+        model = self.accelerator.unwrap_model(self.model)
+        with use_adapter(model, adapter_name="ref" if "ref" in getattr(model, "peft_config", {}) else None):
+            yield self.policy
+
+    def _score(self, policy: EsoPolicy, ro: Rollout, seed: int, entropy: bool = False):
+        """Per-token log-probs ``[B, N]`` (and entropies) of ``ro`` under the estimator, chunked
+        by ``per_device_train_batch_size``."""
+        est = self.estimator_cfg
+        params = est.params(self.args.sampling_alpha0, seed)
+        mb = self.args.per_device_train_batch_size
+        lps, ents = [], []
+        for i in range(0, ro.batch_size, mb):
+            sub = ro.index(torch.arange(i, min(i + mb, ro.batch_size), device=ro.order.device))
+            lp, _, ent = policy.log_probs(sub, est.likelihood, with_entropy=True, **params) if entropy else (*policy.log_probs(sub, est.likelihood, **params), None)
+            lps.append(lp)
+            ents.append(ent)
+        return torch.cat(lps), (torch.cat(ents) if entropy else None)
+
+    # ------------------------------------------------------------------ the loss
+    def _micro_batch_rollout(self, inputs: dict) -> Rollout:
+        """The micro-batch's :class:`Rollout` rebuilt from TRL's (split, shuffled) inputs."""
+        cids = inputs["completion_ids"]
+        s = self.args.sampling()
+        return Rollout(prompt_ids=inputs["prompt_ids"], prompt_mask=inputs["prompt_mask"].bool(), completion_ids=cids, order=inputs[_ORDER],
+                       step_sizes=inputs[_SIZES][0], steps=inputs[_STEPS], completion_mask=torch.ones_like(cids, dtype=torch.bool),
+                       text_mask=first_eos_mask(cids, self.processing_class.eos_token_id), temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                       sample_ids=inputs[_IDS])
+
+    def _compute_loss(self, model, inputs):
+        mode = "train" if self.model.training else "eval"
+        it = self._iteration() if mode == "train" else 0
+        inputs = dict(inputs)
+        for key, trl_key in ((_OLD, "old_per_token_logps"), (_REF, "ref_per_token_logps")):
+            if key in inputs:
+                inputs[trl_key] = inputs[key][:, it]
+        self._micro_rollout = self._micro_batch_rollout(inputs)
+        self._micro_seed = self.estimator_seed(self._generation_step() if mode == "train" else -1, it)
+        try:
+            return super()._compute_loss(model, inputs)
+        finally:
+            self._micro_rollout = None
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False, **kwargs):
+        """The estimator's per-token log-probs ``[B, N]`` and entropies ``[B, N]`` of the
+        current micro-batch (TRL's signature; the rollout comes from ``_compute_loss``)."""
+        if self._generating:
+            # TRL's own old/reference scoring during generation: answered by
+            # _score_old_and_ref once the rollout tensors are attached (no forward here)
+            B = input_ids.shape[0]
+            return torch.zeros(B, logits_to_keep, device=input_ids.device), None, None
+        ro = self._micro_rollout
+        if ro is None:
+            raise RuntimeError("EsoGRPOTrainer: log-probs requested outside a loss computation")
+        if input_ids.shape[1] - ro.prompt_ids.shape[1] != ro.num_new:
+            raise RuntimeError("EsoGRPOTrainer: the micro-batch's ids and its rollout disagree")
+        policy = self.policy if model is self.model else EsoPolicy(model, self.processing_class, self.args.sampling(), self.accelerator, self.args.attention_backend)
+        lp, ent = self._score(policy, ro, self._micro_seed, entropy=True)
+        return lp, (ent if compute_entropy else None), None
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save(self, output_dir=None, state_dict=None):
+        super()._save(output_dir, state_dict)
+        # the tokenizer travels with every saved model, so a checkpoint is a loadable policy
+        if self.args.should_save and self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir or self.args.output_dir)
+
+
+def config_from_dict(values: dict) -> EsoGRPOConfig:
+    """An :class:`EsoGRPOConfig` from a recipe section, naming an unknown field."""
+    known = {f.name for f in dataclasses.fields(EsoGRPOConfig) if f.init}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"grpo: unknown field(s) {', '.join(unknown)} (trl.GRPOConfig fields plus the Eso-LM ones; see `esorl config grpo`)")
+    return EsoGRPOConfig(**values)
+
+
+__all__ = ["EsoGRPOConfig", "EsoGRPOTrainer", "config_from_dict"]

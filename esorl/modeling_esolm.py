@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-from transformers import PreTrainedModel
+from transformers import GenerationConfig, PreTrainedModel
 
 from .attention import TokenDesc, attend
 from .configuration_esolm import EsoLMConfig
@@ -271,6 +271,11 @@ class EsoLMModel(PreTrainedModel):
 
     def __init__(self, config: EsoLMConfig):
         super().__init__(config)
+        # ``transformers`` only gives models that can ``generate()`` a generation config, but
+        # trainers (TRL) read its special ids; the model's own sampler is esorl.sampling
+        self.generation_config = GenerationConfig(
+            bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
+        )
         self.vocab_embed = EmbeddingLayer(config.vocab_size, config.hidden_size)
         self.sigma_map = TimestepEmbedder(config.cond_dim, config.frequency_embedding_size)
         self.rotary_emb = Rotary(config.head_dim, config.rotary_base)
@@ -386,25 +391,40 @@ class EsoLMModel(PreTrainedModel):
 
 
 def unwrap(model):
-    """The :class:`EsoLMModel` inside DDP / DeepSpeed / compile wrappers."""
-    while not isinstance(model, EsoLMModel) and hasattr(model, "module"):
-        model = model.module
-    return getattr(model, "_orig_mod", model)
+    """The :class:`EsoLMModel` inside DDP / DeepSpeed (``.module``), ``torch.compile``
+    (``._orig_mod``) and peft (``PeftModel.get_base_model()``) wrappers, in any nesting;
+    anything else is returned as is."""
+    while not isinstance(model, EsoLMModel):
+        if hasattr(model, "module"):
+            inner = model.module
+        elif hasattr(model, "_orig_mod"):
+            inner = model._orig_mod
+        elif hasattr(model, "get_base_model"):  # peft: PeftModel -> LoraModel -> the model
+            inner = model.get_base_model()
+        else:
+            break
+        if inner is model:
+            break
+        model = inner
+    return model
 
 
 def model_config(model) -> EsoLMConfig:
+    """The :class:`EsoLMConfig` of the Eso-LM inside ``model`` (see :func:`unwrap`)."""
     return unwrap(model).config
 
 
 def register_auto_classes() -> None:
-    """Make ``AutoConfig`` / ``AutoModel`` / ``AutoModelForMaskedLM`` resolve ``model_type='esolm'``."""
-    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+    """Make ``AutoConfig`` / ``AutoModel`` / ``AutoModelForMaskedLM`` / ``AutoModelForCausalLM``
+    resolve ``model_type='esolm'`` (TRL rebuilds a reference model with
+    ``AutoModelForCausalLM.from_pretrained(config._name_or_path)``). Idempotent."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 
     try:
         AutoConfig.register("esolm", EsoLMConfig)
     except ValueError:
         pass  # already registered
-    for auto in (AutoModel, AutoModelForMaskedLM):
+    for auto in (AutoModel, AutoModelForMaskedLM, AutoModelForCausalLM):
         try:
             auto.register(EsoLMConfig, EsoLMModel)
         except ValueError:

@@ -196,12 +196,32 @@ def describe(cls, prefix: str = "") -> list[str]:
         if _is_dc(tp):
             lines += describe(tp, prefix + f.name + ".")
             continue
+        if "config_class" in f.metadata:  # a section kept as a mapping and built later (e.g. TRL's GRPOConfig)
+            import importlib
+
+            mod, _, name = f.metadata["config_class"].partition(":")
+            lines += describe_fields(getattr(importlib.import_module(mod), name), prefix + f.name + ".")
+            continue
         if typing.get_origin(tp) is list and typing.get_args(tp) and _is_dc(typing.get_args(tp)[0]):
             lines += describe(typing.get_args(tp)[0], prefix + f.name + "[].")
             continue
         default = f.default if f.default is not dataclasses.MISSING else (f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
         h = f.metadata.get("help")
         lines.append(f"{prefix}{f.name}: {getattr(tp, '__name__', str(tp))} = {default!r}" + (f"  # {h}" if h else ""))
+    return lines
+
+
+def describe_fields(cls, prefix: str) -> list[str]:
+    """One line per field of a (``transformers``-style) dataclass whose help is in
+    ``metadata["help"]``: name, default, the help's first sentence."""
+    lines = [f"# [{prefix.rstrip('.')}] {cls.__module__}.{cls.__name__}"]
+    for f in dataclasses.fields(cls):
+        if not f.init or f.name.startswith("_"):
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
+        h = " ".join(str(f.metadata.get("help", "")).split())
+        h = h.split(". ")[0][:160]
+        lines.append(f"{prefix}{f.name} = {default!r}" + (f"  # {h}" if h else ""))
     return lines
 
 

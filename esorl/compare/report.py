@@ -23,7 +23,7 @@ def _final(recs, key="reward", last=5):
 def _time_to(recs, thr):
     t = 0.0
     for r in recs:
-        t += r.get("time/step", 0.0)
+        t += r.get("step_time", 0.0)
         if r.get("reward", -math.inf) >= thr:
             return t
     return None
@@ -47,7 +47,7 @@ def _band(ax, runs_for_est, xkey, ykey, label):
     if xkey == "step":
         X = np.array([x["step"] for x in seqs[0][:n]])
     else:
-        X = np.mean([np.cumsum([x.get("time/step", 0.0) for x in r[:n]]) for r in seqs], axis=0)
+        X = np.mean([np.cumsum([x.get("step_time", 0.0) for x in r[:n]]) for r in seqs], axis=0)
     m = Y.mean(0)
     s = Y.std(0, ddof=1) if len(seqs) > 1 else np.zeros_like(m)  # sample std over seeds
     ax.plot(X, m, label=label)
@@ -55,6 +55,13 @@ def _band(ax, runs_for_est, xkey, ykey, label):
     if (Y >= 0).all():  # a non-negative quantity (reward, KL): the band does not cross below 0
         lo = np.maximum(lo, 0.0)
     ax.fill_between(X, lo, m + s, alpha=0.2)
+
+
+def run_recipe_args(cfg):
+    """The resolved GRPO settings of the comparison's first arm (shared by every arm)."""
+    from .runner import run_recipe
+
+    return run_recipe(cfg, cfg.estimators[0], cfg.seeds[0]).args()
 
 
 def write_report(cfg, out: Path, diag: dict) -> dict:
@@ -66,6 +73,7 @@ def write_report(cfg, out: Path, diag: dict) -> dict:
     runs = load_runs(cfg, out)
     names = [e.name for e in cfg.estimators]
     plots = []
+    g = run_recipe_args(cfg)
 
     for xkey, fname, xl in (("step", "reward_vs_step.png", "step"), ("time", "reward_vs_time.png", "wall-clock (s)")):
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -78,7 +86,7 @@ def write_report(cfg, out: Path, diag: dict) -> dict:
         plots.append(fname)
     fig, ax = plt.subplots(figsize=(6, 4))
     for n in names:
-        _band(ax, runs[n], "step", "train/kl", n)
+        _band(ax, runs[n], "step", "kl", n)
     # KL spans orders of magnitude across estimators (mc_elbo's importance weights): a
     # symmetric log axis shows every series (and zeros) instead of flattening all but one
     ax.set_yscale("symlog", linthresh=1e-3)
@@ -93,8 +101,10 @@ def write_report(cfg, out: Path, diag: dict) -> dict:
         def mean(k):
             v = [r[k] for r in recs if k in r]
             return sum(v) / len(v) if v else float("nan")
-        cost[n] = {"step": mean("time/step"), "rollout": mean("time/rollout"), "score": mean("time/score"), "update": mean("time/update"),
-                   "memory_mb": max([r.get("memory/peak_mb", 0) for r in recs] or [float("nan")]), "tokens_per_s": mean("tokens_per_s")}
+        cost[n] = {"step": mean("step_time"), "rollout": mean("time/rollout"), "score": mean("time/score"),
+                   "update": mean("step_time") - mean("time/rollout") - mean("time/score"),
+                   "memory_mb": max([r.get("memory/peak_mb", 0) for r in recs] or [float("nan")]),
+                   "tokens_per_s": g.generation_batch_size * g.max_completion_length / mean("step_time")}
     fig, ax = plt.subplots(figsize=(6, 4))
     bottom = [0.0] * len(names)
     for ph in ("rollout", "score", "update"):
@@ -134,9 +144,9 @@ def write_report(cfg, out: Path, diag: dict) -> dict:
     lines = [
         "# exact vs Monte Carlo likelihoods in GRPO",
         "",
-        f"Recipe: `{cfg.output_dir}` · estimators {', '.join(names)} · seeds {list(cfg.seeds)} · {cfg.grpo.max_steps} steps · "
-        f"{cfg.grpo.per_device_train_batch_size * cfg.grpo.gradient_accumulation_steps} completions/step ({cfg.grpo.num_generations} per prompt) · "
-        f"N = {cfg.grpo.max_completion_length} · sampling α0 = {cfg.grpo.sampling_alpha0}, T = {cfg.grpo.diffusion_steps} · β = {cfg.grpo.beta} · μ = {cfg.grpo.num_iterations}.",
+        f"Recipe: `{cfg.output_dir}` · estimators {', '.join(names)} · seeds {list(cfg.seeds)} · {g.max_steps} steps · "
+        f"{g.generation_batch_size} completions/step ({g.num_generations} per prompt) · "
+        f"N = {g.max_completion_length} · sampling α0 = {g.sampling_alpha0}, T = {g.diffusion_steps} · β = {g.beta} · μ = {g.num_iterations} · loss {g.loss_type}.",
         "Every run starts from the same weights and sees the same prompts and the same rollout noise (keyed by seed, step, sample); only the estimator differs. All numbers below are read from the runs' `metrics.jsonl` and `diagnostics.json`.",
         "",
         "| estimator | initial reward | final reward (mean ± std over seeds, last 5 steps) | time to reward ≥ %.3g (s, per seed) | s / step | score s / step | peak memory (MB) | diverged (seed: step) |" % cfg.reward_threshold,
@@ -190,7 +200,7 @@ def write_report(cfg, out: Path, diag: dict) -> dict:
 
 
 def plot_reward_curve(metrics_path: Path, png: Path, title: str = "") -> Path:
-    """Mean training reward per step (and held-out ``eval/reward`` where logged) of one run."""
+    """Mean training reward per step (and held-out ``eval_reward`` where logged) of one run."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -199,11 +209,11 @@ def plot_reward_curve(metrics_path: Path, png: Path, title: str = "") -> Path:
     recs = read_metrics(metrics_path)
     fig, ax = plt.subplots(figsize=(6, 4))
     tr = _series(recs, "reward")
-    ev = _series(recs, "eval/reward")
+    ev = _series(recs, "eval_reward")
     if tr:
         ax.plot(*zip(*tr), label="train reward (mean over the step's completions)")
     if ev:
-        ax.plot(*zip(*ev), "o-", label="held-out prompts (eval/reward)")
+        ax.plot(*zip(*ev), "o-", label="held-out prompts (eval_reward)")
     ax.set_xlabel("step"), ax.set_ylabel("reward per completion (mean)"), ax.grid(alpha=0.3), ax.legend(fontsize=8)
     if title:
         ax.set_title(title)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from ..config import load_config, save_config
 from ..policy import EstimatorConfig
 from ..rl.common import PolicyArgs, PromptArgs, RewardSpec, check_policy_source
-from ..rl.grpo import EsoGRPOConfig, EsoGRPOTrainer, GRPORecipe
+from ..rl.grpo import GRPORecipe, build_grpo_trainer, run_grpo
 from ..train.common import LoggingConfig, TrainingDiverged
 from ..train.run_dir import claim
 
@@ -65,7 +65,8 @@ class DiagnosticsArgs:
 
 @dataclass
 class CompareConfig:
-    """A comparison: the RL recipe (``policy``, ``prompts``, ``rewards``, ``grpo``), the
+    """A comparison: the RL recipe (``policy``, ``prompts``, ``rewards``, ``grpo``: the
+    fields of :class:`~esorl.rl.grpo_trainer.EsoGRPOConfig`, TRL's names), the
     ``estimators`` and ``seeds``, ``diagnostics``, ``reward_threshold`` (for the report's
     time-to-threshold column), ``notes`` (caveats of the set-up, copied into the report's
     summary), ``output_dir`` (runs, diagnostics, report) and ``logging``."""
@@ -74,7 +75,7 @@ class CompareConfig:
     policy: PolicyArgs = field(default_factory=PolicyArgs)
     prompts: PromptArgs = field(default_factory=PromptArgs)
     rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec()])
-    grpo: EsoGRPOConfig = field(default_factory=EsoGRPOConfig)
+    grpo: dict = field(default_factory=dict, metadata={"config_class": "esorl.rl.grpo_trainer:EsoGRPOConfig"})
     estimators: list[EstimatorSpec] = field(default_factory=lambda: [EstimatorSpec("exact", "exact"), EstimatorSpec("mc_elbo_n4", "mc_elbo", 4), EstimatorSpec("one_step", "one_step")])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     diagnostics: DiagnosticsArgs = field(default_factory=DiagnosticsArgs)
@@ -90,12 +91,14 @@ class CompareConfig:
             raise ValueError("compare.seeds: at least one seed")
         for e in self.estimators:
             e.config().validate()
+        run_recipe(self, self.estimators[0], self.seeds[0]).validate()  # the grpo section, before any run
 
 
 def run_recipe(cfg: CompareConfig, est: EstimatorSpec, seed: int) -> GRPORecipe:
-    g = copy.deepcopy(cfg.grpo)
-    g.likelihood, g.mc_samples, g.p_mask, g.seed = est.likelihood, est.mc_samples, est.p_mask, seed
-    g.output_dir = str(Path(cfg.output_dir) / "runs" / f"{est.name}-s{seed}")
+    """The GRPO recipe of one arm and seed: the shared ``grpo`` section with the arm's
+    estimator, the seed and the arm's own output directory."""
+    g = {**cfg.grpo, "likelihood": est.likelihood, "mc_samples": est.mc_samples, "p_mask": est.p_mask, "seed": seed,
+         "output_dir": str(Path(cfg.output_dir) / "runs" / f"{est.name}-s{seed}")}
     return GRPORecipe(policy=cfg.policy, prompts=cfg.prompts, rewards=cfg.rewards, grpo=g, logging=copy.deepcopy(cfg.logging))
 
 
@@ -118,19 +121,21 @@ def _run_compare(cfg: CompareConfig, out: Path) -> dict:
     bar = tqdm(jobs, desc="compare runs", dynamic_ncols=True)
     for est, seed in bar:
         rec = run_recipe(cfg, est, seed)
-        run_dir = Path(rec.grpo.output_dir)
+        run_dir = Path(rec.grpo["output_dir"])
         bar.set_postfix(run=run_dir.name)
         if (run_dir / "model" / "config.json").exists() or (run_dir / "DIVERGED").exists():
             continue  # finished (or diverged): never run again
-        tr = EsoGRPOTrainer(rec, *(shared_rewards or (None, None)))
-        shared_rewards = (tr.reward_funcs, tr.reward_weights)  # reward models load once
+        if shared_rewards is None:  # reward models load once, for every arm
+            from ..rl.common import build_rewards
+
+            shared_rewards = build_rewards(cfg.rewards, cfg.prompts.cache_dir, cfg.prompts)
         try:
-            tr.run(resume="auto")
+            res = run_grpo(rec, resume="auto", reward_funcs=shared_rewards[0], reward_weights=shared_rewards[1])
+            del res
         except TrainingDiverged as e:
             # a diverged arm is a result of the comparison, not a crash of it
             (run_dir / "DIVERGED").write_text(str(e) + "\n")
             tqdm.write(f"[esorl] {run_dir.name} diverged: {e}")
-        del tr
     bar.close()
     diag = {}
     if cfg.diagnostics.enabled:
@@ -149,22 +154,22 @@ def run_diagnostics(cfg: CompareConfig, rewards=None) -> dict:
     exact_spec = next((e for e in cfg.estimators if e.likelihood == "exact"), EstimatorSpec("exact", "exact"))
     for when in cfg.diagnostics.when:
         rec = run_recipe(cfg, exact_spec, cfg.seeds[0])
-        rec.grpo.output_dir = str(Path(cfg.output_dir) / "diagnostics_scratch")
+        rec.grpo["output_dir"] = str(Path(cfg.output_dir) / "diagnostics_scratch")
         rec.logging.wandb_mode = "disabled"
         if when == "final":
             final = Path(cfg.output_dir) / "runs" / f"{exact_spec.name}-s{cfg.seeds[0]}" / "model"
             if not (final / "config.json").exists():
                 continue
             rec.policy = PolicyArgs(init_from=str(final), tokenizer=rec.policy.tokenizer or str(final))
-        tr = EsoGRPOTrainer(rec, *(rewards or (None, None)))
+        tr = build_grpo_trainer(rec, *(rewards or (None, None)), report_to="none")
+        batches = [tr.sample_batch(tr.rows_for(10_000 + i), 10_000 + i) for i in range(max(1, cfg.diagnostics.fresh_batches))]
         tr.model.eval()
-        batches = [tr.rollout(10_000 + i) for i in range(max(1, cfg.diagnostics.fresh_batches))]
         for b in batches:
             b["rollout"] = b["rollout"].to(tr.accelerator.device)
         ests = {e.name: e.config() for e in cfg.estimators}
         t0 = time.time()
-        d = estimator_diagnostics(tr.policy, batches, ests, cfg.grpo.sampling_alpha0, cfg.diagnostics.draws, cfg.diagnostics.ref_n)
-        scaling = {str(n): mc_elbo_fixed_batch_variance(tr.policy, batches[0]["rollout"], batches[0]["advantages"], n, cfg.grpo.sampling_alpha0, cfg.diagnostics.draws)
+        d = estimator_diagnostics(tr.policy, batches, ests, tr.args.sampling_alpha0, cfg.diagnostics.draws, cfg.diagnostics.ref_n)
+        scaling = {str(n): mc_elbo_fixed_batch_variance(tr.policy, batches[0]["rollout"], batches[0]["advantages"], n, tr.args.sampling_alpha0, cfg.diagnostics.draws)
                    for n in cfg.diagnostics.mc_n_scaling}
         res[when] = {"estimators": d, "mc_elbo_grad_var_by_n": scaling, "time_s": time.time() - t0, "batch_size": batches[0]["rollout"].batch_size}
     return res

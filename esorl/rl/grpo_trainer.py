@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -72,6 +73,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from ..modeling_esolm import EsoLMModel, unwrap
 from ..policy import EsoPolicy, EstimatorConfig
+from .common import peak_memory_mb
 from ..rollout import Rollout, first_eos_mask
 from ..sampling import SamplingConfig
 from ..schedule import ScheduleConfig, make_generator
@@ -100,6 +102,9 @@ class EsoGRPOConfig(GRPOConfig):
     disable_dropout: bool = field(default=True, metadata={"help": "Disable dropout (TRL's field; on by default for Eso-LMs)."})
 
     def __post_init__(self):
+        if self.bf16 is None:
+            # TRL's default (bf16 unless fp16) where bf16 is fast; full precision on CPU
+            self.bf16 = (not self.fp16) and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         super().__post_init__()
         self.estimator().validate()
         self.sampling().validate()
@@ -157,6 +162,12 @@ class EsoGRPOTrainer(GRPOTrainer):
         super().__init__(model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, reward_processing_classes=reward_processing_classes, callbacks=callbacks,
                          optimizers=optimizers, peft_config=peft_config, **kwargs)
+        from .callbacks import MetricsJSONL, NonFiniteGradients
+
+        self.add_callback(MetricsJSONL(args.output_dir))
+        self.nonfinite = NonFiniteGradients(self)
+        self.add_callback(self.nonfinite)
+        self._last_grad_norm = None
         self.estimator_cfg = args.estimator()
         self.policy = EsoPolicy(self.model, processing_class, args.sampling(), self.accelerator, args.attention_backend)
         self._generating = False  # inside TRL's generation: its old/ref scoring calls are answered by us afterwards
@@ -195,7 +206,9 @@ class EsoGRPOTrainer(GRPOTrainer):
             seed, step = self.args.seed, self._generation_step()
         else:
             seed, step = self.args.seed + _EVAL_SEED_OFFSET, 0
+        t0 = time.perf_counter()
         ro = self.policy.generate(prompts, seed, step, sample_ids)
+        self._metrics[mode]["time/rollout"].append(time.perf_counter() - t0)
         self._pending_rollout = ro
         prompt_ids = [ids[m].tolist() for ids, m in zip(ro.prompt_ids, ro.prompt_mask)]
         completion_ids = ro.completion_ids.tolist()  # every sampled token: the loss counts them all
@@ -251,7 +264,10 @@ class EsoGRPOTrainer(GRPOTrainer):
         out[_ORDER], out[_STEPS], out[_IDS] = ro.order, ro.steps, ro.sample_ids.to(ro.order.device)
         out[_SIZES] = ro.step_sizes[None].expand(B, -1).clone()  # per sample, so that TRL's split keeps it
         mode = "train" if self.model.training else "eval"
+        t0 = time.perf_counter()
         self._score_old_and_ref(out, ro, mode)
+        self._metrics[mode]["time/score"].append(time.perf_counter() - t0)
+        self._metrics[mode]["memory/peak_mb"].append(peak_memory_mb(self.accelerator.device))
         return out
 
     @torch.no_grad()
@@ -303,6 +319,33 @@ class EsoGRPOTrainer(GRPOTrainer):
             ents.append(ent)
         return torch.cat(lps), (torch.cat(ents) if entropy else None)
 
+    # ------------------------------------------------------------------ batches outside training
+    def rows_for(self, step: int) -> list[dict]:
+        """The rows of one generation batch drawn with ``step`` as seed (each prompt repeated
+        ``num_generations`` times, as TRL's sampler does): for diagnostics outside ``train``."""
+        ds = self.train_dataset
+        k = self.args.generation_batch_size // self.num_generations
+        perm = torch.randperm(len(ds), generator=make_generator(self.args.seed, _PURPOSE_EST, step, -1))[:k]
+        return [dict(ds[int(i)]) for i in perm for _ in range(self.num_generations)]
+
+    @torch.no_grad()
+    def sample_batch(self, rows: list[dict], gen_step: int) -> dict:
+        """Generate and score ``rows`` exactly as training would at ``global_step = gen_step``
+        (same rollout noise, rewards and advantages), without touching the run's state or
+        metrics. Returns ``{"rollout": Rollout, "advantages": [B], "inputs": TRL's batch}``."""
+        saved_step, was_training = self.state.global_step, self.model.training
+        saved_metrics = {k: list(v) for k, v in self._metrics["train"].items()}
+        self.state.global_step = gen_step
+        self.model.train()
+        try:
+            out = self._generate_and_score_completions(rows)
+        finally:
+            self.state.global_step = saved_step
+            self.model.train(was_training)
+            self._metrics["train"].clear()
+            self._metrics["train"].update(saved_metrics)
+        return {"rollout": self._micro_batch_rollout(out), "advantages": out["advantages"], "inputs": out}
+
     # ------------------------------------------------------------------ the loss
     def _micro_batch_rollout(self, inputs: dict) -> Rollout:
         """The micro-batch's :class:`Rollout` rebuilt from TRL's (split, shuffled) inputs."""
@@ -343,6 +386,12 @@ class EsoGRPOTrainer(GRPOTrainer):
         policy = self.policy if model is self.model else EsoPolicy(model, self.processing_class, self.args.sampling(), self.accelerator, self.args.attention_backend)
         lp, ent = self._score(policy, ro, self._micro_seed, entropy=True)
         return lp, (ent if compute_entropy else None), None
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # remembered for the non-finite guard (esorl.rl.callbacks.NonFiniteGradients), which
+        # runs between this norm and the optimizer step
+        self._last_grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        return self._last_grad_norm
 
     # ------------------------------------------------------------------ checkpoints
     def _save(self, output_dir=None, state_dict=None):

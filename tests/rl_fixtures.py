@@ -29,9 +29,12 @@ def make_tiny_policy(root: Path, hidden: int = 32, layers: int = 2, seed: int = 
 
 
 def recipe_dict(policy_dir: Path, out_dir: Path, cache: Path, **grpo) -> dict:
-    g = {"output_dir": str(out_dir), "learning_rate": 3e-3, "max_steps": 2, "per_device_train_batch_size": 8, "num_generations": 4,
-         "max_completion_length": 6, "diffusion_steps": 3, "sampling_alpha0": 1.0, "save_steps": 0, "eval_steps": 0,
-         "attention_backend": "sdpa", "log_completions": False, "num_completions_to_print": 0}
+    """A GRPO recipe on the tiny policy; ``grpo`` fields are EsoGRPOConfig's (TRL's names).
+    ``save_steps=k`` turns checkpoints on (default: none)."""
+    g = {"output_dir": str(out_dir), "learning_rate": 3e-3, "lr_scheduler_type": "constant", "adam_beta2": 0.99, "max_steps": 2,
+         "per_device_train_batch_size": 8, "num_generations": 4, "max_completion_length": 6, "diffusion_steps": 3, "sampling_alpha0": 1.0,
+         "save_strategy": "steps" if grpo.get("save_steps") else "no", "attention_backend": "sdpa", "log_completions": False,
+         "gradient_checkpointing": False, "disable_tqdm": True}
     g.update(grpo)
     return {
         "policy": {"init_from": str(policy_dir)},
@@ -59,3 +62,8 @@ class EvenIdReward:
             ids = self.tok(c, add_special_tokens=False)["input_ids"]
             out.append(sum(1 for i in ids if i % 2 == 0) / max(len(ids), 1))
         return out
+
+
+def even_id_reward_factory(policy_dir):
+    """``EvenIdReward`` as a recipe reward (``rewards: [{name: tests/rl_fixtures.py:even_id_reward_factory, kwargs: {policy_dir: ...}}]``)."""
+    return EvenIdReward(policy_dir)

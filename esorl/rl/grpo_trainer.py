@@ -105,6 +105,8 @@ class EsoGRPOConfig(GRPOConfig):
         if self.bf16 is None:
             # TRL's default (bf16 unless fp16) where bf16 is fast; full precision on CPU
             self.bf16 = (not self.fp16) and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        if self.bf16 and not torch.cuda.is_available():
+            self.use_cpu = True  # bf16 autocast on a machine without CUDA: transformers asks for use_cpu
         super().__post_init__()
         self.estimator().validate()
         self.sampling().validate()
@@ -127,6 +129,7 @@ class EsoGRPOConfig(GRPOConfig):
 
 # keys of the per-sample rollout tensors added to TRL's generation output (each [B, ...])
 _ORDER, _STEPS, _SIZES, _IDS, _OLD, _REF = "eso_order", "eso_steps", "eso_step_sizes", "eso_sample_ids", "eso_old_logps", "eso_ref_logps"
+_SAMPLER = "eso_sampler_logps"  # the sampler's recorded (model) log-probs, [B, N]
 
 
 class EsoGRPOTrainer(GRPOTrainer):
@@ -261,7 +264,7 @@ class EsoGRPOTrainer(GRPOTrainer):
             keep = (~self._truncated(ro)).to(out["completion_mask"].device)
             out["completion_mask"] = out["completion_mask"] * keep[:, None].to(out["completion_mask"].dtype)
             out["num_items_in_batch"] = self.accelerator.gather(out["completion_mask"].sum()).sum()
-        out[_ORDER], out[_STEPS], out[_IDS] = ro.order, ro.steps, ro.sample_ids.to(ro.order.device)
+        out[_ORDER], out[_STEPS], out[_IDS], out[_SAMPLER] = ro.order, ro.steps, ro.sample_ids.to(ro.order.device), ro.logp_model
         out[_SIZES] = ro.step_sizes[None].expand(B, -1).clone()  # per sample, so that TRL's split keeps it
         mode = "train" if self.model.training else "eval"
         t0 = time.perf_counter()
@@ -354,7 +357,7 @@ class EsoGRPOTrainer(GRPOTrainer):
         return Rollout(prompt_ids=inputs["prompt_ids"], prompt_mask=inputs["prompt_mask"].bool(), completion_ids=cids, order=inputs[_ORDER],
                        step_sizes=inputs[_SIZES][0], steps=inputs[_STEPS], completion_mask=torch.ones_like(cids, dtype=torch.bool),
                        text_mask=first_eos_mask(cids, self.processing_class.eos_token_id), temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                       sample_ids=inputs[_IDS])
+                       sample_ids=inputs[_IDS], logp_model=inputs.get(_SAMPLER))
 
     def _compute_loss(self, model, inputs):
         mode = "train" if self.model.training else "eval"

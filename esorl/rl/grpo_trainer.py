@@ -105,8 +105,18 @@ class EsoGRPOConfig(GRPOConfig):
         if self.bf16 is None:
             # TRL's default (bf16 unless fp16) where bf16 is fast; full precision on CPU
             self.bf16 = (not self.fp16) and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        if self.bf16 and not torch.cuda.is_available():
-            self.use_cpu = True  # bf16 autocast on a machine without CUDA: transformers asks for use_cpu
+        if not torch.cuda.is_available():
+            import os
+
+            deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+            several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+            if self.bf16 or (several and not deepspeed):
+                # bf16 autocast without CUDA, or several CPU ranks (DDP): transformers and
+                # accelerate need use_cpu for both (an accelerate config's `use_cpu: true` does not
+                # reach the ranks it starts)
+                self.use_cpu = True
+            if several and self.ddp_backend is None:
+                self.ddp_backend = "gloo"  # CPU ranks, DeepSpeed's included
         super().__post_init__()
         self.estimator().validate()
         self.sampling().validate()

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from esorl.config import load_config
-from esorl.rl.grpo import EsoGRPOTrainer, GRPORecipe
+from esorl.rl.grpo import GRPORecipe, build_grpo_trainer, run_grpo
 from esorl.rl.ppo import EsoPPOTrainer, PPORecipe
 from esorl.train.common import MAX_CONSECUTIVE_SKIPPED, CheckpointError, TrainingDiverged, lr_factor, read_metrics
 from esorl.train.pretrain import run_pretrain
@@ -33,9 +33,17 @@ def policy_dir(tmp_path_factory):
     return make_tiny_policy(tmp_path_factory.mktemp("policy"))
 
 
-def grpo(policy_dir, out, **kw):
-    rec = load_config(GRPORecipe, None, [], base=recipe_dict(policy_dir, out / "run", out / "cache", **kw))
-    return EsoGRPOTrainer(rec, reward_funcs=[EvenIdReward(policy_dir)], reward_weights=[1.0])
+def grpo_recipe(policy_dir, out, **kw):
+    return load_config(GRPORecipe, None, [], base=recipe_dict(policy_dir, out / "run", out / "cache", **kw))
+
+
+def grpo_run(policy_dir, out, resume=False, **kw):
+    """A GRPO run on the tiny policy (TRL's GRPOTrainer under esorl's run directory)."""
+    return run_grpo(grpo_recipe(policy_dir, out, **kw), resume=resume, reward_funcs=[EvenIdReward(policy_dir)], reward_weights=[1.0])
+
+
+def grpo_trainer(policy_dir, out, callbacks=None, **kw):
+    return build_grpo_trainer(grpo_recipe(policy_dir, out, **kw), [EvenIdReward(policy_dir)], [1.0], callbacks=callbacks)
 
 
 def ppo(policy_dir, out, **kw):
@@ -90,9 +98,76 @@ def all_finite_checkpoints(run: Path):
 # ----------------------------------------------------------------------------- non-finite gradients
 
 
-@pytest.mark.parametrize("algo", ["grpo", "ppo"])
-def test_rl_nan_gradient_is_skipped_not_applied_or_checkpointed(policy_dir, tmp_path, algo):
-    make = grpo if algo == "grpo" else ppo
+def trl_checkpoints_finite(run: Path):
+    """Every ``checkpoint-*`` of a Trainer run holds finite weights and optimizer state."""
+    ck = sorted(run.glob("checkpoint-*"), key=lambda d: int(d.name.split("-")[1]))
+    assert ck, "no checkpoint written"
+    for d in ck:
+        for k, v in load_file(str(d / "model.safetensors")).items():
+            assert torch.isfinite(v).all(), (d.name, k)
+        st = torch.load(d / "optimizer.pt", weights_only=True)
+        for s in st["state"].values():
+            for k, v in s.items():
+                if isinstance(v, torch.Tensor) and v.is_floating_point():
+                    assert torch.isfinite(v).all(), (d.name, k)
+    return ck
+
+
+class _Poison:
+    """A TrainerCallback that makes the gradient of ``param`` NaN at the given optimizer steps
+    (1-based) and records the weights after every step."""
+
+    def __new__(cls, param, steps, params):
+        from transformers import TrainerCallback
+
+        class P(TrainerCallback):
+            snapshots = []
+
+            def on_step_begin(self, args, state, control, **kw):
+                if state.global_step + 1 in steps:
+                    poison_grad_once(param)
+
+            def on_step_end(self, args, state, control, **kw):
+                self.snapshots.append([p.detach().clone() for p in params])
+
+        return P()
+
+
+def test_grpo_nan_gradient_is_skipped_not_applied_or_checkpointed(policy_dir, tmp_path):
+    from esorl.policy import EsoPolicy  # noqa: F401  (the trainer's policy wraps the same model)
+
+    rec = grpo_recipe(policy_dir, tmp_path, max_steps=3, save_steps=1)
+    tr = build_grpo_trainer(rec, [EvenIdReward(policy_dir)], [1.0])
+    params = [p for p in tr.model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    spy = _Poison(params[0], {1}, params)
+    tr.add_callback(spy)
+    tr.train()
+    # step 1's update was dropped: weights equal the initial ones; step 2 updated again
+    assert all(torch.equal(a, b) for a, b in zip(before, spy.snapshots[0]))
+    assert not all(torch.equal(a, b) for a, b in zip(spy.snapshots[0], spy.snapshots[1]))
+    recs = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert [r["train/skipped_updates"] for r in recs] == [1, 1, 1]
+    assert recs[0]["grad_norm"] == "nan" and math.isfinite(recs[1]["grad_norm"])
+    trl_checkpoints_finite(tmp_path / "run")
+
+
+def test_grpo_repeated_nan_gradients_stop(policy_dir, tmp_path):
+    rec = grpo_recipe(policy_dir, tmp_path, max_steps=MAX_CONSECUTIVE_SKIPPED + 3, save_steps=1, save_total_limit=None)
+    tr = build_grpo_trainer(rec, [EvenIdReward(policy_dir)], [1.0])
+    params = [p for p in tr.model.parameters() if p.requires_grad]
+    tr.add_callback(_Poison(params[0], set(range(3, 100)), params))
+    with pytest.raises(TrainingDiverged, match=rf"in {MAX_CONSECUTIVE_SKIPPED} consecutive updates up to step {MAX_CONSECUTIVE_SKIPPED + 2}"):
+        tr.train()
+    ck = trl_checkpoints_finite(tmp_path / "run")
+    # the checkpoints of the skipped steps are finite and hold step 2's weights
+    assert ck[-1].name == f"checkpoint-{MAX_CONSECUTIVE_SKIPPED + 1}"
+    w2, wl = load_file(str(tmp_path / "run" / "checkpoint-2" / "model.safetensors")), load_file(str(ck[-1] / "model.safetensors"))
+    assert all(torch.equal(w2[k], wl[k]) for k in w2)
+
+
+def test_rl_nan_gradient_is_skipped_not_applied_or_checkpointed(policy_dir, tmp_path):
+    make = ppo
     tr = make(policy_dir, tmp_path, max_steps=3, save_steps=1)
     params = [p for p in tr.model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
@@ -113,33 +188,11 @@ def test_rl_nan_gradient_is_skipped_not_applied_or_checkpointed(policy_dir, tmp_
     assert not all(torch.equal(a, b) for a, b in zip(snapshots[0], snapshots[1]))
     assert all(torch.isfinite(p).all() for p in tr.model.parameters())
     recs = read_metrics(tmp_path / "run" / "metrics.jsonl")
-    key = "train/skipped_updates" if algo == "grpo" else "skipped_updates"
+    key = "skipped_updates"
     assert [r[key] for r in recs if key in r] == [1, 1, 1]
-    grad_key = "train/grad_norm" if algo == "grpo" else "grad_norm"
+    grad_key = "grad_norm"
     assert not math.isfinite(recs[0][grad_key]) and math.isfinite(recs[1][grad_key])
     all_finite_checkpoints(tmp_path / "run")
-
-
-def test_rl_repeated_nan_gradients_stop_with_the_logged_step(policy_dir, tmp_path):
-    tr = grpo(policy_dir, tmp_path, max_steps=MAX_CONSECUTIVE_SKIPPED + 3, save_steps=1)
-    p0 = next(p for p in tr.model.parameters() if p.requires_grad)
-    real = tr.step_once
-
-    def step_once(t0):
-        if tr.step >= 2:
-            poison_grad_once(p0)
-        return real(t0)
-
-    tr.step_once = step_once
-    last = f"step-{MAX_CONSECUTIVE_SKIPPED + 1:07d}"
-    with pytest.raises(TrainingDiverged, match=rf"in {MAX_CONSECUTIVE_SKIPPED} consecutive updates up to step {MAX_CONSECUTIVE_SKIPPED + 2}:.*{last}"):
-        tr.run()
-    ck = all_finite_checkpoints(tmp_path / "run")
-    # the checkpoints of the skipped steps are finite and hold step 2's weights
-    assert ck[-1].name == last
-    w2 = load_file(str(tmp_path / "run" / "checkpoints" / last / "model.safetensors"))
-    live = dict(tr.model.named_parameters())
-    assert all(torch.equal(v, live[k].detach()) for k, v in w2.items() if k in live)
 
 
 def test_pretrain_nan_gradient_is_skipped(tmp_path, monkeypatch):
@@ -180,29 +233,36 @@ def test_lr_factor_warmup_and_cosine():
         lr_factor(0, 0, "linear", 4)
 
 
-@pytest.mark.parametrize("algo", ["grpo", "ppo"])
-def test_rl_warmup_lr_at_each_optimizer_step(policy_dir, tmp_path, lr_log, algo):
-    make = grpo if algo == "grpo" else ppo
-    make(policy_dir, tmp_path, learning_rate=1e-3, warmup_steps=4, max_steps=5).run()
+def test_ppo_warmup_lr_at_each_optimizer_step(policy_dir, tmp_path, lr_log):
+    ppo(policy_dir, tmp_path, learning_rate=1e-3, warmup_steps=4, max_steps=5).run()
     assert lr_log == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
 
 
-def test_grpo_lr_counts_updates_with_several_iterations(policy_dir, tmp_path, lr_log):
-    grpo(policy_dir, tmp_path, learning_rate=1e-3, warmup_steps=3, max_steps=2, num_iterations=2).run()
-    assert lr_log == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3])
+def test_grpo_lr_is_transformers_schedule_over_optimizer_updates(policy_dir, tmp_path, lr_log):
+    """GRPO follows TRL: ``max_steps`` and ``warmup_steps`` count optimizer updates (μ per
+    generation batch) and the LR is transformers' schedule (its warm-up starts at 0)."""
+    grpo_run(policy_dir, tmp_path, learning_rate=1e-3, warmup_steps=3, max_steps=4, num_iterations=2, lr_scheduler_type="constant_with_warmup")
+    assert lr_log == pytest.approx([0.0, 1e-3 / 3, 2e-3 / 3, 1e-3])
 
 
 @pytest.mark.parametrize("algo", ["grpo", "ppo"])
 def test_rl_resume_with_a_longer_cosine_schedule(policy_dir, tmp_path, lr_log, algo):
-    make = grpo if algo == "grpo" else ppo
-    make(policy_dir, tmp_path, learning_rate=1e-3, lr_scheduler_type="cosine", max_steps=2, save_steps=1).run()
+    if algo == "grpo":
+        grpo_run(policy_dir, tmp_path, learning_rate=1e-3, lr_scheduler_type="cosine", max_steps=2, save_steps=1)
+    else:
+        ppo(policy_dir, tmp_path, learning_rate=1e-3, lr_scheduler_type="cosine", max_steps=2, save_steps=1).run()
     assert lr_log == pytest.approx([1e-3, 1e-3 * 0.5 * (1 + math.cos(math.pi / 2))])
     lr_log.clear()
     # resumed into a 6-step schedule with another peak LR and weight decay: both honoured
-    tr = make(policy_dir, tmp_path, learning_rate=2e-3, lr_scheduler_type="cosine", max_steps=6, save_steps=1, weight_decay=0.1)
-    tr.run(resume="latest")
+    kw = dict(learning_rate=2e-3, lr_scheduler_type="cosine", max_steps=6, save_steps=1, weight_decay=0.1)
+    if algo == "grpo":
+        opt = grpo_run(policy_dir, tmp_path, resume="latest", **kw)["trainer"].optimizer
+    else:
+        tr = ppo(policy_dir, tmp_path, **kw)
+        tr.run(resume="latest")
+        opt = tr.opt
     assert lr_log == pytest.approx([2e-3 * 0.5 * (1 + math.cos(math.pi * s / 6)) for s in range(2, 6)])
-    assert all(g["weight_decay"] == 0.1 for g in tr.opt.param_groups)
+    assert opt.param_groups[0]["weight_decay"] == 0.1
 
 
 def test_pretrain_resume_honours_a_new_schedule_and_batch_size(tmp_path, lr_log):
@@ -226,9 +286,9 @@ def test_resume_refuses_what_it_cannot_honour_before_any_work(policy_dir, tmp_pa
         run_pretrain(tiny_cfg(tmp_path, **{"train.max_steps": 5, "train.seed": 1}), resume="latest")
     with pytest.raises(CheckpointError, match=r"model\.hidden_size 32 → 64"):
         run_pretrain(tiny_cfg(tmp_path, **{"train.max_steps": 5, "model.hidden_size": 64}), resume="latest")
-    grpo(policy_dir, tmp_path / "g", max_steps=1, save_steps=1).run()
-    with pytest.raises(CheckpointError, match=r"grpo\.seed"):
-        grpo(policy_dir, tmp_path / "g", max_steps=2, seed=3).run(resume="latest")
+    grpo_run(policy_dir, tmp_path / "g", max_steps=1, save_steps=1)
+    with pytest.raises(CheckpointError, match=r"grpo\.seed 42 → 3"):
+        grpo_run(policy_dir, tmp_path / "g", resume="latest", max_steps=2, seed=3, save_steps=1)
 
 
 # ----------------------------------------------------------------------------- review regressions
@@ -265,21 +325,19 @@ def test_a_refused_resume_writes_nothing(policy_dir, tmp_path):
     with pytest.raises(CheckpointError, match="train.seed"):
         run_pretrain(tiny_cfg(tmp_path, **{"train.max_steps": 4, "train.seed": 7}), resume="latest")
     assert {f: (run / f).read_bytes() for f in before} == before
-    grpo(policy_dir, tmp_path / "g", max_steps=1, save_steps=1).run()
+    grpo_run(policy_dir, tmp_path / "g", max_steps=1, save_steps=1)
     g = tmp_path / "g" / "run"
     before = {f: (g / f).read_bytes() for f in ("config.yaml", "metrics.jsonl")}
     with pytest.raises(CheckpointError, match="grpo.seed"):
-        grpo(policy_dir, tmp_path / "g", max_steps=2, seed=9).run(resume="latest")
+        grpo_run(policy_dir, tmp_path / "g", resume="latest", max_steps=2, seed=9, save_steps=1)
     assert {f: (g / f).read_bytes() for f in before} == before
 
 
 def test_resume_with_nothing_saved_starts_from_step_zero(tmp_path, policy_dir):
     run_pretrain(tiny_cfg(tmp_path, **{"train.max_steps": 2}), resume="latest")
     assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "train/loss" in r] == [1, 2]
-    tr = grpo(policy_dir, tmp_path / "g", max_steps=1)
-    tr.resume("latest")  # by hand, as the Python API allows; run() then continues that state
-    tr.run()
-    assert [r["step"] for r in read_metrics(tmp_path / "g" / "run" / "metrics.jsonl")] == [1]
+    grpo_run(policy_dir, tmp_path / "g", resume="latest", max_steps=1)
+    assert [r["step"] for r in read_metrics(tmp_path / "g" / "run" / "metrics.jsonl") if "loss" in r] == [1]
 
 
 def test_resume_honours_moved_data_and_cache_dirs(tmp_path):

@@ -143,18 +143,15 @@ def build_grpo_trainer(recipe: GRPORecipe, reward_funcs=None, reward_weights=Non
 
 def resume_checkpoint(output_dir: str | Path, resume):
     """``Trainer.train``'s ``resume_from_checkpoint`` for esorl's ``--resume`` values:
-    ``False``/``None`` (start), ``"latest"``/``True`` (the newest checkpoint; an error if none),
-    ``"auto"`` (the newest if any), or a checkpoint directory."""
+    ``False``/``None`` (start), ``"latest"``/``True``/``"auto"`` (the newest checkpoint; a run
+    with none saved yet starts from step 0), or a checkpoint directory."""
     from transformers.trainer_utils import get_last_checkpoint
 
     if resume in (False, None, "", "false"):
         return None
     out = Path(output_dir)
     if resume in (True, "latest", "auto"):
-        last = get_last_checkpoint(str(out)) if out.is_dir() else None
-        if last is None and resume != "auto":
-            raise FileNotFoundError(f"--resume: no checkpoint-* directory in {out} to resume from")
-        return last
+        return get_last_checkpoint(str(out)) if out.is_dir() else None
     if not Path(resume).is_dir():
         raise FileNotFoundError(f"--resume {resume}: no such checkpoint directory")
     return str(resume)
@@ -173,6 +170,10 @@ def run_grpo(recipe: GRPORecipe, resume=False, overwrite: bool = False, reward_f
     lock = claim(out, resume, overwrite, None, "grpo.output_dir")
     try:
         ckpt = resume_checkpoint(out, resume)
+        if ckpt:
+            from .grpo_trainer import EsoGRPOTrainer
+
+            EsoGRPOTrainer.check_resume(ckpt, args)  # before any set-up work or write
         stop = StopOnSignal()
         trainer = build_grpo_trainer(recipe, reward_funcs, reward_weights, callbacks=[stop], **arg_overrides)
         if trainer.accelerator.is_main_process:

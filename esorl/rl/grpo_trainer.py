@@ -139,7 +139,8 @@ class EsoGRPOConfig(GRPOConfig):
 
 # keys of the per-sample rollout tensors added to TRL's generation output (each [B, ...])
 _ORDER, _STEPS, _SIZES, _IDS, _OLD, _REF = "eso_order", "eso_steps", "eso_step_sizes", "eso_sample_ids", "eso_old_logps", "eso_ref_logps"
-_SAMPLER = "eso_sampler_logps"  # the sampler's recorded (model) log-probs, [B, N]
+_SAMPLER = "eso_sampler_logps"
+_RUN_FILE = "esorl_run.json"  # in every checkpoint: the settings a resume must keep  # the sampler's recorded (model) log-probs, [B, N]
 
 
 class EsoGRPOTrainer(GRPOTrainer):
@@ -177,9 +178,9 @@ class EsoGRPOTrainer(GRPOTrainer):
                          optimizers=optimizers, peft_config=peft_config, **kwargs)
         from .callbacks import MetricsJSONL, NonFiniteGradients
 
-        self.add_callback(MetricsJSONL(args.output_dir))
         self.nonfinite = NonFiniteGradients(self)
-        self.add_callback(self.nonfinite)
+        self.add_callback(self.nonfinite)  # before the JSONL writer: it adds train/skipped_updates to the record
+        self.add_callback(MetricsJSONL(args.output_dir))
         self._last_grad_norm = None
         self.estimator_cfg = args.estimator()
         self.policy = EsoPolicy(self.model, processing_class, args.sampling(), self.accelerator, args.attention_backend)
@@ -406,7 +407,82 @@ class EsoGRPOTrainer(GRPOTrainer):
         self._last_grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
         return self._last_grad_norm
 
-    # ------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------ checkpoints and resume
+    # settings a resumed run cannot change: what they key, and why
+    FIXED_ON_RESUME = {"seed": "rollouts, prompt order and estimator noise are keyed by it",
+                       "generation_batch_size": "the data position of a resumed run counts generation batches",
+                       "num_generations": "the data position of a resumed run counts prompt groups"}
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        """``Trainer.train``; a resume first checks that the checkpoint's run can be continued
+        with the current settings (:meth:`check_resume`), and then follows the current
+        learning rate, schedule length and AdamW settings (``_load_optimizer_and_scheduler``)."""
+        if resume_from_checkpoint:
+            path = resume_from_checkpoint
+            if path is True:
+                from transformers.trainer_utils import get_last_checkpoint
+
+                path = get_last_checkpoint(self.args.output_dir)
+            if path:
+                self.check_resume(path, self.args)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    @classmethod
+    def check_resume(cls, checkpoint, args: "EsoGRPOConfig") -> None:
+        """Raise :class:`~esorl.train.common.CheckpointError` naming the setting if ``args``
+        changes one of :attr:`FIXED_ON_RESUME` against the run that wrote ``checkpoint``."""
+        import json
+        from pathlib import Path
+
+        from ..train.common import CheckpointError
+
+        f = Path(checkpoint) / _RUN_FILE
+        if not f.exists():
+            return  # a checkpoint of plain TRL: nothing recorded
+        saved = json.loads(f.read_text())
+        bad = [f"grpo.{k} {saved[k]!r} → {getattr(args, k)!r} ({why})" for k, why in cls.FIXED_ON_RESUME.items() if k in saved and saved[k] != getattr(args, k)]
+        if bad:
+            raise CheckpointError(f"cannot resume {checkpoint} with changed settings: {'; '.join(bad)}. Start a new run (another output_dir) "
+                                  "or restore these settings.")
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            import json
+            import os
+
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            d = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            rec = {k: getattr(self.args, k) for k in self.FIXED_ON_RESUME} | {"likelihood": self.args.likelihood, "skipped_updates": self.nonfinite.skipped_updates}
+            with open(os.path.join(d, _RUN_FILE), "w") as fh:
+                json.dump(rec, fh, indent=1)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        # a resumed run follows the current settings: the checkpoint's optimizer state carries the
+        # old AdamW hyper-parameters and its scheduler the old peak LR (its length comes from the
+        # current max_steps already: LambdaLR does not save its lambda)
+        a = self.args
+        for i, g in enumerate(self.optimizer.param_groups):
+            if "betas" in g:
+                g["betas"], g["eps"] = (a.adam_beta1, a.adam_beta2), a.adam_epsilon
+            if i == 0:  # Trainer's first group holds the decayed parameters
+                g["weight_decay"] = a.weight_decay
+        sch = self.lr_scheduler
+        if hasattr(sch, "base_lrs") and hasattr(sch, "lr_lambdas"):
+            sch.base_lrs = [a.learning_rate for _ in sch.base_lrs]
+            for g, lam in zip(self.optimizer.param_groups, sch.lr_lambdas):
+                g["lr"] = a.learning_rate * lam(sch.last_epoch)
+        import json
+        from pathlib import Path
+
+        f = Path(checkpoint) / _RUN_FILE
+        if f.exists():
+            self.nonfinite.skipped_updates = int(json.loads(f.read_text()).get("skipped_updates", 0))
+
     def _save(self, output_dir=None, state_dict=None):
         super()._save(output_dir, state_dict)
         # the tokenizer travels with every saved model, so a checkpoint is a loadable policy

@@ -9,7 +9,7 @@ import torch
 from esorl.compare.diagnostics import mc_elbo_fixed_batch_variance
 from esorl.compare.runner import CompareConfig, run_compare
 from esorl.config import load_config
-from esorl.rl.grpo import EsoGRPOTrainer, GRPORecipe
+from esorl.rl.grpo import GRPORecipe, build_grpo_trainer
 from esorl.train.common import read_metrics
 
 from rl_fixtures import EvenIdReward, make_tiny_policy, recipe_dict
@@ -24,6 +24,7 @@ def _cfg(policy_dir, tmp_path, **extra):
     base = recipe_dict(policy_dir, tmp_path / "unused", tmp_path / "cache", max_steps=3, beta=0.05)
     g = base["grpo"]
     g.pop("output_dir")
+    g.update(save_strategy="steps", save_steps=10)
     d = {"output_dir": str(tmp_path / "cmp"), "policy": base["policy"], "prompts": base["prompts"], "grpo": g,
          "rewards": [{"name": "rl_fixtures:EvenIdReward", "kwargs": {"policy_dir": str(policy_dir)}}],
          "estimators": [{"name": "exact", "likelihood": "exact"}, {"name": "mc4", "likelihood": "mc_elbo", "mc_samples": 4}],
@@ -44,7 +45,7 @@ def test_compare_end_to_end_report(policy_dir, tmp_path):
         assert p in report
     # the table's numbers are the metrics' numbers
     for name in ("exact", "mc4"):
-        recs = read_metrics(out / "runs" / f"{name}-s0" / "metrics.jsonl")
+        recs = [r for r in read_metrics(out / "runs" / f"{name}-s0" / "metrics.jsonl") if "loss" in r]
         assert len(recs) == 3
         final = sum(r["reward"] for r in recs[-5:]) / len(recs[-5:])
         row = next(line for line in report.splitlines() if line.startswith(f"| {name} |") and "±" in line)
@@ -52,7 +53,7 @@ def test_compare_end_to_end_report(policy_dir, tmp_path):
         assert cells[8] == "—"  # not diverged
         assert float(cells[2]) == pytest.approx(recs[0]["reward"], abs=5e-4)
         assert float(cells[3].split("±")[0]) == pytest.approx(final, abs=5e-4)
-        step_time = sum(r["time/step"] for r in recs) / len(recs)
+        step_time = sum(r["step_time"] for r in recs) / len(recs)
         assert float(cells[5]) == pytest.approx(step_time, abs=6e-3)
     diag = json.loads((out / "diagnostics.json").read_text())
     assert diag["initial"]["estimators"]["exact"]["grad_var_fixed_batch"] == 0.0
@@ -65,8 +66,8 @@ def test_compare_end_to_end_report(policy_dir, tmp_path):
 
 def test_mc_elbo_gradient_variance_falls_like_one_over_n(policy_dir, tmp_path):
     rec = load_config(GRPORecipe, None, [], base=recipe_dict(policy_dir, tmp_path / "run", tmp_path / "cache", per_device_train_batch_size=16))
-    tr = EsoGRPOTrainer(rec, reward_funcs=[EvenIdReward(policy_dir)], reward_weights=[1.0])
-    b = tr.rollout(0)
+    tr = build_grpo_trainer(rec, [EvenIdReward(policy_dir)], [1.0])
+    b = tr.sample_batch(tr.rows_for(0), 0)
     adv = torch.randn(b["rollout"].batch_size, generator=torch.Generator().manual_seed(0))  # non-degenerate advantages
     v4 = mc_elbo_fixed_batch_variance(tr.policy, b["rollout"], adv, 4, 1.0, draws=24)
     v16 = mc_elbo_fixed_batch_variance(tr.policy, b["rollout"], adv, 16, 1.0, draws=24)
@@ -78,25 +79,25 @@ def test_identical_rollouts_across_estimators(policy_dir, tmp_path):
     ros = []
     for est in ("exact", "mc_elbo", "one_step", "coupled"):
         rec = load_config(GRPORecipe, None, [], base=recipe_dict(policy_dir, tmp_path / est, tmp_path / "cache", likelihood=est, seed=3))
-        tr = EsoGRPOTrainer(rec, reward_funcs=[EvenIdReward(policy_dir)], reward_weights=[1.0])
-        ros.append(tr.rollout(0)["rollout"])
+        tr = build_grpo_trainer(rec, [EvenIdReward(policy_dir)], [1.0])
+        ros.append(tr.sample_batch(tr.rows_for(0), 0)["rollout"])
     for r in ros[1:]:
         assert torch.equal(r.completion_ids, ros[0].completion_ids)
         assert torch.equal(r.order, ros[0].order) and torch.equal(r.step_sizes, ros[0].step_sizes)
 
 
 def test_a_diverged_run_is_reported_not_fatal(policy_dir, tmp_path, monkeypatch):
-    import esorl.rl.grpo as grpo
+    import esorl.rl.grpo_trainer as gt
     from esorl.train.common import TrainingDiverged
 
-    real = grpo.EsoGRPOTrainer.train_step
+    real = gt.EsoGRPOTrainer._compute_loss
 
-    def boom(self, batch):
-        if self.cfg.likelihood == "mc_elbo" and self.step == 1:
+    def boom(self, model, inputs):
+        if self.args.likelihood == "mc_elbo" and self.state.global_step == 1:
             raise TrainingDiverged("loss is inf at step 1: stopping (test)")
-        return real(self, batch)
+        return real(self, model, inputs)
 
-    monkeypatch.setattr(grpo.EsoGRPOTrainer, "train_step", boom)
+    monkeypatch.setattr(gt.EsoGRPOTrainer, "_compute_loss", boom)
     cfg = _cfg(policy_dir, tmp_path, diagnostics={"enabled": False})
     run_compare(cfg)
     out = tmp_path / "cmp"
@@ -106,12 +107,19 @@ def test_a_diverged_run_is_reported_not_fatal(policy_dir, tmp_path, monkeypatch)
     assert row.rstrip("| ").endswith("0: 1")  # seed 0 diverged after logged step 1
 
 
-def test_log_ratio_clamp_keeps_the_loss_finite():
-    from esorl.rl.grpo import grpo_token_loss
-
-    lp = torch.tensor([[-900.0, 0.0]])
-    loss, kl, _, _ = grpo_token_loss(lp, torch.zeros(1, 2), torch.tensor([-1.0]), torch.ones(1, 2), 0.2, 0.2, beta=0.1, ref_logp=torch.zeros(1, 2))
-    assert torch.isfinite(loss).all() and torch.isfinite(kl).all()
+def test_log_ratio_clamp_keeps_the_loss_finite(policy_dir, tmp_path):
+    """Old and reference log-probs hundreds of nats away (an importance-weighted MC estimate)
+    give a finite loss and gradient: the targets are bounded to ±LOG_RATIO_CLAMP."""
+    rec = load_config(GRPORecipe, None, [], base=recipe_dict(policy_dir, tmp_path / "run", tmp_path / "cache", beta=0.1))
+    tr = build_grpo_trainer(rec, [EvenIdReward(policy_dir)], [1.0])
+    inputs = dict(tr.sample_batch(tr.rows_for(0), 0)["inputs"])
+    inputs["old_per_token_logps"] = inputs["old_per_token_logps"] - 900.0
+    inputs["eso_ref_logps"] = inputs["eso_ref_logps"] + 900.0
+    tr.model.train()
+    tr.current_gradient_accumulation_steps = 1
+    loss = tr.compute_loss(tr.model, inputs)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in tr.model.parameters() if p.grad is not None)
 
 
 def test_plots_are_readable(policy_dir, tmp_path, monkeypatch):

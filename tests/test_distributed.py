@@ -66,9 +66,12 @@ _NAN_SCRIPT = '''
 import sys
 sys.path.insert(0, sys.argv[1])
 from esorl.config import load_config
-from esorl.rl.grpo import EsoGRPOTrainer, GRPORecipe
+sys.path.insert(0, sys.argv[1] + "/tests")
+from rl_fixtures import EvenIdReward
+from esorl.rl.grpo import GRPORecipe, build_grpo_trainer
 from esorl.train.common import TrainingDiverged
-tr = EsoGRPOTrainer(load_config(GRPORecipe, sys.argv[2], []))
+rec = load_config(GRPORecipe, sys.argv[2], [])
+tr = build_grpo_trainer(rec, [EvenIdReward(rec.policy.init_from)], [1.0])
 p0 = next(p for p in tr.model.parameters() if p.requires_grad)
 left = [1]
 def hook(g):  # one rank's gradient overflows once (a backward overflow)
@@ -78,7 +81,7 @@ def hook(g):  # one rank's gradient overflows once (a backward overflow)
     return g
 p0.register_hook(hook)
 try:
-    tr.run()
+    tr.train()
     print("NO_DIVERGENCE")
 except TrainingDiverged as e:
     open(sys.argv[3] + f".rank{tr.accelerator.process_index}", "w").write(str(e))

@@ -30,9 +30,12 @@ def _time_to(recs, thr):
 
 
 def load_runs(cfg, out: Path) -> dict:
+    """``{arm: {seed: [record per training step]}}`` from each run's ``metrics.jsonl`` (the
+    training-step records: TRL also logs eval and end-of-training summaries there)."""
     runs = {}
     for e in cfg.estimators:
-        runs[e.name] = {s: read_metrics(out / "runs" / f"{e.name}-s{s}" / "metrics.jsonl") for s in cfg.seeds}
+        runs[e.name] = {s: [r for r in read_metrics(out / "runs" / f"{e.name}-s{s}" / "metrics.jsonl") if "loss" in r and "reward" in r]
+                        for s in cfg.seeds}
     return runs
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 
-# log-ratios are clamped to ±this before exp in GRPO and PPO (see grpo_token_loss)
+# log-ratios are clamped to ±this before exp in GRPO and PPO (see EsoGRPOTrainer._get_per_token_logps_and_entropies)
 LOG_RATIO_CLAMP = 20.0
 
 

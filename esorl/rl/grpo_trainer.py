@@ -73,7 +73,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from ..modeling_esolm import EsoLMModel, unwrap
 from ..policy import EsoPolicy, EstimatorConfig
-from .common import peak_memory_mb
+from .common import LOG_RATIO_CLAMP, peak_memory_mb
 from ..rollout import Rollout, first_eos_mask
 from ..sampling import SamplingConfig
 from ..schedule import ScheduleConfig, make_generator
@@ -186,6 +186,7 @@ class EsoGRPOTrainer(GRPOTrainer):
         self.policy = EsoPolicy(self.model, processing_class, args.sampling(), self.accelerator, args.attention_backend)
         self._generating = False  # inside TRL's generation: its old/ref scoring calls are answered by us afterwards
         self._micro_rollout: Rollout | None = None  # the micro-batch the current loss is computed on
+        self._micro_inputs: dict | None = None
         self._micro_seed = 0
 
     # ------------------------------------------------------------------ noise keys
@@ -378,11 +379,12 @@ class EsoGRPOTrainer(GRPOTrainer):
             if key in inputs:
                 inputs[trl_key] = inputs[key][:, it]
         self._micro_rollout = self._micro_batch_rollout(inputs)
+        self._micro_inputs = inputs
         self._micro_seed = self.estimator_seed(self._generation_step() if mode == "train" else -1, it)
         try:
             return super()._compute_loss(model, inputs)
         finally:
-            self._micro_rollout = None
+            self._micro_rollout = self._micro_inputs = None
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False, **kwargs):
         """The estimator's per-token log-probs ``[B, N]`` and entropies ``[B, N]`` of the
@@ -399,6 +401,15 @@ class EsoGRPOTrainer(GRPOTrainer):
             raise RuntimeError("EsoGRPOTrainer: the micro-batch's ids and its rollout disagree")
         policy = self.policy if model is self.model else EsoPolicy(model, self.processing_class, self.args.sampling(), self.accelerator, self.args.attention_backend)
         lp, ent = self._score(policy, ro, self._micro_seed, entropy=True)
+        # TRL exponentiates log π − log π_old and log π_ref − log π unclamped; an
+        # importance-weighted MC estimate (mc_elbo's 1/t weights) can make either hundreds of
+        # nats, whose exp overflows to inf and ends the run through non-finite gradients.
+        # Bounding the *targets* to ±LOG_RATIO_CLAMP around the current values keeps every
+        # ratio within e^±20 (exact's log-ratios stay far inside, so exact runs never see it).
+        inputs, cur = self._micro_inputs, lp.detach()
+        for key in ("old_per_token_logps", "ref_per_token_logps"):
+            if inputs is not None and isinstance(inputs.get(key), torch.Tensor):
+                inputs[key] = torch.maximum(torch.minimum(inputs[key], cur + LOG_RATIO_CLAMP), cur - LOG_RATIO_CLAMP)
         return lp, (ent if compute_entropy else None), None
 
     def _get_grad_norm(self, model, grad_norm=None):

@@ -257,7 +257,7 @@ def token_kl(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1") 
     """Per-token KL estimate of π from π_ref at the sampled tokens."""
     if estimator == "k1":
         return logp - ref_logp
-    d = (ref_logp - logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # see grpo_token_loss
+    d = (ref_logp - logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # see LOG_RATIO_CLAMP
     return torch.exp(d) - d - 1
 
 
@@ -276,7 +276,7 @@ def step_rewards(scores: torch.Tensor, steps: torch.Tensor, num_steps: int, kl_t
 def ppo_policy_loss(logp, old_logp, adv_tok, mask, cliprange):
     """TRL's clipped policy loss per token ``max(−Aρ, −A·clip(ρ))`` (masked), the clip
     indicators and the ratio."""
-    ratio = torch.exp((logp - old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))  # see grpo_token_loss
+    ratio = torch.exp((logp - old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))  # see LOG_RATIO_CLAMP
     a = adv_tok.to(logp.dtype)
     l1 = -a * ratio
     l2 = -a * torch.clamp(ratio, 1 - cliprange, 1 + cliprange)

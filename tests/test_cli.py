@@ -50,7 +50,7 @@ def test_recipe_commands_need_a_config(tmp_path):
 @pytest.mark.parametrize("cmd,override,needle", [
     ("pretrain", "train.max_stepz=3", "train.max_stepz"),
     ("sft", "optim.lr=fast", "optim.lr"),
-    ("grpo", "grpo.num_generations=1", "num_generations must be >= 2"),
+    ("grpo", "grpo.num_generations=1", "at least 2 generations per prompt"),
     ("ppo", "ppo.learning_rat=1", "ppo.learning_rat"),
     ("compare", "seeds=[0]", "compare"),
 ])
@@ -157,7 +157,7 @@ def test_grpo_set_up_errors_come_before_any_work_and_output_is_named(tmp_path):
     pol = make_tiny_policy(tmp_path)
     f = tmp_path / "g.yaml"
     f.write_text(yaml.safe_dump(recipe_dict(pol, tmp_path / "out", tmp_path / "cache", max_steps=1)))
-    one_line_error(esorl("grpo", "--config", str(f), "grpo.num_generations=7", cwd=tmp_path), "must be a multiple of num_generations=7")
+    one_line_error(esorl("grpo", "--config", str(f), "grpo.num_generations=7", cwd=tmp_path), "must be divisible by num_generations (7)")
     one_line_error(esorl("grpo", "--config", str(f), "grpo.max_completion_length=48", cwd=tmp_path), "leaves no room for a prompt")
     assert not (tmp_path / "out").exists()
     res = esorl("grpo", "--config", str(f), cwd=tmp_path)

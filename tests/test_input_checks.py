@@ -112,7 +112,7 @@ def test_an_over_long_prompt_fails_at_set_up_naming_file_and_row(tmp_path, algo)
     import json
 
     from esorl.config import load_config
-    from esorl.rl.grpo import EsoGRPOTrainer, GRPORecipe
+    from esorl.rl.grpo import GRPORecipe, build_grpo_trainer
     from esorl.rl.ppo import EsoPPOTrainer, PPORecipe
 
     from rl_fixtures import recipe_dict
@@ -129,7 +129,7 @@ def test_an_over_long_prompt_fails_at_set_up_naming_file_and_row(tmp_path, algo)
     base["prompts"] = {"source": str(data), "prompt_field": "prompt", "eval_prompts": 4}
     (tmp_path / "rm.py").write_text("class Never:\n    def __init__(self, **kw):\n        raise RuntimeError('the reward was built')\n")
     base["rewards"] = [{"name": f"{tmp_path / 'rm.py'}:Never", "kwargs": {"x": 1}}]  # set-up must fail before rewards are built
-    make = (lambda b: EsoGRPOTrainer(load_config(GRPORecipe, None, [], base=b))) if algo == "grpo" else (lambda b: EsoPPOTrainer(load_config(PPORecipe, None, [], base=b)))
+    make = (lambda b: build_grpo_trainer(load_config(GRPORecipe, None, [], base=b))) if algo == "grpo" else (lambda b: EsoPPOTrainer(load_config(PPORecipe, None, [], base=b)))
     with pytest.raises(ValueError, match=r"prompts '.*prompts' split 'train'.*row 7, has 61 tokens.*max_seq_len=48.*room for 42"):
         make(base)
     assert not (tmp_path / "run").exists()  # nothing written

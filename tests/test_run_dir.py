@@ -163,8 +163,16 @@ def test_grpo_sigterm_saves_and_resumes(tmp_path):
     assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
     line = next(ln for ln in err.splitlines() if "grpo stopped by SIGTERM at step" in ln)
     stopped = int(line.split(" at step ")[1].split()[0])
-    assert (tmp_path / "grpo" / "checkpoints" / f"step-{stopped:07d}").is_dir()
+    assert (tmp_path / "grpo" / f"checkpoint-{stopped}").is_dir()
     assert line.endswith(f"Resume with: esorl grpo --config {f} --resume")
+    res = subprocess.run([sys.executable, "-m", "esorl.cli", "grpo", "--config", str(f), "--resume", "grpo.max_steps=" + str(stopped + 1)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [r["step"] for r in _trl_steps(tmp_path / "grpo" / "metrics.jsonl")] == list(range(1, stopped + 2))
+
+
+def _trl_steps(path):
+    return [r for r in (json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()) if "loss" in r]
 
 
 _RACE = r"""

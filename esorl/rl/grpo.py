@@ -167,7 +167,16 @@ def run_grpo(recipe: GRPORecipe, resume=False, overwrite: bool = False, reward_f
 
     args = recipe.args(**arg_overrides)
     out = Path(args.output_dir)
+    if reward_funcs is None:  # cheap checks first: nothing is written for a policy or reward that cannot load
+        from .common import check_policy_source, resolve_callable
+
+        check_policy_source(recipe.policy)
+        for r in recipe.rewards:
+            if ":" in r.name:
+                resolve_callable(r.name)
+    existed = out.exists()
     lock = claim(out, resume, overwrite, None, "grpo.output_dir")
+    started = False
     try:
         ckpt = resume_checkpoint(out, resume)
         if ckpt:
@@ -178,6 +187,7 @@ def run_grpo(recipe: GRPORecipe, resume=False, overwrite: bool = False, reward_f
         trainer = build_grpo_trainer(recipe, reward_funcs, reward_weights, callbacks=[stop], **arg_overrides)
         if trainer.accelerator.is_main_process:
             save_config(recipe, out / "config.yaml")
+        started = True
         trainer.train(resume_from_checkpoint=ckpt)
         if stop.stopped:
             raise RunInterrupted(f"grpo stopped by {stop.stopped} at step {trainer.state.global_step} of {trainer.state.max_steps}; "
@@ -189,6 +199,13 @@ def run_grpo(recipe: GRPORecipe, resume=False, overwrite: bool = False, reward_f
             plot_reward_curve(out / "metrics.jsonl", out / "reward_curve.png", f"GRPO [{args.likelihood}] {out.name}")
         trainer.accelerator.print(f"[esorl] GRPO finished: metrics, checkpoints and model in {out}")
         return {"output_dir": str(out), "model_dir": str(model_dir), "trainer": trainer}
+    except BaseException:
+        if not started and not existed:  # a set-up error leaves no run directory behind
+            import shutil
+
+            lock.release()
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     finally:
         lock.release()
 

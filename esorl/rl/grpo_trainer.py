@@ -66,6 +66,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -78,10 +79,19 @@ from ..rollout import Rollout, first_eos_mask
 from ..sampling import SamplingConfig
 from ..schedule import ScheduleConfig, make_generator
 
+# transformers 5.24 renamed gradient_checkpointing to activation_checkpointing; TRL 1.16 and
+# peft still use the old names (which work): their warning says nothing a user can act on
+warnings.filterwarnings("ignore", message=r".*(is_)?gradient_checkpointing.* is deprecated", category=FutureWarning)
+
 # random-stream purposes of this module (see esorl.schedule.make_generator)
 _PURPOSE_EST = 7
 # the eval rollouts use their own seed stream, fixed across evaluations (common random numbers)
 _EVAL_SEED_OFFSET = 99991
+
+
+# TRL 1.16's loss types; all of them act on per-token log-probs and are meaningful with every
+# estimator (tests/test_grpo.py checks each against its definition)
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
 
 
 @dataclass
@@ -118,6 +128,13 @@ class EsoGRPOConfig(GRPOConfig):
             if several and self.ddp_backend is None:
                 self.ddp_backend = "gloo"  # CPU ranks, DeepSpeed's included
         super().__post_init__()
+        # TRL checks these only when the first loss is computed: fail before any work instead
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"grpo.loss_type must be one of {', '.join(LOSS_TYPES)} (TRL 1.16), got {self.loss_type!r}")
+        if self.importance_sampling_level not in ("token", "sequence"):
+            raise ValueError(f"grpo.importance_sampling_level must be token or sequence, got {self.importance_sampling_level!r}")
+        if self.scale_rewards not in ("group", "batch", "none"):
+            raise ValueError(f"grpo.scale_rewards must be group, batch, none, true or false, got {self.scale_rewards!r}")
         self.estimator().validate()
         self.sampling().validate()
         if self.use_vllm or self.use_transformers_continuous_batching or self.use_transformers_paged:
@@ -501,13 +518,13 @@ class EsoGRPOTrainer(GRPOTrainer):
             self.processing_class.save_pretrained(output_dir or self.args.output_dir)
 
 
-def config_from_dict(values: dict) -> EsoGRPOConfig:
-    """An :class:`EsoGRPOConfig` from a recipe section, naming an unknown field."""
-    known = {f.name for f in dataclasses.fields(EsoGRPOConfig) if f.init}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"grpo: unknown field(s) {', '.join(unknown)} (trl.GRPOConfig fields plus the Eso-LM ones; see `esorl config grpo`)")
-    return EsoGRPOConfig(**values)
+def config_from_dict(values: dict, prefix: str = "grpo.") -> EsoGRPOConfig:
+    """An :class:`EsoGRPOConfig` from a recipe section: unknown and ill-typed fields raise
+    :class:`~esorl.config.ConfigError` naming ``<prefix><field>``; TRL's and esorl's own
+    checks raise ``ValueError``."""
+    from ..config import from_dict
+
+    return from_dict(EsoGRPOConfig, values, prefix=prefix)
 
 
 __all__ = ["EsoGRPOConfig", "EsoGRPOTrainer", "config_from_dict"]

@@ -94,7 +94,7 @@ def patch(name: str, cmd: str, rec: dict, out: Path, policy: Path, smoke: bool) 
         r["policy"] = {"init_from": str(policy)}
         r["rewards"] = [KEYWORD_REWARD if x.get("name") == "hf_classifier" else x for x in r.get("rewards", [])]
         g = r.setdefault("grpo", {})
-        g.update(max_steps=2, save_steps=1)
+        g.update(max_steps=2, save_steps=1, save_strategy="steps")
         if "eval_steps" in g:
             g["eval_steps"] = 1
         if cmd == "compare":
@@ -164,8 +164,9 @@ def main(argv=None) -> int:
         dt = time.time() - t0
         ok = proc.returncode == 0
         err = "" if ok else (proc.stderr.strip().splitlines() or ["(no output)"])[-1][:400]
-        results[name] = {"ok": ok, "seconds": round(dt, 1), "error": err, "recipe": path,
-                         "mixed_precision": (rec.get("grpo") or rec.get("train") or {}).get("mixed_precision")}
+        sec = rec.get("grpo") or rec.get("train") or {}
+        precision = "bf16" if sec.get("bf16") else sec.get("mixed_precision")  # GRPO: TRL's bf16 flag
+        results[name] = {"ok": ok, "seconds": round(dt, 1), "error": err, "recipe": path, "mixed_precision": precision}
         print(f"{'OK  ' if ok else 'FAIL'} {name:<28} {dt:7.1f} s  {err}", flush=True)
     res_path = Path(a.json or REPO / "benchmarks" / "results" / f"gpu-recipes-{datetime.date.today()}-{device.replace(' ', '-').lower()}.json")
     res_path.parent.mkdir(parents=True, exist_ok=True)

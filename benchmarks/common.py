@@ -47,7 +47,7 @@ RESULTS = REPO / "benchmarks" / "results"
 
 # ----------------------------------------------------------------------------- model sizes
 
-#: Model shapes. ``small`` is the released Eso-LM (B) OpenWebText model (spec §9).
+#: Model shapes. ``small`` is the released Eso-LM (B) OpenWebText model (docs/ESOLM.md §9).
 SIZES = {
     "tiny": dict(vocab_size=512, hidden_size=64, n_layers=2, n_heads=2, cond_dim=16, max_seq_len=1024),
     # a CPU "medium": big enough that matrix work outweighs Python overhead, still seconds per step

@@ -5,7 +5,7 @@
    as the mask-per-window KV-cached sampler and as the no-cache one; ``exact`` equals
    ``replay`` (≤ 1e-4) and the sampler's recorded log-probs; flex agrees with SDPA on layout
    (a) (first case only: flex compiles per shape).
-2. Speed, with random weights, on the spec §9 small model (12 blocks, 768 hidden, 12 heads,
+2. Speed, with random weights, on the small model of docs/ESOLM.md §9 (12 blocks, 768 hidden, 12 heads,
    vocab 50258), bf16 weights for sampling and scoring, bf16 autocast over float32 weights
    for training (as ``esorl pretrain``), batch 64, L = 1024:
 

@@ -8,7 +8,7 @@ This script exercises that path end to end.
 What it changes in each recipe, and only that (everything else is the shipped file):
 
 * ``policy.init_from`` / ``model.init_from``: a random Eso-LM of the recipe's architecture
-  (the spec's small model: 12 blocks, 768 hidden, 12 heads; ``--model tiny`` for a smoke run)
+  (the small model of docs/ESOLM.md §9: 12 blocks, 768 hidden, 12 heads; ``--model tiny`` for a smoke run)
   with a word-level tokenizer trained on the local data, because the released checkpoint and
   the GPT-2 tokenizer come from a hub;
 * a reward model from a hub (``hf_classifier``) → the rule-based ``keyword`` sentiment reward;

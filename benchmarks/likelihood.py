@@ -8,7 +8,7 @@ forward + backward of ``Σ log p`` with ``--backward``. Times are compared with 
 forward*: a causal forward of the same ``P + N`` tokens, no copies, logits of the N
 completion tokens read one position earlier (how an AR model scores a completion).
 
-Token-forwards per sample (spec §6): plain ``P + N``; exact ``P + 2N``; replay
+Token-forwards per sample (docs/ESOLM.md §6): plain ``P + N``; exact ``P + 2N``; replay
 ``Σ_i (P + c_{i−1} + k_i)``; mc_elbo ``n·(P + N)`` (α0 = 1); one_step ``P + N``; coupled
 ``3·(P + N)``. Target (issues 3 and 6): ``exact`` ≤ 2.3 × the plain forward.
 

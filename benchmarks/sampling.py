@@ -3,7 +3,7 @@
 Same model, same prompts, same trajectory ``(σ, k)`` (unified schedule, α0 = 1 by default)
 and the same pre-drawn noise for the three samplers of :func:`esorl.sampling.generate`, so
 they emit the same tokens (the ``same tok`` column checks it) and differ only in cost.
-Token-forwards per sample (spec §4 b), computed from the actual step sizes ``k_1..k_K``:
+Token-forwards per sample (docs/ESOLM.md §4 b), computed from the actual step sizes ``k_1..k_K``:
 
 * cached:  ``P + 2N − k_K`` (every token once as a query, once as a clean copy, except the
   last step's tokens, which are only queried);
@@ -40,7 +40,7 @@ METHODS = ("cache", "static", "replay", "mdlm")
 
 
 def token_forwards(step_sizes, P: int, N: int) -> dict:
-    """Token-forwards per sample of each sampler for step sizes ``k_1..k_K`` (spec §4 b)."""
+    """Token-forwards per sample of each sampler for step sizes ``k_1..k_K`` (docs/ESOLM.md §4 b)."""
     ks = [int(k) for k in step_sizes]
     K = len(ks)
     replay, c = 0, 0

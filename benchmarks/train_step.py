@@ -4,7 +4,7 @@ One model, one batch, one AdamW optimizer and one EMA; the variants are timed si
 in interleaved rounds (so a busy machine slows them alike). A step is forward + backward +
 gradient clipping (1.0, as the pretraining runner) + AdamW step + EMA update.
 
-Variants (spec §5):
+Variants (docs/ESOLM.md §5):
 
 * ``hybrid``    α0 = 0.125, κ = 0.5, two forwards (layout (d) for the MDM half, layout (e)
                 for the AR half): what ``esorl pretrain`` runs on one process;
@@ -243,7 +243,7 @@ NOTES = [
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, "train_step.json")
-    p.add_argument("--size", default=None, choices=["tiny", "cpu", "small"], help="tiny (CPU seconds), cpu, small (spec §9); default small on cuda, tiny on cpu")
+    p.add_argument("--size", default=None, choices=["tiny", "cpu", "small"], help="tiny (CPU seconds), cpu, small (docs/ESOLM.md §9); default small on cuda, tiny on cpu")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--variants", default="hybrid,hybrid_1f,mdm,ar", help=f"comma list of {','.join(VARIANTS)}")

@@ -1,10 +1,10 @@
-"""The Eso-LM attention rule (spec §4) and the attention backends.
+"""The Eso-LM attention rule (docs/ESOLM.md §4) and the attention backends.
 
 Every token in an array is described by four per-slot tensors (a :class:`TokenDesc`):
 
 * ``step``  – its step index ``s`` (prompt / clean context: 0; revealed at step i: i),
 * ``rank``  – its index in *trajectory order* (prompt left to right, then σ order); both
-  copies of a token share the rank, so "array index k ≤ j" of the spec becomes
+  copies of a token share the rank, so "array index k ≤ j" of docs/ESOLM.md §4 becomes
   ``rank_k <= rank_j``, whatever the array actually looks like,
 * ``is_query`` – query copy (MASK embedding) or clean copy,
 * ``valid`` – False for padding.

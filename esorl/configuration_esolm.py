@@ -1,4 +1,4 @@
-"""`EsoLMConfig`: the architecture of an Eso-LM (B) backbone (spec §9) at any size."""
+"""`EsoLMConfig`: the architecture of an Eso-LM (B) backbone (docs/ESOLM.md §9) at any size."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Layouts: turn tokens + a trajectory into the model's input array (spec §4).
+"""Layouts: turn tokens + a trajectory into the model's input array (docs/ESOLM.md §4).
 
 Everything starts from a :class:`TokenTable`: a batch of tokens in *trajectory order*
 (prompt / clean context left to right, then the completion in σ order), with their ids,

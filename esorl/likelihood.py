@@ -1,4 +1,4 @@
-"""Per-token log-likelihood estimators of a rollout (spec §6).
+"""Per-token log-likelihood estimators of a rollout (docs/ESOLM.md §6).
 
 Every estimator has the signature ``f(model, rollout, **params) -> (logp, valid)`` with
 ``logp`` ``(B, N)`` per completion *position* (differentiable) and ``valid`` ``(B, N)``;
@@ -17,7 +17,7 @@ draw read it).
 
 MC estimators draw their noise from ``make_generator(seed, purpose, sample_id)``: pass the
 same ``seed`` to the current, old and reference passes of one inner iteration.
-Array order of every MC layout (spec §6): prompt (clean, left to right), then the clean
+Array order of every MC layout (docs/ESOLM.md §6): prompt (clean, left to right), then the clean
 completion tokens, then the masked ones, each part in a random order drawn per sample; a
 masked prompt token (``one_step``) goes to the masked part.
 """
@@ -49,12 +49,12 @@ def _to_positions(vals_sigma: torch.Tensor, order: torch.Tensor) -> torch.Tensor
 def exact(model, rollout: Rollout, kind: str = "model", temperature: float | None = None, backend: str = "auto", return_hidden: bool = False,
           with_entropy: bool = False):
     """Exact trajectory log-likelihood, one forward over ``[prompt | clean | queries]``
-    (``P + 2N`` tokens) whatever the number of steps (spec §4 a).
+    (``P + 2N`` tokens) whatever the number of steps (docs/ESOLM.md §4 a).
 
     ``kind``: ``model`` (temperature-scaled, unfiltered) or ``behaviour`` (after the rollout's
     top-k/top-p): reproduces the corresponding log-probs the sampler recorded.
     With ``return_hidden`` also returns the final hidden states of the clean copies of the
-    table ``(B, P + N, d)`` (prompt, then completion in σ order) for value heads (spec §8).
+    table ``(B, P + N, d)`` (prompt, then completion in σ order) for value heads (docs/ESOLM.md §8).
     """
     T = rollout.temperature if temperature is None else temperature
     table = _table(rollout)
@@ -142,7 +142,7 @@ def _draws(rollout: Rollout, seed: int, n_uniform: int, L: int):
 
 def mc_elbo(model, rollout: Rollout, n: int = 4, alpha0: float = 1.0, seed: int = 0, temperature: float | None = None, backend: str = "auto", chunk: int = 64,
             with_entropy: bool = False):
-    """Monte Carlo NELBO of ``y`` given the prompt, for the sampling ``alpha0`` (spec §6).
+    """Monte Carlo NELBO of ``y`` given the prompt, for the sampling ``alpha0`` (docs/ESOLM.md §6).
 
     Per token: mean over ``n`` draws of ``[masked]·α0(1−ε)/(1−α_t)·log p`` (MDM term, layout
     (d)); for ``α0 < 1`` plus ``[masked in z0]·log p`` of the AR term (layout (e)) on a fresh

@@ -1,4 +1,4 @@
-"""From logits to log-probabilities: temperature, top-k / top-p filtering (spec §7).
+"""From logits to log-probabilities: temperature, top-k / top-p filtering (docs/ESOLM.md §7).
 
 Two log-probabilities exist for a sampled token:
 

@@ -1,4 +1,4 @@
-"""The Eso-LM (B) backbone (spec §9) as a Hugging Face ``PreTrainedModel``.
+"""The Eso-LM (B) backbone (docs/ESOLM.md §9) as a Hugging Face ``PreTrainedModel``.
 
 One file a reader can hold in their head: a DiT-style transformer with adaLN gates whose
 conditioning is a constant (time conditioning is off in Eso-LM (B)), rotary embeddings taken
@@ -93,7 +93,7 @@ def _alloc_kv(cache, k: torch.Tensor) -> None:
 
 
 class EsoKVCache:
-    """A preallocated KV cache of *clean copies* (spec §4 b), with their token descriptors.
+    """A preallocated KV cache of *clean copies* (docs/ESOLM.md §4 b), with their token descriptors.
 
     ``k[i], v[i]``: ``(B, H, capacity, D)`` per layer, allocated by the first forward in the
     dtype its attention computes in; slots ``[0, length)`` are filled. The descriptors of
@@ -177,7 +177,7 @@ class StaticKVCache:
 
 
 class Block(nn.Module):
-    """adaLN-gated pre-norm block; attention sees whatever the mask allows (spec §4)."""
+    """adaLN-gated pre-norm block; attention sees whatever the mask allows (docs/ESOLM.md §4)."""
 
     # set by ``PreTrainedModel.gradient_checkpointing_enable`` (with ``_gradient_checkpointing_func``);
     # :meth:`EsoLMModel.forward` decides when it applies
@@ -348,7 +348,7 @@ class EsoLMModel(PreTrainedModel):
                 of the ``M`` selected slots in row-major order, e.g. the masked tokens of a
                 training layout).
             return_hidden: also return the final hidden states ``(B, L, d)`` (value heads).
-            raw_logits: keep the MASK logit; by default it is ``-inf`` (spec §1).
+            raw_logits: keep the MASK logit; by default it is ``-inf`` (docs/ESOLM.md §1).
 
         With gradient checkpointing enabled, a block's activations are recomputed in the
         backward pass when the model is in training mode, gradients are on and no ``cache`` is

@@ -1,4 +1,4 @@
-"""The hybrid AR + MDM training objective of Eso-LMs (spec §5).
+"""The hybrid AR + MDM training objective of Eso-LMs (docs/ESOLM.md §5).
 
 ``loss = AR term + MDM term``. The global batch is split: samples with global index
 ``g < int(κ·G)`` get the MDM term (layout (d)), the others the AR term (layout (e)). Each
@@ -8,7 +8,7 @@ sum estimates NELBO / L and the loss does not depend on how the batch is sharded
 All randomness (``t``, ``z0``/``z_t`` masks, shuffles) is drawn from a generator keyed by
 ``(seed, step, global sample index)``: the loss of a sample is the same on 1 or 8 ranks.
 
-Prompts (SFT, spec §4/§7): an optional ``prompt_mask`` marks tokens that are clean context at
+Prompts (SFT, docs/ESOLM.md §4/§7): an optional ``prompt_mask`` marks tokens that are clean context at
 step 0 in both terms. They are never masked and never scored, sit first in the array, left
 to right, before the other clean tokens (whatever the shuffle flags), and the normalisation
 counts only the valid completion (non-prompt) tokens. Without a prompt mask the layouts and

@@ -1,4 +1,4 @@
-"""``EsoPolicy``: an Eso-LM + tokenizer as an RL policy (spec §6).
+"""``EsoPolicy``: an Eso-LM + tokenizer as an RL policy (docs/ESOLM.md §6).
 
 ``generate`` samples rollouts with the KV-cached sampler; ``log_probs`` scores rollouts with
 any estimator of :mod:`esorl.likelihood`. The same object serves the current, old and
@@ -25,11 +25,11 @@ _PURPOSE_TRAJ = 5
 
 @dataclass
 class EstimatorConfig:
-    """Which likelihood the RL loss uses (spec §6).
+    """Which likelihood the RL loss uses (docs/ESOLM.md §6).
 
     likelihood: ``exact`` | ``replay`` | ``mc_elbo`` | ``one_step`` | ``coupled``.
     mc_samples: ``n`` of ``mc_elbo``. p_mask: prompt mask rate of ``one_step`` (d1: 0.15).
-    mc_alpha0: α0 of ``mc_elbo``'s NELBO (default: the sampling α0, spec §6).
+    mc_alpha0: α0 of ``mc_elbo``'s NELBO (default: the sampling α0, docs/ESOLM.md §6).
     """
 
     likelihood: str = "exact"
@@ -98,7 +98,7 @@ class EsoPolicy:
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         if self.tokenizer.bos_token_id is not None:
-            # a start token gives every prompt (even an empty one) a clean step-0 context (spec §8)
+            # a start token gives every prompt (even an empty one) a clean step-0 context (docs/ESOLM.md §8)
             ids = [[self.tokenizer.bos_token_id] + x for x in ids]
         if any(len(x) == 0 for x in ids):
             raise ValueError("empty prompt and no BOS token: the first step would have no context")

@@ -1,4 +1,4 @@
-"""``Rollout``: everything needed to score a generation again (spec §3, §7)."""
+"""``Rollout``: everything needed to score a generation again (docs/ESOLM.md §3, §7)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ class Rollout:
     step_sizes: ``(K,)`` shared by the batch. steps: ``(B, N)`` step index of each position.
     completion_mask: ``(B, N)`` positions that were generated (all True for sampled rollouts).
     text_mask: ``(B, N)`` positions up to and including the first EOS in position order:
-        what the decoded text and the reward see (the log-prob counts every token, spec §7).
+        what the decoded text and the reward see (the log-prob counts every token, docs/ESOLM.md §7).
     logp_model / logp_behaviour: ``(B, N)`` log-probs the sampler saw (temperature only /
         after top-k/top-p filtering), detached.
     temperature / top_k / top_p: the sampling parameters (needed to reproduce the log-probs).
@@ -117,7 +117,7 @@ class Rollout:
         return Rollout(**out)
 
     def texts(self, tokenizer, skip_special_tokens: bool = True) -> list[str]:
-        """Decoded completions, cut at the first EOS (spec §7)."""
+        """Decoded completions, cut at the first EOS (docs/ESOLM.md §7)."""
         out = []
         for ids, m in zip(self.completion_ids, self.text_mask):
             toks = ids[m].tolist()

@@ -1,8 +1,8 @@
-"""Samplers (spec §4 b): the KV-cached sampler, its no-cache twin, and an MDLM-style baseline.
+"""Samplers (docs/ESOLM.md §4 b): the KV-cached sampler, its no-cache twin, and an MDLM-style baseline.
 
 All of them follow the same trajectory ``(σ, k)`` and draw each token by inverse CDF from one
 pre-drawn uniform per (sample, position), so for the same noise they emit the same tokens;
-they differ only in cost (token-forwards, spec §4 b):
+they differ only in cost (token-forwards, docs/ESOLM.md §4 b):
 
 * ``cache``:   step i forwards the clean copies of step i−1 and the queries of step i
   against a preallocated KV cache — ``P + 2N − k_K`` token-forwards per sample;
@@ -36,7 +36,7 @@ class SamplingConfig:
     """How completions are generated.
 
     max_new_tokens: completion length N (every position is generated; text stops at EOS).
-    schedule: the trajectory (unified ``(alpha0, num_steps)`` by default, spec §3).
+    schedule: the trajectory (unified ``(alpha0, num_steps)`` by default, docs/ESOLM.md §3).
     temperature / top_k / top_p: sampling distribution (RL recipes keep ``top_p = 1``).
     """
 
@@ -108,7 +108,7 @@ def generate(
             log-probs are those the sampler assigns to them; used to check fixtures).
         cuda_graphs: ``static`` only: capture each step once and replay it (default: on CUDA).
 
-    Returns a :class:`Rollout` with both log-probs of spec §7.
+    Returns a :class:`Rollout` with both log-probs of docs/ESOLM.md §7.
     """
     device = prompt_ids.device
     B, P = prompt_ids.shape

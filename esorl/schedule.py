@@ -1,4 +1,4 @@
-"""Trajectories: who is revealed when (spec §3). Pure functions of a generator; no model.
+"""Trajectories: who is revealed when (docs/ESOLM.md §3). Pure functions of a generator; no model.
 
 A trajectory over ``N`` completion positions is an order ``σ`` (per sample) and step sizes
 ``k_1..k_K`` (shared by the batch: step sizes do not depend on the model, so sharing them

@@ -1,6 +1,6 @@
 """The KV-cached sampler with static shapes, replayable as one CUDA graph per step.
 
-Same trajectory, same tokens and log-probs as ``generate(method="cache")`` (spec §4 b);
+Same trajectory, same tokens and log-probs as ``generate(method="cache")`` (docs/ESOLM.md §4 b);
 only the bookkeeping differs, so that every decoding step after the first has *the same
 shapes* and reads its step index from a device tensor — the conditions for capturing the
 step once (``torch.cuda.CUDAGraph``) and replaying it, with no Python, no allocation and no
@@ -9,7 +9,7 @@ host-device sync per step.
 Why the masks become trivial. In the trajectory table (prompt, then the completion in σ
 order) step indices never decrease. Give cache slot ``j`` to table slot ``j``: its clean
 copy once known, its query copy (scratch) during its own step ``i`` (table slots
-``[q0, q1)``). Then rules 1–4 of spec §4, for any slot ``j`` of the window, allow exactly
+``[q0, q1)``). Then rules 1–4 of docs/ESOLM.md §4, for any slot ``j`` of the window, allow exactly
 the cache slots ``k ≤ j``: a clean ``j`` sees the clean ``k ≤ j``; a query ``j`` sees the
 clean ``k < q0`` (``s_k < i``) and the queries ``q0 ≤ k ≤ j`` (same step, rank ≤). The mask
 is "causal in table order, minus the prompt's left padding" — a function of the slot index.

@@ -1,9 +1,9 @@
-"""An independent, functional float64 re-implementation of the Eso-LM (B) backbone (spec §9).
+"""An independent, functional float64 re-implementation of the Eso-LM (B) backbone (docs/ESOLM.md §9).
 
 It reads a reference state dict (names as in the released checkpoints, no ``backbone.``
-prefix) directly and is written from the spec alone, with explicit maths and loops: it
-imports nothing from ``esorl``. The dense attention masks for the training layouts (spec §4
-(d)/(e)) and for one replay step (spec §4 (c), rules 1–4) are built here too, token by token.
+prefix) directly and is written from docs/ESOLM.md alone, with explicit maths and loops: it
+imports nothing from ``esorl``. The dense attention masks for the training layouts (docs/ESOLM.md §4
+(d)/(e)) and for one replay step (docs/ESOLM.md §4 (c), rules 1–4) are built here too, token by token.
 
 Slow by design (tiny models only); everything is float64.
 """
@@ -178,7 +178,7 @@ def reference_logits(sd: dict, ids, positions, allowed, n_heads: int, eps: float
 
 
 def diffusion_allowed(B: int, L: int) -> torch.Tensor:
-    """Spec §4 (d): plain causal attention over the sorted array ``[clean | masked]``."""
+    """docs/ESOLM.md §4 (d): plain causal attention over the sorted array ``[clean | masked]``."""
     m = torch.zeros(B, L, L, dtype=torch.bool)
     for i in range(L):
         for j in range(L):
@@ -187,7 +187,7 @@ def diffusion_allowed(B: int, L: int) -> torch.Tensor:
 
 
 def sequential_allowed(B: int, L: int) -> torch.Tensor:
-    """Spec §4 (e): ``[z0 | x]`` of length ``2L`` in the same sorted order. First-half slot i
+    """docs/ESOLM.md §4 (e): ``[z0 | x]`` of length ``2L`` in the same sorted order. First-half slot i
     sees itself and second-half slots ``L + j`` with ``j < i``; the second half is causal over
     itself (and never sees the first half)."""
     m = torch.zeros(B, 2 * L, 2 * L, dtype=torch.bool)
@@ -236,7 +236,7 @@ def sequential_reference(sd, x, masked, order, n_heads, mask_id):
 
 
 def replay_allowed(steps: list[int], is_query: list[bool], ranks: list[int]) -> torch.Tensor:
-    """Spec §4 rules 1–4 for one array, token by token: ``(L, L)`` bool."""
+    """docs/ESOLM.md §4 rules 1–4 for one array, token by token: ``(L, L)`` bool."""
     L = len(steps)
     m = torch.zeros(L, L, dtype=torch.bool)
     for i in range(L):
@@ -251,13 +251,13 @@ def replay_allowed(steps: list[int], is_query: list[bool], ranks: list[int]) -> 
 
 
 def reference_trajectory_logits(sd, prompt, completion, order, step_sizes, n_heads, mask_id):
-    """Per-position logits of a trajectory by replay (spec §4 (c)): ``(B, N, V)`` float64.
+    """Per-position logits of a trajectory by replay (docs/ESOLM.md §4 (c)): ``(B, N, V)`` float64.
 
     For each step s: forward ``[clean copies of prompt + tokens of steps < s | query copies of
     step s]`` with :func:`replay_allowed`, and read each step-s token's logits at its query
     copy. ``prompt (B, P)`` (no padding), ``completion (B, N)`` by position, ``order (B, N)``
     the reveal order σ, ``step_sizes`` k_1..k_K (shared by the rows). This is the oracle for
-    the KV-cached sampler (spec §4 (b)) and the single-pass layout (a).
+    the KV-cached sampler (docs/ESOLM.md §4 (b)) and the single-pass layout (a).
     """
     prompt, completion, order = (torch.as_tensor(t).long() for t in (prompt, completion, order))
     B, P = prompt.shape

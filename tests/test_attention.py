@@ -1,4 +1,4 @@
-"""The attention rule (spec §4): the vectorised masks of every layout equal a token-by-token
+"""The attention rule (docs/ESOLM.md §4): the vectorised masks of every layout equal a token-by-token
 loop over rules 1–4, and the SDPA and flex backends give the same outputs."""
 
 import torch

@@ -337,7 +337,7 @@ def synthetic(tmp_path_factory):
 
 def random_trajectory(seed: int, B: int = 3, P: int = 5, N: int = 14, step_sizes=(3, 1, 4, 2, 4), vocab: int = SYN["vocab"] - 1):
     """A random teacher-forced trajectory ``(prompt (B, P), completion (B, N), order (B, N),
-    step_sizes)`` with steps of size > 1 and a prompt (spec §4: step 1 alone cannot reveal a
+    step_sizes)`` with steps of size > 1 and a prompt (docs/ESOLM.md §4: step 1 alone cannot reveal a
     mask or rotary error). Shared by the exact-layout test and the KV-cached sampler test."""
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, vocab, (B, P), generator=g)
@@ -401,7 +401,7 @@ def test_synthetic_training_layouts_match_reference(synthetic, phase):
 
 
 def kv_sampler_reference_case(synthetic, seed: int = 31):
-    """The KV-cached-sampler-path comparison case (spec §4 (b)), for the sampler's test.
+    """The KV-cached-sampler-path comparison case (docs/ESOLM.md §4 (b)), for the sampler's test.
 
     Returns ``(model, (prompt, completion, order, step_sizes), want, mask_id)``: the converted
     model in float64, a random teacher-forced trajectory (prompt, steps of size > 1), and the

@@ -1,4 +1,4 @@
-"""The estimators of spec §6: exact == replay == what the sampler recorded (the toolkit's
+"""The estimators of docs/ESOLM.md §6: exact == replay == what the sampler recorded (the toolkit's
 promise), exact == AR likelihood for a left-to-right trajectory, equal gradients, and the
 MC estimators against their definitions."""
 

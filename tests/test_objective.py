@@ -1,4 +1,4 @@
-"""The hybrid objective (spec §5)."""
+"""The hybrid objective (docs/ESOLM.md §5)."""
 
 import pytest
 import torch
@@ -49,7 +49,7 @@ def test_alpha0_one_is_mdm_only_and_weights():
 
 def test_batch_split_and_shard_invariance():
     """The loss of the global batch equals the sum of shard losses with global counts: the
-    number of ranks cannot change it (spec §5 / distributed training)."""
+    number of ranks cannot change it (docs/ESOLM.md §5 / distributed training)."""
     model = tiny_model()
     x, v = _batch(B=8)
     cfg = ObjectiveConfig(alpha0=0.25, batch_split=0.5)

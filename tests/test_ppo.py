@@ -1,4 +1,4 @@
-"""PPO over denoising steps (spec §8): GAE over steps by hand, the value read-out slots
+"""PPO over denoising steps (docs/ESOLM.md §8): GAE over steps by hand, the value read-out slots
 against a slow loop, values of the single exact pass = a clean-copies-only forward,
 learning a trivially learnable reward, exact / one_step / mc_elbo (sequence-level) end to
 end, kl_coef > 0 with the reloaded reference, resume, and the recipes."""

@@ -1,4 +1,4 @@
-"""Schedules (spec §3): sizes, phases, reproducibility."""
+"""Schedules (docs/ESOLM.md §3): sizes, phases, reproducibility."""
 
 import pytest
 import torch

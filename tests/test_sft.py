@@ -1,4 +1,4 @@
-"""SFT: the hybrid objective with a clean prompt at step 0 (spec §4/§5/§7), the pair
+"""SFT: the hybrid objective with a clean prompt at step 0 (docs/ESOLM.md §4/§5/§7), the pair
 encoding, and ``esorl sft`` end to end."""
 
 import pytest

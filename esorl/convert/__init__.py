@@ -1,4 +1,4 @@
-"""Converters for released checkpoints (spec §9)."""
+"""Converters for released checkpoints (docs/ESOLM.md §9)."""
 
 from . import official
 from .official import *  # noqa: F401,F403 - the public API is official.__all__

@@ -1,4 +1,4 @@
-"""Convert a released Eso-LM (B) Lightning checkpoint (spec §9) into an esorl model directory.
+"""Convert a released Eso-LM (B) Lightning checkpoint (docs/ESOLM.md §9) into an esorl model directory.
 
 The released ``.ckpt`` files pickle the training config (OmegaConf) and the tokenizer object
 next to the weights, so ``torch.load(weights_only=True)`` refuses them and

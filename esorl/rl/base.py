@@ -35,10 +35,10 @@ class EsoRLArgs:
     count *optimizer updates*: GRPO makes ``num_iterations`` per step, PPO
     ``num_ppo_epochs × num_mini_batches``), loop (``max_steps``, ``per_device_train_batch_size``,
     ``gradient_accumulation_steps``), sampling (``temperature``, ``top_p``, ``top_k``; RL default
-    ``top_p = 1``, spec §7), rewards (``reward_weights``), bookkeeping (``seed``,
+    ``top_p = 1``, docs/ESOLM.md §7), rewards (``reward_weights``), bookkeeping (``seed``,
     ``logging_steps``, ``save_steps``, ``save_total_limit``, ``eval_steps``, ``output_dir``,
     ``log_completions``, ``num_completions_to_print``), and the Eso-LM fields: the estimator
-    (``likelihood``, ``mc_samples``, ``p_mask``, spec §6), the sampling schedule
+    (``likelihood``, ``mc_samples``, ``p_mask``, docs/ESOLM.md §6), the sampling schedule
     (``sampling_alpha0``, ``diffusion_steps``, ``schedule_kind``), ``attention_backend`` and
     ``mixed_precision``."""
 
@@ -187,7 +187,7 @@ class RLTrainerBase:
 
     def estimator_seed(self, step: int, k: int) -> int:
         """One noise seed per inner iteration / epoch, shared by the current, old and
-        reference passes (spec §6)."""
+        reference passes (docs/ESOLM.md §6)."""
         return int(torch.randint(0, 2**31 - 1, (1,), generator=make_generator(self.cfg.seed, _PURPOSE_EST, step, k)))
 
     # optimizer updates per RL step (GRPO: num_iterations; PPO: epochs × mini-batches)

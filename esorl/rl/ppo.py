@@ -1,4 +1,4 @@
-"""``esorl ppo``: PPO for Eso-LMs over **denoising steps** (spec §8), on ``accelerate``
+"""``esorl ppo``: PPO for Eso-LMs over **denoising steps** (docs/ESOLM.md §8), on ``accelerate``
 (DDP, DeepSpeed ZeRO-2/3). TRL has no PPO any more; the configuration keeps the names and
 semantics of TRL's former ``PPOConfig`` / ``OnPolicyConfig`` (``num_ppo_epochs``,
 ``num_mini_batches``, ``gamma``, ``lam``, ``cliprange``, ``cliprange_value``, ``vf_coef``,
@@ -107,7 +107,7 @@ class EsoPPOConfig(EsoRLArgs):
     local_rollout_forward_batch_size: chunk size of the no-grad passes (old / reference
         log-probs, rollout-time values).
     response_length: N, the completion length. temperature / top_p / top_k: sampling (RL
-        default top_p = 1, spec §7).
+        default top_p = 1, docs/ESOLM.md §7).
     missing_eos_penalty: subtracted from the reward of completions without EOS (None: off).
     gamma / lam: discount and GAE λ over denoising steps.
     cliprange / cliprange_value: policy ratio and value clipping. vf_coef: value loss weight.
@@ -117,7 +117,7 @@ class EsoPPOConfig(EsoRLArgs):
     reward_weights: weights of the reward functions (default: the recipe's weights).
     seed, logging_steps, save_steps, save_total_limit, eval_steps, output_dir.
     log_completions / num_completions_to_print: sample completions in the log.
-    likelihood / mc_samples / p_mask: the estimator (spec §6; mc_elbo and coupled run
+    likelihood / mc_samples / p_mask: the estimator (docs/ESOLM.md §6; mc_elbo and coupled run
         sequence-level PPO). sampling_alpha0 / diffusion_steps / schedule_kind: the sampling
         schedule. attention_backend, mixed_precision: as in pretraining.
     value_head_init_std: std of the value head's initial weights (bias 0).
@@ -182,7 +182,7 @@ class PPORecipe:
 
 
 class ValueHead(nn.Module):
-    """``V = Linear(d, 1)(h)`` on final hidden states of clean copies (spec §8)."""
+    """``V = Linear(d, 1)(h)`` on final hidden states of clean copies (docs/ESOLM.md §8)."""
 
     def __init__(self, hidden_size: int, init_std: float = 1e-3):
         super().__init__()
@@ -394,7 +394,7 @@ class EsoPPOTrainer(RLTrainerBase):
         """Current per-token log-probs ``(b, N)``, validity and values ``(b, K')`` (with grad)."""
         c = self.cfg
         slots = self.slots(sub)
-        if c.likelihood == "exact":  # one pass: log-probs and every step's value (spec §8)
+        if c.likelihood == "exact":  # one pass: log-probs and every step's value (docs/ESOLM.md §8)
             lp, mask, hidden = exact(self.model, sub, backend=c.attention_backend, return_hidden=True)
             return lp, mask, self.head(hidden[:, slots])
         params = c.estimator().params(c.sampling_alpha0, seed)
@@ -416,7 +416,7 @@ class EsoPPOTrainer(RLTrainerBase):
         t0 = time.time()
         E = c.num_ppo_epochs
         if c.likelihood in DETERMINISTIC:
-            old = [ro.logp_model.to(acc.device)] * E  # the sampler's = exact's (spec §6)
+            old = [ro.logp_model.to(acc.device)] * E  # the sampler's = exact's (docs/ESOLM.md §6)
         elif self.needs_old():
             old = [self._score_nograd(self.policy, ro, self.estimator_seed(self.step, e)) for e in range(E)]
         else:
@@ -453,7 +453,7 @@ class EsoPPOTrainer(RLTrainerBase):
         acc = self.accelerator
         ro: Rollout = data["rollout"]
         mask = ro.completion_mask
-        self.model.eval()  # scoring in eval mode (spec §6): no dropout
+        self.model.eval()  # scoring in eval mode (docs/ESOLM.md §6): no dropout
         n_val_entries = data["values"].shape[1]
         st = {k: 0.0 for k in ("pg_loss", "vf_loss", "pg_clip", "vf_clip", "approx_kl", "ratio", "n_tok", "n_val")}
         grad_norms = []

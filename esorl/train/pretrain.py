@@ -45,7 +45,7 @@ _EVAL_SEED = 12345
 class ModelArgs:
     """Architecture of a model trained from scratch (ignored when ``init_from`` is set).
 
-    hidden_size / n_layers / n_heads / cond_dim / mlp_ratio: spec §9 sizes.
+    hidden_size / n_layers / n_heads / cond_dim / mlp_ratio: docs/ESOLM.md §9 sizes.
     dropout: residual dropout in training. init_from: a ``save_pretrained`` directory to
     start from instead (its architecture wins)."""
 
@@ -98,7 +98,7 @@ class TrainArgs:
 
 @dataclass
 class PretrainConfig:
-    """A pretraining recipe: model, data, objective (spec §5), optimizer, loop, logging."""
+    """A pretraining recipe: model, data, objective (docs/ESOLM.md §5), optimizer, loop, logging."""
 
     model: ModelArgs = field(default_factory=ModelArgs)
     data: DataConfig = field(default_factory=DataConfig)
@@ -150,7 +150,7 @@ def rank_slice(G: int, micro: int, world: int, rank: int, accum: int, m: int) ->
 @torch.no_grad()
 def evaluate(model, data: dict, cfg: PretrainConfig, accelerator, n_batches: int) -> dict:
     """NELBO per token and PPL on the first ``n_batches × micro_batch_size`` held-out rows, with
-    ELBO weights and the training α0/κ (spec §5), deterministic (fixed seed, batches of
+    ELBO weights and the training α0/κ (docs/ESOLM.md §5), deterministic (fixed seed, batches of
     ``micro_batch_size``). Ranks score disjoint batches; sums are reduced. When ``data`` holds
     a ``prompt_mask`` (SFT), prompts are clean context and the NELBO is per completion token."""
     model.eval()

@@ -2,7 +2,7 @@
 
 The released checkpoints are unconditional, so RL needs a model that has learned to continue
 a prompt first (as d1 does before RL). Each row is ``[BOS]? prompt completion EOS`` (pad
-mode); the prompt is clean context at step 0 for both terms of the hybrid objective (spec
+mode); the prompt is clean context at step 0 for both terms of the hybrid objective (docs/ESOLM.md
 §4/§5/§7): never masked, never scored, first in the array left to right, and the loss is
 normalised by the number of completion tokens (:func:`esorl.objective.hybrid_loss` with
 ``prompt_mask``). Prompts are encoded exactly as the RL policy encodes them

@@ -219,3 +219,26 @@ def test_recipes_load(name):
                                          "dev": "../shared/data/sst2/dev.tsv", "epochs": 2}
     else:
         assert rec.prompts.source == "synthetic"
+
+
+def test_ppo_takes_trls_reward_contract(policy_dir, tmp_path):
+    """The same reward functions as GRPO: ``completion_ids`` (cut at the first EOS, like the
+    text), ``trainer_state``, ``log_metric`` and ``log_extra``."""
+    seen = {"steps": []}
+
+    def contract_reward(prompts, completions, completion_ids, trainer_state, log_metric, log_extra, **kw):
+        seen["steps"].append(trainer_state.global_step)
+        seen["ids"], seen["texts"] = completion_ids, completions
+        log_metric("my_metric", 2.0)
+        log_extra("my_column", ["x"] * len(prompts))
+        return [len(ids) / 6 for ids in completion_ids]
+
+    rec = load_config(PPORecipe, None, [], base=ppo_recipe_dict(policy_dir, tmp_path / "run", tmp_path / "cache", log_completions=True))
+    tr = EsoPPOTrainer(rec, reward_funcs=[contract_reward], reward_weights=[1.0])
+    tr.run()
+    assert seen["steps"] == [0, 1]
+    eos = tr.tokenizer.eos_token_id
+    assert all(1 <= len(ids) <= 6 and eos not in ids[:-1] for ids in seen["ids"])
+    recs = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert recs[0]["my_metric"] == 2.0
+    assert '"my_column": "x"' in (tmp_path / "run" / "completions.jsonl").read_text()

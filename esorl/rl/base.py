@@ -172,6 +172,7 @@ class RLTrainerBase:
         t_sample = time.time() - t0
         texts = self.policy.texts(ro)
         cols = {k: [x[k] for x in local] for k in self.recipe.prompts.reward_columns()}
+        cols.update(self.reward_contract(ro))
         total, per = score_rewards(self.reward_funcs, self.reward_weights, prompts, texts, cols)
         if reward_adjust is not None:
             total = reward_adjust(ro, total)
@@ -180,6 +181,20 @@ class RLTrainerBase:
                 "all_rewards": all_gather_cat(total.to(dev)).cpu(),
                 "per_reward": {k: all_gather_cat(v.to(dev)).cpu() for k, v in per.items()},
                 "t_sample": t_sample, "t_reward": time.time() - t0 - t_sample, "t_generate": time.time() - t0}
+
+    def reward_contract(self, ro) -> dict:
+        """TRL's reward keywords besides the dataset columns, with the semantics of
+        :mod:`esorl.rl.grpo_trainer`: ``completion_ids`` up to and including the first EOS (what
+        the text shows), ``trainer_state`` (``global_step`` = steps done, ``max_steps``),
+        ``log_metric(name, value)`` (averaged into the step's metrics) and
+        ``log_extra(column, values)`` (added to ``completions.jsonl``)."""
+        from transformers import TrainerState
+
+        ids = [row[m].tolist() for row, m in zip(ro.completion_ids, ro.text_mask)]
+        self._reward_metrics, self._reward_extra = {}, {}
+        return {"completion_ids": ids, "trainer_state": TrainerState(global_step=self.step, max_steps=self.cfg.max_steps),
+                "log_metric": lambda name, value: self._reward_metrics.setdefault(name, []).append(float(value)),
+                "log_extra": lambda column, values: self._reward_extra.__setitem__(column, list(values))}
 
     def local_slice(self, n_local: int) -> slice:
         i = self.accelerator.process_index
@@ -231,8 +246,10 @@ class RLTrainerBase:
         if not (self.cfg.log_completions and self.accelerator.is_main_process):
             return
         with (self.out / "completions.jsonl").open("a") as f:
-            for p, t, r in list(zip(batch["prompts"], batch["texts"], batch["rewards"].tolist()))[: max(self.cfg.num_completions_to_print, 8)]:
-                f.write(json.dumps({"step": self.step, "prompt": p, "completion": t, "reward": r}) + "\n")
+            extra = getattr(self, "_reward_extra", {})
+            for i, (p, t, r) in enumerate(list(zip(batch["prompts"], batch["texts"], batch["rewards"].tolist()))[: max(self.cfg.num_completions_to_print, 8)]):
+                rec = {"step": self.step, "prompt": p, "completion": t, "reward": r, **{k: v[i] for k, v in extra.items() if i < len(v)}}
+                f.write(json.dumps(rec, default=str) + "\n")
 
     def plot(self) -> None:
         """``<output_dir>/reward_curve.png`` from the run's metrics (main process)."""

@@ -175,7 +175,11 @@ def run_grpo(recipe: GRPORecipe, resume=False, overwrite: bool = False, reward_f
             if ":" in r.name:
                 resolve_callable(r.name)
     existed = out.exists()
-    lock = claim(out, resume, overwrite, None, "grpo.output_dir")
+    from accelerate import PartialState
+
+    # every rank takes part (the main one writes the lock, the others wait for it); the
+    # process group is the one TrainingArguments set up when ``args`` was built
+    lock = claim(out, resume, overwrite, PartialState(), "grpo.output_dir")
     started = False
     try:
         ckpt = resume_checkpoint(out, resume)

@@ -523,6 +523,8 @@ class EsoPPOTrainer(RLTrainerBase):
         for k, v in batch["per_reward"].items():
             m[f"rewards/{k}/mean"] = torch.nanmean(v).item()
             m[f"rewards/{k}/std"] = v[~v.isnan()].std().item() if (~v.isnan()).sum() > 1 else 0.0
+        for k, vals in getattr(self, "_reward_metrics", {}).items():  # log_metric from reward functions (this rank's)
+            m[k] = sum(vals) / len(vals)
         return m
 
     # ------------------------------------------------------------------ loop

@@ -156,8 +156,8 @@ class EsoGRPOConfig(GRPOConfig):
 
 # keys of the per-sample rollout tensors added to TRL's generation output (each [B, ...])
 _ORDER, _STEPS, _SIZES, _IDS, _OLD, _REF = "eso_order", "eso_steps", "eso_step_sizes", "eso_sample_ids", "eso_old_logps", "eso_ref_logps"
-_SAMPLER = "eso_sampler_logps"
-_RUN_FILE = "esorl_run.json"  # in every checkpoint: the settings a resume must keep  # the sampler's recorded (model) log-probs, [B, N]
+_SAMPLER = "eso_sampler_logps"  # the sampler's recorded (model) log-probs, [B, N]
+_RUN_FILE = "esorl_run.json"  # in every checkpoint: the settings a resume must keep
 
 
 class EsoGRPOTrainer(GRPOTrainer):
@@ -453,6 +453,17 @@ class EsoGRPOTrainer(GRPOTrainer):
                 path = get_last_checkpoint(self.args.output_dir)
             if path:
                 self.check_resume(path, self.args)
+                import json
+                from pathlib import Path
+
+                st = Path(path) / "trainer_state.json"
+                step = json.loads(st.read_text()).get("global_step", 0) if st.exists() else 0
+                if step % self._updates_per_generation():
+                    # TRL does not checkpoint its buffered generation batch: a resume between two
+                    # updates of one batch samples it again with the updated weights
+                    warnings.warn(f"resuming from {path} at step {step}, inside a generation batch ({self._updates_per_generation()} updates each): "
+                                  "the rest of that batch is sampled again, so the resumed run differs from an uninterrupted one. "
+                                  "Checkpoints at multiples of that number resume exactly.", stacklevel=2)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     @classmethod

@@ -93,7 +93,7 @@ def write_outputs(records: list[dict], out: Path, meta: dict) -> dict:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .compare.report import save_figure
+    from .plots import save_figure
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps({**meta, "grid": records}, indent=1))

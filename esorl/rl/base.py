@@ -254,7 +254,7 @@ class RLTrainerBase:
     def plot(self) -> None:
         """``<output_dir>/reward_curve.png`` from the run's metrics (main process)."""
         if self.accelerator.is_main_process:
-            from ..compare.report import plot_reward_curve
+            from ..plots import plot_reward_curve
 
             plot_reward_curve(self.out / "metrics.jsonl", self.out / "reward_curve.png", f"{self.kind.upper()} [{self.cfg.likelihood}] {self.out.name}")
 

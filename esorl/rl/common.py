@@ -289,31 +289,19 @@ def score_rewards(funcs, weights, prompts: list[str], completions: list[str], co
 
 
 def check_policy_source(args: PolicyArgs) -> None:
-    """Fail before any work if the policy can neither be loaded nor built: ``init_from`` is
-    not a model directory and there is no existing ``pretrain_recipe`` to build it."""
-    from esorl.configuration_esolm import check_model_dir
+    """Fail before any work if the policy can neither be loaded nor built
+    (:func:`esorl.train.pretrain.check_model_source`)."""
+    from esorl.train.pretrain import check_model_source
 
-    p = Path(args.init_from)
-    if p.exists() or not args.pretrain_recipe:
-        check_model_dir(p, "policy.init_from")  # exists: must be an Eso-LM; else: says what it is
-        return
-    if not Path(args.pretrain_recipe).is_file():
-        raise FileNotFoundError(f"policy.pretrain_recipe: no such file {args.pretrain_recipe}")
+    check_model_source(args, "policy")
 
 
 def ensure_policy(args: PolicyArgs) -> Path:
-    """The policy directory; runs ``pretrain_recipe`` first if it does not exist yet."""
-    check_policy_source(args)
-    p = Path(args.init_from)
-    if (p / "config.json").exists():
-        return p
-    from esorl.config import load_config
-    from esorl.train.pretrain import PretrainConfig, run_pretrain
+    """The policy directory; runs ``pretrain_recipe`` first if it does not exist yet
+    (:func:`esorl.train.pretrain.ensure_pretrained`)."""
+    from esorl.train.pretrain import ensure_pretrained
 
-    cfg = load_config(PretrainConfig, args.pretrain_recipe, list(args.pretrain_overrides) + [f"train.output_dir={p.parent}"])
-    print(f"[esorl] no policy at {p}: pretraining it with {args.pretrain_recipe}")
-    res = run_pretrain(cfg, resume="auto")
-    return Path(res["model_dir"])
+    return ensure_pretrained(args, "policy")
 
 
 def load_tokenizer_for(args: PolicyArgs, model_dir: Path):

@@ -198,7 +198,7 @@ def run_grpo(recipe: GRPORecipe, resume=False, overwrite: bool = False, reward_f
                                  f"checkpoint in {out}. Resume with: {resume_command()}")
         model_dir = export_policy(trainer, out / "model")
         if trainer.accelerator.is_main_process:
-            from ..compare.report import plot_reward_curve
+            from ..plots import plot_reward_curve
 
             plot_reward_curve(out / "metrics.jsonl", out / "reward_curve.png", f"GRPO [{args.likelihood}] {out.name}")
         trainer.accelerator.print(f"[esorl] GRPO finished: metrics, checkpoints and model in {out}")

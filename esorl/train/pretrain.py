@@ -357,3 +357,34 @@ def main(argv=None):
     cfg = load_config(PretrainConfig, a.config, a.overrides)
     res = run_pretrain(cfg, a.resume, overwrite=a.overwrite)
     print(f"[esorl] model written to {res['model_dir']}")
+
+
+def check_model_source(args, what: str = "model") -> None:
+    """Fail before any work if ``args.init_from`` (an Eso-LM ``save_pretrained`` directory)
+    can neither be loaded nor built: it is not a model directory and there is no existing
+    ``args.pretrain_recipe`` to build it. Errors name ``<what>.init_from`` /
+    ``<what>.pretrain_recipe``."""
+    from ..configuration_esolm import check_model_dir
+
+    p = Path(args.init_from)
+    if p.exists() or not args.pretrain_recipe:
+        check_model_dir(p, f"{what}.init_from")  # exists: must be an Eso-LM; else: says what it is
+        return
+    if not Path(args.pretrain_recipe).is_file():
+        raise FileNotFoundError(f"{what}.pretrain_recipe: no such file {args.pretrain_recipe}")
+
+
+def ensure_pretrained(args, what: str = "model") -> Path:
+    """The model directory ``args.init_from``; if it does not exist yet, run
+    ``args.pretrain_recipe`` (with ``args.pretrain_overrides`` and ``train.output_dir`` set to
+    ``init_from``'s parent) first. How the CPU recipes chain pretraining → SFT / RL."""
+    check_model_source(args, what)
+    p = Path(args.init_from)
+    if (p / "config.json").exists():
+        return p
+    from ..config import load_config
+
+    cfg = load_config(PretrainConfig, args.pretrain_recipe, list(args.pretrain_overrides) + [f"train.output_dir={p.parent}"])
+    print(f"[esorl] no {what} at {p}: pretraining it with {args.pretrain_recipe}")
+    res = run_pretrain(cfg, resume="auto")
+    return Path(res["model_dir"])

@@ -80,6 +80,17 @@ class SFTDataConfig:
     tokenizer: tokenizer directory or hub name (default: the ``init_from`` directory).
     synthetic_size / synthetic_seed / prompt_words: the ``synthetic`` source.
     cache_dir: where generated pairs and tokenized tensors are cached.
+    task: a verifiable task by name (``countdown``, ``mini_sudoku``, ``basic_arithmetic``,
+        ``gsm8k``; :mod:`esorl.tasks`) instead of ``source``: prompt = the task's prompt,
+        completion = a solution its reward accepts; split ``train`` = the task's train split,
+        ``dev`` = its test split (held-out NELBO only), written as jsonl into ``cache_dir``
+        (:func:`esorl.tasks.training.write_task_pairs`). Use the same ``task_rendering``
+        and ``task_seed`` in the RL recipe (``prompts.task_rendering``, ``grpo.seed``).
+        With a task, ``source`` is only read by GSM8K (a local directory or the hub name).
+    task_rendering: ``compact`` (terse prompts and answers, for tiny models) or ``natural``.
+    task_size: training questions (procedural tasks; GSM8K: a cap, 0 = all).
+    task_seed: the task's split seed; evaluate with the same seed (``esorl eval --seed``).
+    task_test_size: test questions kept out of the training questions (and written as ``dev``).
     """
 
     source: str = "synthetic"
@@ -98,8 +109,17 @@ class SFTDataConfig:
     synthetic_seed: int = 0
     prompt_words: int = 3
     cache_dir: str = ".esorl_cache"
+    task: str = ""
+    task_rendering: str = "compact"
+    task_size: int = 10000
+    task_seed: int = 0
+    task_test_size: int = 1000
 
     def validate(self):
+        if self.task:
+            from esorl.tasks.training import check_task_fields
+
+            check_task_fields("data", self.task, self.task_rendering, self.task_size, self.task_test_size, self.source)
         if self.seq_len < 2:
             raise ValueError(f"data.seq_len must be >= 2, got {self.seq_len}")
         if not 0.0 <= self.eval_fraction < 1.0:
@@ -163,6 +183,10 @@ def write_synthetic_pairs(cfg: SFTDataConfig) -> Path:
 
 
 def resolve_sft_source(cfg: SFTDataConfig) -> str:
+    if cfg.task:
+        from esorl.tasks.training import write_task_pairs
+
+        return str(write_task_pairs(cfg.cache_dir, cfg.task, cfg.task_rendering, cfg.task_size, cfg.task_seed, cfg.task_test_size, cfg.source))
     return str(write_synthetic_pairs(cfg)) if cfg.source == "synthetic" else cfg.source
 
 
@@ -274,7 +298,7 @@ def prepare_sft_data(cfg: SFTConfig, model_dir: str | None = None):
 
     def enc(split):
         p, c = load_pairs(d, split)
-        out, dropped = encode_pairs(p, c, tok, d.seq_len, d.add_bos, d.truncate, where=f"{d.source} split {split!r}")
+        out, dropped = encode_pairs(p, c, tok, d.seq_len, d.add_bos, d.truncate, where=f"task {d.task} split {split!r}" if d.task else f"{d.source} split {split!r}")
         if dropped:
             print(f"[esorl] sft: dropped {dropped} rows of split {split!r} whose prompt leaves no room in seq_len={d.seq_len}")
         return out
@@ -311,9 +335,9 @@ def _check_tokenizer(tok, model_dir: str) -> None:
 
 def ensure_model(args: SFTModelArgs) -> Path:
     """The starting model directory; runs ``pretrain_recipe`` first if it does not exist yet."""
-    from esorl.rl.common import ensure_policy
+    from .pretrain import ensure_pretrained
 
-    return ensure_policy(args)
+    return ensure_pretrained(args, "model")
 
 
 def run_sft(cfg: SFTConfig, resume: str | bool = False, overwrite: bool = False) -> dict:

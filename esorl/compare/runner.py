@@ -125,12 +125,14 @@ def _run_compare(cfg: CompareConfig, out: Path) -> dict:
         bar.set_postfix(run=run_dir.name)
         if (run_dir / "model" / "config.json").exists() or (run_dir / "DIVERGED").exists():
             continue  # finished (or diverged): never run again
-        if shared_rewards is None:  # reward models load once, for every arm
-            from ..rl.common import build_rewards
-
-            shared_rewards = build_rewards(cfg.rewards, cfg.prompts.cache_dir, cfg.prompts)
         try:
-            res = run_grpo(rec, resume="auto", reward_funcs=shared_rewards[0], reward_weights=shared_rewards[1])
+            # the first arm builds the reward functions (after its policy and prompts exist: a
+            # chained pretraining writes the corpus a learned reward trains on); the others reuse them
+            res = run_grpo(rec, resume="auto", reward_funcs=shared_rewards[0] if shared_rewards else None,
+                           reward_weights=shared_rewards[1] if shared_rewards else None)
+            if shared_rewards is None:
+                tr = res["trainer"]
+                shared_rewards = (list(tr.reward_funcs), tr.reward_weights.tolist())
             del res
         except TrainingDiverged as e:
             # a diverged arm is a result of the comparison, not a crash of it

@@ -335,9 +335,9 @@ def _check_tokenizer(tok, model_dir: str) -> None:
 
 def ensure_model(args: SFTModelArgs) -> Path:
     """The starting model directory; runs ``pretrain_recipe`` first if it does not exist yet."""
-    from .pretrain import ensure_pretrained
+    from esorl.rl.common import ensure_policy
 
-    return ensure_pretrained(args, "model")
+    return ensure_policy(args)
 
 
 def run_sft(cfg: SFTConfig, resume: str | bool = False, overwrite: bool = False) -> dict:

@@ -1,0 +1,143 @@
+"""A verifiable task as training data: the pairs' solutions are what the task's reward
+accepts, the pretraining corpus holds the train split only (never a test question), the
+word tokenizer keeps numbers, operators and sudoku rows whole, SFT pairs carry the test
+split as ``dev``, bad task fields fail before any work naming the field, and a task
+pretrain → SFT chain runs end to end."""
+
+import json
+
+import pytest
+
+from esorl.config import ConfigError, load_config
+from esorl.tasks import RENDERINGS, TASKS, load_task, task_rewards
+from esorl.tasks.training import task_pairs, write_task_corpus, write_task_pairs
+from esorl.train.data_prep import DataConfig, prepare_data, resolve_source
+from esorl.train.pretrain import PretrainConfig, run_pretrain
+from esorl.train.sft import SFTConfig, prepare_sft_data
+
+from conftest import SHARED
+
+PROCEDURAL = [t for t in TASKS if t != "gsm8k"]
+GSM8K = SHARED / "data" / "gsm8k"
+
+
+def _pretrain_cfg(tmp_path, task="basic_arithmetic", **over):
+    base = {
+        "model": {"hidden_size": 32, "n_layers": 2, "n_heads": 2, "cond_dim": 16},
+        "data": {"task": task, "task_size": 120, "task_test_size": 30, "eval_split": "", "eval_fraction": 0.1, "seq_len": 24,
+                 "add_bos": True, "cache_dir": str(tmp_path / "cache")},
+        "objective": {"alpha0": 0.25, "batch_split": 0.5},
+        "optim": {"lr": 3e-3, "warmup_steps": 2},
+        "train": {"max_steps": 3, "batch_size": 8, "micro_batch_size": 8, "eval_every": 0, "eval_batches": 1, "save_every": 0,
+                  "output_dir": str(tmp_path / "pre"), "mixed_precision": "no", "attention_backend": "sdpa"},
+        "logging": {"wandb_mode": "disabled", "log_every": 1},
+    }
+    return load_config(PretrainConfig, None, [f"{k}={v}" for k, v in over.items()], base=base)
+
+
+@pytest.mark.parametrize("rendering", RENDERINGS)
+@pytest.mark.parametrize("name", PROCEDURAL)
+def test_reference_solutions_get_full_reward(name, rendering):
+    pairs = task_pairs(name, "train", size=40, seed=3, rendering=rendering, test_size=20)
+    ds = load_task(name, "train", size=40, seed=3, rendering=rendering, test_size=20)
+    assert [p for p, _ in pairs] == ds["prompt"]
+    (correct,), _ = task_rewards(name, rendering)
+    assert correct(ds["prompt"], [s for _, s in pairs], entry=ds["entry"], answer=ds["answer"]) == [1.0] * 40
+    # and as the pretraining corpus writes them: the completion after "prompt " is the solution
+    assert all(s and "\n" not in s for _, s in pairs if rendering == "compact")
+
+
+@pytest.mark.parametrize("rendering", RENDERINGS)
+def test_gsm8k_solutions_get_full_reward(rendering):
+    if not GSM8K.is_dir():
+        pytest.skip("GSM8K data not found at ../shared/data/gsm8k")
+    pairs = task_pairs("gsm8k", "train", size=10, rendering=rendering, source=str(GSM8K))
+    ds = load_task("gsm8k", "train", size=10, rendering=rendering, source=str(GSM8K))
+    (correct,), _ = task_rewards("gsm8k", rendering)
+    assert correct(ds["prompt"], [s for _, s in pairs], answer=ds["answer"]) == [1.0] * 10
+    if rendering == "natural":
+        assert all("####" in s for _, s in pairs)
+
+
+@pytest.mark.parametrize("name", ["basic_arithmetic", "mini_sudoku"])
+def test_corpus_is_the_train_split_and_tokenizes_whole(tmp_path, name):
+    cfg = _pretrain_cfg(tmp_path, name)
+    src = resolve_source(cfg.data)
+    lines = [json.loads(x)["text"] for x in (tmp_path / "cache").glob("task-text-*/train.jsonl").__next__().read_text().splitlines()]
+    assert src.endswith(f"task-text-{name}-compact-n120-s0-t30") and len(lines) == 120
+    train = load_task(name, "train", size=120, seed=0, test_size=30)
+    assert lines == [f"{p} {a}" for p, a in zip(train["prompt"], train["answer"])]
+    test_prompts = set(load_task(name, "test", seed=0, test_size=30)["prompt"])
+    assert not any(line.rsplit(" =", 1)[0] + " =" in test_prompts for line in lines)  # no test question in the corpus
+    tok, data = prepare_data(cfg.data, cfg.train.seed)
+    # word-level: every whitespace word is one token, none unknown, and the text round-trips
+    for line in lines:
+        ids = tok(line, add_special_tokens=False)["input_ids"]
+        assert len(ids) == len(line.split()) and tok.unk_token_id not in ids and tok.decode(ids) == line
+    assert data["train"]["input_ids"].shape[1] == 24 and len(data["train"]["input_ids"]) + len(data["eval"]["input_ids"]) == 120
+    assert (data["train"]["input_ids"][:, 0] == tok.bos_token_id).all()
+    # another task, size or seed is another corpus and another tokenizer (never a stale cache)
+    other = _pretrain_cfg(tmp_path, name, **{"data.task_seed": 1})
+    assert resolve_source(other.data) != src
+
+
+def test_sft_pairs_train_and_dev_from_the_test_split(tmp_path):
+    pre = _pretrain_cfg(tmp_path)
+    tok, _ = prepare_data(pre.data)
+    tok_dir = next((tmp_path / "cache").glob("tokenizer-word-*"))
+    cfg = load_config(SFTConfig, None, [], base={
+        "model": {"init_from": str(tmp_path / "absent")},
+        "data": {"task": "basic_arithmetic", "task_size": 120, "task_test_size": 30, "seq_len": 24, "tokenizer": str(tok_dir),
+                 "cache_dir": str(tmp_path / "cache")}})
+    _, data = prepare_sft_data(cfg, str(tmp_path / "absent"))
+    d = write_task_pairs(tmp_path / "cache", "basic_arithmetic", size=120, test_size=30)
+    train = [json.loads(x) for x in (d / "train.jsonl").read_text().splitlines()]
+    dev = [json.loads(x) for x in (d / "dev.jsonl").read_text().splitlines()]
+    test = load_task("basic_arithmetic", "test", seed=0, test_size=30)
+    assert len(train) == 120 and [r["prompt"] for r in dev] == test["prompt"] and [r["completion"] for r in dev] == test["answer"]
+    assert len(data["train"]["input_ids"]) == 120 and len(data["eval"]["input_ids"]) == 30
+    # row = BOS prompt completion EOS; the prompt mask covers BOS + prompt
+    row, pm, v = data["eval"]["input_ids"][0], data["eval"]["prompt_mask"][0], data["eval"]["valid"][0]
+    n_prompt = len(dev[0]["prompt"].split()) + 1
+    assert pm.sum() == n_prompt and row[0] == tok.bos_token_id and row[int(v.sum()) - 1] == tok.eos_token_id
+    assert tok.decode(row[n_prompt : int(v.sum()) - 1].tolist()) == dev[0]["completion"]
+
+
+def test_bad_task_fields_fail_before_any_work(tmp_path):
+    cache = tmp_path / "cache"
+    with pytest.raises(ConfigError, match="data.task: unknown task 'sudoku'"):
+        _pretrain_cfg(tmp_path, "sudoku")
+    with pytest.raises(ConfigError, match="data.task_rendering"):
+        _pretrain_cfg(tmp_path, **{"data.task_rendering": "terse"})
+    with pytest.raises(ConfigError, match="data.task_size"):
+        _pretrain_cfg(tmp_path, **{"data.task_size": 0})
+    with pytest.raises(ConfigError, match="data.eval_split"):
+        _pretrain_cfg(tmp_path, **{"data.eval_split": "dev"})
+    with pytest.raises(ConfigError, match="data.source"):
+        _pretrain_cfg(tmp_path, **{"data.source": "some/dir"})
+    with pytest.raises(ConfigError, match="data.task: unknown task 'arith'"):
+        load_config(SFTConfig, None, ["model.init_from=x", "data.task=arith", f"data.cache_dir={cache}"])
+    with pytest.raises(ConfigError, match="data.task_test_size"):
+        load_config(SFTConfig, None, ["model.init_from=x", "data.task=countdown", "data.task_test_size=0"])
+    assert not cache.exists()
+    DataConfig().validate()  # no task: nothing changes for other corpora
+
+
+def test_task_pretrain_then_sft_end_to_end(tmp_path):
+    from esorl import EsoLMModel
+    from esorl.cli import main as cli
+
+    res = run_pretrain(_pretrain_cfg(tmp_path, "mini_sudoku", **{"data.seq_len": 16}))
+    model = res["model_dir"]
+    assert EsoLMModel.from_pretrained(model).config.max_seq_len == 16
+    import yaml
+
+    recipe = {"model": {"init_from": str(model)},
+              "data": {"task": "mini_sudoku", "task_size": 120, "task_test_size": 30, "seq_len": 16, "cache_dir": str(tmp_path / "cache")},
+              "train": {"max_steps": 2, "batch_size": 8, "micro_batch_size": 8, "eval_every": 0, "eval_batches": 1, "save_every": 0,
+                        "output_dir": str(tmp_path / "sft"), "mixed_precision": "no", "attention_backend": "sdpa"},
+              "logging": {"wandb_mode": "disabled", "log_every": 1}}
+    path = tmp_path / "sft.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert cli(["sft", "--config", str(path)]) == 0
+    assert (tmp_path / "sft" / "model" / "tokenizer.json").exists()

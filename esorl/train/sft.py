@@ -335,9 +335,9 @@ def _check_tokenizer(tok, model_dir: str) -> None:
 
 def ensure_model(args: SFTModelArgs) -> Path:
     """The starting model directory; runs ``pretrain_recipe`` first if it does not exist yet."""
-    from esorl.rl.common import ensure_policy
+    from .pretrain import ensure_pretrained
 
-    return ensure_policy(args)
+    return ensure_pretrained(args, "model")
 
 
 def run_sft(cfg: SFTConfig, resume: str | bool = False, overwrite: bool = False) -> dict:

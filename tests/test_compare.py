@@ -2,6 +2,7 @@
 identical rollouts across estimators."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,8 @@ from esorl.rl.grpo import GRPORecipe, build_grpo_trainer
 from esorl.train.common import read_metrics
 
 from rl_fixtures import EvenIdReward, make_tiny_policy, recipe_dict
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -183,3 +186,31 @@ def test_paired_statistics_against_hand_computation():
     # identical arms: no difference
     same = paired_difference(ref, dict(ref))
     assert same["mean"] == 0.0 and same["p"] != same["p"] and verdict(same, float("nan")).startswith("no difference detected")
+
+
+def test_fresh_clone_chain_pretrain_then_learned_reward(tmp_path, monkeypatch):
+    """Regression (a fresh clone of the main job failed): the comparison's first arm must
+    pretrain its policy (which writes the synthetic corpus) before building a learned reward
+    that trains on that corpus. The main job's chain at toy sizes, from an empty directory."""
+    import yaml
+
+    from esorl.config import load_config as lc
+
+    monkeypatch.chdir(tmp_path)
+    pre = yaml.safe_load((REPO / "recipes" / "pretrain" / "synthetic_cpu.yaml").read_text())
+    pre["model"].update(hidden_size=32, n_layers=1, n_heads=2, cond_dim=16)
+    pre["data"]["synthetic_size"] = 400
+    pre["train"].update(max_steps=2, eval_every=2, eval_batches=1, save_every=2)
+    pre["logging"] = {"wandb_mode": "disabled", "log_every": 1}
+    (tmp_path / "pre.yaml").write_text(yaml.safe_dump(pre))
+    main = yaml.safe_load((REPO / "recipes" / "compare" / "synthetic_cpu.yaml").read_text())
+    main["policy"] = {"init_from": "runs/pre/model", "pretrain_recipe": "pre.yaml"}
+    main["prompts"]["synthetic_size"] = 400
+    main["rewards"][0]["kwargs"].update(train=".esorl_cache/synthetic-400-0/train.tsv", dev=".esorl_cache/synthetic-400-0/dev.tsv",
+                                        epochs=1, max_steps=2, model_dir=".esorl_cache/rm")
+    main["grpo"].update(max_steps=1, per_device_train_batch_size=8, save_steps=1)
+    main.update(estimators=[{"name": "exact", "likelihood": "exact"}, {"name": "one_step", "likelihood": "one_step"}], seeds=[0],
+                diagnostics={"enabled": False}, logging={"wandb_mode": "disabled"}, output_dir="runs/cmp")
+    run_compare(lc(CompareConfig, None, [], base=main))
+    assert (tmp_path / "runs" / "cmp" / "report.md").exists()
+    assert (tmp_path / "runs" / "cmp" / "runs" / "one_step-s0" / "model" / "config.json").exists()

@@ -51,7 +51,10 @@ class LoraArgs:
 class GRPORecipe:
     """A GRPO recipe: ``policy``, ``prompts``, ``rewards`` (reward functions / models with
     weights), ``grpo`` (``trl.GRPOConfig`` fields plus the Eso-LM ones: ``esorl config grpo``
-    lists them all), ``lora`` and ``logging`` (wandb mode and project)."""
+    lists them all), ``lora`` and ``logging`` (wandb mode and project). Where a recipe leaves a
+    ``grpo`` field out, TRL's default holds, except: output_dir ``runs/grpo``, logging_steps 1,
+    save_steps 50, save_total_limit 2, report_to ``wandb`` (offline unless
+    ``logging.wandb_mode`` says otherwise; ``none`` when it is ``disabled``)."""
 
     policy: PolicyArgs = field(default_factory=PolicyArgs)
     prompts: PromptArgs = field(default_factory=PromptArgs)

@@ -377,3 +377,19 @@ def test_the_readme_python_example_runs(policy_dir, tmp_path, monkeypatch):
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["trainer"].state.global_step == 2
     assert read_metrics(tmp_path / "out" / "metrics.jsonl")[-1]["step"] == 2
+
+
+def test_wandb_offline_after_another_wandb_run_in_the_process(policy_dir, tmp_path, monkeypatch):
+    """Regression (the main job on a fresh clone): a chained pretraining had started wandb
+    (offline) in the process; the GRPO run's wandb then ignored WANDB_MODE and asked for an
+    API key. The recipe's mode reaches wandb however the process started it."""
+    import wandb
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    wandb.init(project="esorl-test", mode="offline", dir=str(tmp_path)).finish()
+    rec = recipe(policy_dir, tmp_path, max_steps=1)
+    rec.logging.wandb_mode = "offline"
+    run_grpo(rec, reward_funcs=[EvenIdReward(policy_dir)], reward_weights=[1.0])
+    assert (tmp_path / "run" / ".wandb_run_id").exists() and list((tmp_path / "run" / "wandb").glob("offline-run-*"))

@@ -93,6 +93,29 @@ def _wandb_env(logging: LoggingConfig, output_dir: str) -> None:
     os.environ.setdefault("WANDB_DIR", str(output_dir))
 
 
+def start_wandb(logging: LoggingConfig, args, resume: bool):
+    """Open this run's wandb run before ``Trainer.train`` (main process), so that
+    transformers' ``WandbCallback`` logs into it: with the recipe's mode (``offline`` by
+    default; an explicit ``WANDB_MODE`` wins), the recipe's project, ``<output_dir>/wandb``,
+    and on ``--resume`` the same wandb run (its id is kept in ``<output_dir>/.wandb_run_id``).
+    Relying on the environment alone is not enough: wandb reads it once per process, and a
+    chained pretraining may already have started wandb. Returns the run or ``None``."""
+    if "wandb" not in (args.report_to or []) or not args.should_save:
+        return None
+    mode = "disabled" if logging.wandb_mode == "disabled" else (os.environ.get("WANDB_MODE") or logging.wandb_mode)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    id_file = out / ".wandb_run_id"
+    import secrets
+
+    import wandb
+
+    run_id = id_file.read_text().strip() if resume and id_file.is_file() else secrets.token_hex(4)
+    id_file.write_text(run_id)
+    return wandb.init(project=logging.wandb_project, name=logging.run_name or out.name, mode=mode, id=run_id, resume="allow", dir=str(out),
+                      reinit="finish_previous")
+
+
 def build_grpo_trainer(recipe: GRPORecipe, reward_funcs=None, reward_weights=None, callbacks=None, **arg_overrides):
     """The :class:`~esorl.rl.grpo_trainer.EsoGRPOTrainer` of a recipe.
 
@@ -195,7 +218,12 @@ def run_grpo(recipe: GRPORecipe, resume=False, overwrite: bool = False, reward_f
         if trainer.accelerator.is_main_process:
             save_config(recipe, out / "config.yaml")
         started = True
-        trainer.train(resume_from_checkpoint=ckpt)
+        run = start_wandb(recipe.logging, trainer.args, bool(ckpt))
+        try:
+            trainer.train(resume_from_checkpoint=ckpt)
+        finally:
+            if run is not None:
+                run.finish()
         if stop.stopped:
             raise RunInterrupted(f"grpo stopped by {stop.stopped} at step {trainer.state.global_step} of {trainer.state.max_steps}; "
                                  f"checkpoint in {out}. Resume with: {resume_command()}")

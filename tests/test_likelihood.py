@@ -186,3 +186,34 @@ def test_estimators_are_differentiable_and_seeded():
             assert not torch.equal(lp.detach(), other.detach()), name
     with pytest.raises(ValueError, match="unknown likelihood estimator"):
         estimate(model, r, "nope")
+
+
+def test_entropies_are_the_predictive_distributions(monkeypatch):
+    """``with_entropy=True``: exact's entropies equal replay's (another forward per step) and
+    the entropy of softmax(logits / T) of the very logits exact reads each token's log-prob
+    from (here a left-to-right trajectory, so σ order = position order); asking for them
+    changes nothing else; MC estimators return finite non-negative entropies."""
+    import esorl.likelihood as L
+
+    model = tiny_model(dtype=torch.float64)
+    r = _rollout(model, 3, alpha0=0.5, T=5)
+    lp, _, ent = exact(model, r, with_entropy=True)
+    assert torch.equal(lp, exact(model, r)[0])
+    _, _, ent_r = replay(model, r, with_entropy=True)
+    assert (ent - ent_r).abs().max() < 1e-10 and (ent > 0).all()
+    gen = torch.Generator().manual_seed(4)
+    B, P, N = 2, 3, 5
+    pid = torch.randint(5, 39, (B, P), generator=gen)
+    comp = torch.randint(5, 39, (B, N), generator=gen)
+    traj = Trajectory(torch.arange(N).expand(B, N), torch.ones(N, dtype=torch.long))
+    r2 = generate(model, pid, torch.ones_like(pid, dtype=torch.bool), N, traj, teacher_tokens=comp, temperature=0.7, backend="sdpa")
+    seen = []
+    real = L.token_logprobs
+    monkeypatch.setattr(L, "token_logprobs", lambda logits, *a, **k: (seen.append(logits.detach()), real(logits, *a, **k))[1])
+    _, _, e2 = L.exact(model, r2, with_entropy=True)
+    p = torch.softmax(seen[0] / 0.7, -1)
+    assert (e2 - (-(p * torch.log(p.clamp_min(1e-300))).sum(-1))).abs().max() < 1e-10
+    monkeypatch.undo()
+    for est, kw in (("mc_elbo", {"n": 3, "seed": 1}), ("one_step", {"seed": 1}), ("coupled", {"seed": 1})):
+        out = estimate(model, r, est, with_entropy=True, **kw)
+        assert len(out) == 3 and torch.isfinite(out[2]).all() and (out[2] >= 0).all(), est

@@ -32,9 +32,8 @@ from .layout import exact_layout, one_copy_layout, replay_layout, sequential_lay
 from .logprobs import entropy as _entropy
 from .logprobs import token_logprobs
 from .rollout import Rollout
-from .schedule import EPS, alpha, make_generator
+from .schedule import EPS, Stream, alpha, make_generator
 
-_PURPOSE_MC = 4
 
 
 def _table(rollout: Rollout):
@@ -134,7 +133,7 @@ def _draws(rollout: Rollout, seed: int, n_uniform: int, L: int):
     ids = rollout.sample_ids if rollout.sample_ids is not None else torch.arange(rollout.batch_size)
     us, ks = [], []
     for s in ids.tolist():
-        g = make_generator(seed, _PURPOSE_MC, int(s))
+        g = make_generator(seed, Stream.MC, int(s))
         us.append(torch.rand(n_uniform, generator=g, dtype=torch.float64))
         ks.append(torch.rand(L, generator=g, dtype=torch.float64))
     return torch.stack(us), torch.stack(ks)
@@ -239,7 +238,7 @@ def coupled(model, rollout: Rollout, seed: int = 0, t_min: float = 0.2, t_max: f
     B, N = rollout.completion_ids.shape
     P = rollout.prompt_ids.shape[1]
     dev = rollout.completion_ids.device
-    g = make_generator(seed, _PURPOSE_MC, -1)
+    g = make_generator(seed, Stream.MC, -1)
     t = float(t_min + (t_max - t_min) * torch.rand(1, generator=g, dtype=torch.float64))
     _, mu = _draws(rollout, seed, 0, 2 * N)
     mu = mu.to(dev)

@@ -79,13 +79,12 @@ from .likelihood import exact
 from .modeling_esolm import model_config, unwrap
 from .rollout import Rollout
 from .sampling import generate, left_pad
-from .schedule import ScheduleConfig, Trajectory, fixed_k, make_generator
+from .schedule import ScheduleConfig, Stream, Trajectory, fixed_k, make_generator
 
 log = logging.getLogger(__name__)
 
 ORDERS = ("l2r", "random")
 # generator purposes (other esorl purposes use 1..8)
-_PURPOSE_LL_ORDER, _PURPOSE_LL_SIZES, _PURPOSE_GEN_ORDER, _PURPOSE_GEN_SIZES, _PURPOSE_GEN_NOISE = 21, 22, 23, 24, 25
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32, "float64": torch.float64, "double": torch.float64,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "half": torch.float16, "fp16": torch.float16}
 
@@ -298,8 +297,8 @@ class EsoLMEval(LM):
             raise ValueError("esolm.trajectory: pairs must share one continuation length")
         if self.order == "l2r":
             return Trajectory(torch.arange(N).expand(B, N).clone(), torch.ones(N, dtype=torch.long))
-        rows = [make_generator(self.seed, _PURPOSE_LL_ORDER, *_keys(c, x)) for c, x in pairs]
-        return self._random(B, N, rows, make_generator(self.seed, _PURPOSE_LL_SIZES, N))
+        rows = [make_generator(self.seed, Stream.LL_ORDER, *_keys(c, x)) for c, x in pairs]
+        return self._random(B, N, rows, make_generator(self.seed, Stream.LL_SIZES, N))
 
     def _random(self, B: int, N: int, rows, sizes_gen) -> Trajectory:
         if self.diffusion_steps == 0:
@@ -431,9 +430,9 @@ class EsoLMEval(LM):
         if self.order == "l2r":
             traj = Trajectory(torch.arange(n).expand(B, n).clone(), torch.ones(n, dtype=torch.long))
         else:
-            traj = self._random(B, n, [make_generator(self.seed, _PURPOSE_GEN_ORDER, *k) for k in keys],
-                                make_generator(self.seed, _PURPOSE_GEN_SIZES, n))
-        u = torch.stack([torch.rand(n, generator=make_generator(self.seed, _PURPOSE_GEN_NOISE, *k), dtype=torch.float64) for k in keys])
+            traj = self._random(B, n, [make_generator(self.seed, Stream.GEN_ORDER, *k) for k in keys],
+                                make_generator(self.seed, Stream.GEN_SIZES, n))
+        u = torch.stack([torch.rand(n, generator=make_generator(self.seed, Stream.GEN_NOISE, *k), dtype=torch.float64) for k in keys])
         ro = generate(self.model, pid, pm, n, traj, s["temperature"], s["top_k"], s["top_p"], uniforms=u, eos_token_id=self.eot_token_id,
                       method=self.sampler, backend=self.backend)
         texts = ro.texts(self.tokenizer)  # cut at the first EOS

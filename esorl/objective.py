@@ -26,9 +26,8 @@ from .attention import CAUSAL, PrefixCausalMask, build_mask
 from .modeling_esolm import model_config
 from .attention import TokenDesc
 from .layout import Layout, concat, concat_rows, one_copy_layout, sequential_layout, sorted_table
-from .schedule import EPS, alpha, make_generator
+from .schedule import EPS, Stream, alpha, make_generator
 
-_PURPOSE_TRAIN = 1
 
 
 @dataclass
@@ -101,7 +100,7 @@ def _per_sample_noise(seed: int, step: int, gidx: torch.Tensor, L: int):
     """Uniforms for one sample each: ``(t_offset (B,), mask_u (B, L), shuffle (B, L))``."""
     r, mu, sh = [], [], []
     for g in gidx.tolist():
-        gen = make_generator(seed, _PURPOSE_TRAIN, step, g)
+        gen = make_generator(seed, Stream.TRAIN, step, g)
         r.append(torch.rand(1, generator=gen, dtype=torch.float64))
         mu.append(torch.rand(L, generator=gen, dtype=torch.float64))
         sh.append(torch.rand(L, generator=gen, dtype=torch.float64))

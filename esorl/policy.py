@@ -18,9 +18,8 @@ from .likelihood import estimate
 from .modeling_esolm import unwrap
 from .rollout import Rollout
 from .sampling import SamplingConfig, generate, left_pad, rollout_noise
-from .schedule import make_generator
+from .schedule import Stream, make_generator
 
-_PURPOSE_TRAJ = 5
 
 
 @dataclass
@@ -113,8 +112,8 @@ class EsoPolicy:
         N = s.max_new_tokens
         # step sizes: one draw per (seed, step), shared by the whole global batch; orders: one
         # draw per (seed, step, sample) — the same rollout on any number of ranks
-        rows = [make_generator(seed, _PURPOSE_TRAJ, step, int(i)) for i in sample_ids]
-        traj = s.schedule.sample(len(prompts), N, make_generator(seed, _PURPOSE_TRAJ, step), rows)
+        rows = [make_generator(seed, Stream.TRAJ, step, int(i)) for i in sample_ids]
+        traj = s.schedule.sample(len(prompts), N, make_generator(seed, Stream.TRAJ, step), rows)
         u = rollout_noise(seed, step, sample_ids, N)
         was_training = self.model.training
         self.model.eval()
@@ -164,7 +163,7 @@ class EsoPolicy:
         if trajectory is None:
             trajectory = Trajectory(torch.arange(N).expand(B, N).clone(), torch.ones(N, dtype=torch.long))
         elif isinstance(trajectory, ScheduleConfig):
-            trajectory = trajectory.sample(B, N, make_generator(seed, _PURPOSE_TRAJ, -1))
+            trajectory = trajectory.sample(B, N, make_generator(seed, Stream.TRAJ, -1))
         s = self.sampling
         return Rollout.from_tokens(pid, pm, comp.to(pid.device), trajectory, cm.to(pid.device), self.eos_id, s.temperature, s.top_k, s.top_p)
 

@@ -25,10 +25,9 @@ from .layout import concat, copies, one_copy_layout, replay_layout, trajectory_t
 from .logprobs import filter_logprobs, gather, model_logprobs, sample_inverse_cdf
 from .modeling_esolm import EsoKVCache
 from .rollout import Rollout, check_left_padded, first_eos_mask
-from .schedule import ScheduleConfig, Trajectory, make_generator
+from .schedule import ScheduleConfig, Stream, Trajectory, make_generator
 from .static_sampling import static_decode
 
-_PURPOSE_ROLLOUT = 3
 
 
 @dataclass
@@ -63,7 +62,7 @@ class SamplingConfig:
 
 def rollout_noise(seed: int, step: int, sample_ids: torch.Tensor, n: int, batch_traj: int | None = None) -> torch.Tensor:
     """``(B, n)`` uniforms keyed by (seed, step, sample): identical across estimators/runs."""
-    return torch.stack([torch.rand(n, generator=make_generator(seed, _PURPOSE_ROLLOUT, step, int(s)), dtype=torch.float64) for s in sample_ids])
+    return torch.stack([torch.rand(n, generator=make_generator(seed, Stream.ROLLOUT, step, int(s)), dtype=torch.float64) for s in sample_ids])
 
 
 def _pick(logits, u, temperature, top_k, top_p, forced=None):

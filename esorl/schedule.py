@@ -9,6 +9,8 @@ trajectory's tokens and its gradient is exact.
 
 from __future__ import annotations
 
+import enum
+
 from dataclasses import dataclass
 
 import torch
@@ -203,9 +205,32 @@ class ScheduleConfig:
         raise ValueError(f"schedule kind must be unified, fixed_k, block_ar or subcontext, got {self.kind!r}")
 
 
+class Stream(enum.IntEnum):
+    """The purpose key of every random stream (the first key after the seed in
+    :func:`make_generator`): one list, so that no two uses share a stream by accident. The
+    values are part of the reproducibility contract (a run's rollouts, masks and data order are
+    functions of them): never renumber, only add."""
+
+    TRAIN = 1  # training-objective noise: t, masks, orders (objective.py)
+    DATA = 2  # pretraining data order (train/pretrain.py)
+    ROLLOUT = 3  # the sampler's uniforms per (step, sample) (sampling.py)
+    MC = 4  # Monte Carlo estimators' draws per sample (likelihood.py)
+    TRAJ = 5  # rollout trajectories: orders per sample, step sizes per batch (policy.py)
+    PROMPTS = 6  # PPO's prompt order per epoch (rl/base.py)
+    EST = 7  # the estimator noise seed per (generation step, inner iteration) (rl/)
+    SHUFFLE = 8  # PPO's mini-batch shuffles (rl/ppo.py)
+    DIAG_ROWS = 9  # rows of the comparison's diagnostic batches (rl/grpo_trainer.py)
+    LL_ORDER = 21  # lm-eval: random scoring orders per request (lm_eval_model.py)
+    LL_SIZES = 22  # lm-eval: their step sizes
+    GEN_ORDER = 23  # lm-eval: generation orders per request
+    GEN_SIZES = 24  # lm-eval: generation step sizes
+    GEN_NOISE = 25  # lm-eval: sampling uniforms
+
+
 def make_generator(seed: int, *keys: int) -> torch.Generator:
-    """A CPU generator keyed by ``(seed, *keys)`` (e.g. purpose, step, global sample index):
-    all randomness in esorl comes from such generators, never from global state."""
+    """A CPU generator keyed by ``(seed, *keys)`` (a :class:`Stream`, then e.g. the step and the
+    global sample index): all randomness in esorl comes from such generators, never from
+    global state."""
     h = seed & 0xFFFFFFFFFFFF
     for k in keys:
         h = (h * 0x100000001B3 ^ (int(k) & 0xFFFFFFFF)) % (2**61 - 1)

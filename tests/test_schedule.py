@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from esorl.schedule import ScheduleConfig, Trajectory, block_ar, fixed_k, subcontext, unified, unified_step_sizes, user_order
+from esorl.schedule import ScheduleConfig, Stream, Trajectory, block_ar, fixed_k, subcontext, unified, unified_step_sizes, user_order
 
 
 def test_unified_sizes_and_phases():
@@ -71,8 +71,8 @@ def test_orders_keyed_per_sample_do_not_depend_on_the_batch():
     """Rank 1 of 2 must draw the same σ for its samples as a single process does."""
     from esorl.schedule import make_generator
 
-    rows = lambda ids: [make_generator(7, 5, 0, i) for i in ids]  # noqa: E731
+    rows = lambda ids: [make_generator(7, Stream.TRAJ, 0, i) for i in ids]  # noqa: E731
     for cfg in (ScheduleConfig(alpha0=0.5, num_steps=4), ScheduleConfig(kind="fixed_k", k=3), ScheduleConfig(kind="block_ar", block_size=4, num_steps=2)):
-        full = cfg.sample(8, 12, make_generator(7, 5, 0), rows(range(8)))
-        half = cfg.sample(4, 12, make_generator(7, 5, 0), rows(range(4, 8)))
+        full = cfg.sample(8, 12, make_generator(7, Stream.TRAJ, 0), rows(range(8)))
+        half = cfg.sample(4, 12, make_generator(7, Stream.TRAJ, 0), rows(range(4, 8)))
         assert torch.equal(full.order[4:], half.order) and torch.equal(full.step_sizes, half.step_sizes)

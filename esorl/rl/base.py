@@ -17,14 +17,13 @@ from ..config import save_config
 from ..modeling_esolm import EsoLMModel
 from ..policy import EsoPolicy, EstimatorConfig
 from ..sampling import SamplingConfig
-from ..schedule import ScheduleConfig, make_generator
+from ..schedule import ScheduleConfig, Stream, make_generator
 from ..train.run_dir import GracefulStop, RunInterrupted, claim, resume_command
 from ..train.common import Checkpointer, NonFiniteGuard, RunLogger, all_reduce_sum, check_resume, flat_config, lr_factor, make_accelerator, set_learning_rate
 from ..configuration_esolm import EsoLMConfig
 from .common import (all_gather_cat, build_rewards, check_prompt_lengths, ensure_policy, resolve_callable, load_prompts, load_tokenizer_for, prepare_reference,
                      score_rewards)
 
-_PURPOSE_PROMPTS, _PURPOSE_EST = 6, 7
 
 
 @dataclass
@@ -152,7 +151,7 @@ class RLTrainerBase:
         for f in range(step * n_prompts, (step + 1) * n_prompts):
             e, i = divmod(f, P)
             if e not in self._perms:
-                self._perms[e] = torch.randperm(P, generator=make_generator(self.cfg.seed, _PURPOSE_PROMPTS, e))
+                self._perms[e] = torch.randperm(P, generator=make_generator(self.cfg.seed, Stream.PROMPTS, e))
             rows.append(self.train_prompts[int(self._perms[e][i])])
         return [r for r in rows for _ in range(repeat)]
 
@@ -203,7 +202,7 @@ class RLTrainerBase:
     def estimator_seed(self, step: int, k: int) -> int:
         """One noise seed per inner iteration / epoch, shared by the current, old and
         reference passes (docs/ESOLM.md §6)."""
-        return int(torch.randint(0, 2**31 - 1, (1,), generator=make_generator(self.cfg.seed, _PURPOSE_EST, step, k)))
+        return int(torch.randint(0, 2**31 - 1, (1,), generator=make_generator(self.cfg.seed, Stream.EST, step, k)))
 
     # optimizer updates per RL step (GRPO: num_iterations; PPO: epochs × mini-batches)
     updates_per_step = 1

@@ -77,14 +77,13 @@ from ..policy import EsoPolicy, EstimatorConfig
 from .common import LOG_RATIO_CLAMP, peak_memory_mb
 from ..rollout import Rollout, first_eos_mask
 from ..sampling import SamplingConfig
-from ..schedule import ScheduleConfig, make_generator
+from ..schedule import ScheduleConfig, Stream, make_generator
 
 # transformers 5.24 renamed gradient_checkpointing to activation_checkpointing; TRL 1.16 and
 # peft still use the old names (which work): their warning says nothing a user can act on
 warnings.filterwarnings("ignore", message=r".*(is_)?gradient_checkpointing.* is deprecated", category=FutureWarning)
 
 # random-stream purposes of this module (see esorl.schedule.make_generator)
-_PURPOSE_EST = 7
 # the eval rollouts use their own seed stream, fixed across evaluations (common random numbers)
 _EVAL_SEED_OFFSET = 99991
 
@@ -210,7 +209,7 @@ class EsoGRPOTrainer(GRPOTrainer):
     def estimator_seed(self, gen_step: int, iteration: int) -> int:
         """The Monte Carlo noise seed of inner iteration ``iteration`` of the generation batch
         sampled at ``global_step = gen_step``; shared by its current, old and reference passes."""
-        g = make_generator(self.args.seed, _PURPOSE_EST, gen_step, iteration)
+        g = make_generator(self.args.seed, Stream.EST, gen_step, iteration)
         return int(torch.randint(0, 2**31 - 1, (1,), generator=g))
 
     def _updates_per_generation(self) -> int:
@@ -357,7 +356,7 @@ class EsoGRPOTrainer(GRPOTrainer):
         ``num_generations`` times, as TRL's sampler does): for diagnostics outside ``train``."""
         ds = self.train_dataset
         k = self.args.generation_batch_size // self.num_generations
-        perm = torch.randperm(len(ds), generator=make_generator(self.args.seed, _PURPOSE_EST, step, -1))[:k]
+        perm = torch.randperm(len(ds), generator=make_generator(self.args.seed, Stream.DIAG_ROWS, step))[:k]
         return [dict(ds[int(i)]) for i in perm for _ in range(self.num_generations)]
 
     @torch.no_grad()

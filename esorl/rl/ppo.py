@@ -80,12 +80,11 @@ from ..likelihood import exact
 from ..modeling_esolm import EsoLMModel, model_config
 from ..policy import EsoPolicy
 from ..rollout import Rollout
-from ..schedule import make_generator
+from ..schedule import Stream, make_generator
 from ..train.common import LoggingConfig, all_reduce_sum, check_finite, configure_deepspeed
 from .base import EsoRLArgs, RLTrainerBase
 from .common import LOG_RATIO_CLAMP, PolicyArgs, PromptArgs, RewardSpec, all_gather_cat, peak_memory_mb
 
-_PURPOSE_SHUFFLE = 8
 DETERMINISTIC = ("exact", "replay")  # estimators whose old log-probs are the sampler's
 
 
@@ -460,7 +459,7 @@ class EsoPPOTrainer(RLTrainerBase):
         t0 = time.time()
         for e in range(c.num_ppo_epochs):
             seed = self.estimator_seed(self.step, e)
-            perm = torch.randperm(self.local_batch, generator=make_generator(c.seed, _PURPOSE_SHUFFLE, self.step, e)).to(mask.device)
+            perm = torch.randperm(self.local_batch, generator=make_generator(c.seed, Stream.SHUFFLE, self.step, e)).to(mask.device)
             old_e = data["old"][e]
             for mb in range(c.num_mini_batches):
                 mb_idx = perm[mb * self.mini_batch : (mb + 1) * self.mini_batch]

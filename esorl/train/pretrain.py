@@ -23,12 +23,12 @@ from ..config import load_config, save_config
 from ..configuration_esolm import EsoLMConfig
 from ..modeling_esolm import EsoLMModel
 from ..objective import ObjectiveConfig, hybrid_loss
+from ..schedule import Stream
 from .common import (EMA, Checkpointer, LoggingConfig, NonFiniteGuard, OptimConfig, RunLogger, all_reduce_sum, check_finite, check_resume,
                      configure_deepspeed, flat_config, make_accelerator, make_optimizer, read_metrics, set_learning_rate)
 from .data_prep import DataConfig, prepare_data
 from .run_dir import GracefulStop, RunInterrupted, claim, resume_command
 
-_PURPOSE_DATA = 2
 
 # settings a resumed pretraining run cannot change (the rest is honoured from the new config)
 RESUME_FIXED = {
@@ -137,7 +137,7 @@ def global_batch_rows(position: int, G: int, n_rows: int, seed: int) -> torch.Te
     out = np.empty(G, dtype=np.int64)
     for e in np.unique(epochs).tolist():
         sel = epochs == e
-        out[sel] = permute(within[sel], n_rows, seed, _PURPOSE_DATA, e)
+        out[sel] = permute(within[sel], n_rows, seed, Stream.DATA, e)
     return torch.from_numpy(out)
 
 

@@ -32,7 +32,7 @@ from common import (  # noqa: E402
 
 import torch  # noqa: E402
 
-ESTIMATORS = ("plain", "exact", "replay", "mc_elbo", "one_step", "coupled")
+ESTIMATORS = ("plain", "exact", "replay", "mc_elbo", "one_step", "coupled")  # the default set measured (plain + the registry's)
 
 
 def make_rollout(model, B: int, P: int, N: int, T: int, alpha0: float, seed: int, device):
@@ -73,39 +73,30 @@ def plain_forward(model, rollout, backend: str = "auto"):
 
 
 def estimator_fn(name: str, backend: str, n_mc: int = 4, p_mask: float = 0.15):
+    """``plain`` (one ordinary forward, the baseline) or any estimator of the registry, with
+    its keyword arguments from the registry (α0 = 1, seed 0)."""
     from esorl import likelihood as lk
+    from esorl.policy import EstimatorConfig
 
     if name == "plain":
         return lambda m, r: plain_forward(m, r, backend)
-    if name == "exact":
-        return lambda m, r: lk.exact(m, r, backend=backend)
-    if name == "replay":
-        return lambda m, r: lk.replay(m, r, backend=backend)
-    if name == "mc_elbo":
-        return lambda m, r: lk.mc_elbo(m, r, n=n_mc, alpha0=1.0, seed=0, backend=backend)
-    if name == "one_step":
-        return lambda m, r: lk.one_step(m, r, p_mask=p_mask, seed=0, backend=backend)
-    if name == "coupled":
-        return lambda m, r: lk.coupled(m, r, seed=0, backend=backend)
-    raise SystemExit(f"unknown estimator {name!r}; choose from {', '.join(ESTIMATORS)}")
+    try:
+        est = lk.get_estimator(name)
+    except ValueError as e:
+        raise SystemExit(f"{e} (or plain)") from None
+    kw = est.kwargs(EstimatorConfig(name, n_mc, p_mask), 1.0, 0)
+    return lambda m, r: est.fn(m, r, backend=backend, **kw)
 
 
 def token_forwards(name: str, step_sizes, P: int, N: int, n_mc: int = 4) -> int:
-    if name in ("plain", "one_step"):
+    """Token forwards of one sequence: ``P + N`` for ``plain``, else the registry's cost model."""
+    from esorl import likelihood as lk
+    from esorl.policy import EstimatorConfig
+
+    if name == "plain":
         return P + N
-    if name == "exact":
-        return P + 2 * N
-    if name == "replay":
-        total, c = 0, 0
-        for k in step_sizes:
-            total += P + c + int(k)
-            c += int(k)
-        return total
-    if name == "mc_elbo":
-        return n_mc * (P + N)
-    if name == "coupled":
-        return 3 * (P + N)
-    raise ValueError(name)
+    est = lk.get_estimator(name)
+    return est.forwards(P, N, [int(k) for k in step_sizes], est.kwargs(EstimatorConfig(name, n_mc), 1.0, 0))
 
 
 def make_call(model, rollout, fn, backward: bool):

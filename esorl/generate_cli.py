@@ -108,11 +108,11 @@ def main(argv=None):
 
 
 def score_main(argv=None):
-    from esorl.likelihood import ESTIMATORS
+    from esorl.likelihood import REGISTRY as ESTIMATORS
 
-    names = sorted(ESTIMATORS)
+    names = list(ESTIMATORS)
     p = _parser("esorl score", "sample one completion per prompt, then score that trajectory with each likelihood estimator")
-    p.add_argument("--estimators", default="exact,replay,mc_elbo,one_step,coupled", help=f"comma list from: {', '.join(names)}")
+    p.add_argument("--estimators", default=",".join(names), help="comma list from: " + "; ".join(f"{n} ({e.summary})" for n, e in ESTIMATORS.items()))
     p.add_argument("--mc-samples", type=_positive_int, default=16, help="n of mc_elbo")
     p.add_argument("--per-token", action="store_true", help="print per-token log-probs too")
     a = p.parse_args(argv)
@@ -133,7 +133,9 @@ def score_main(argv=None):
         print(f"[{i}] {pr}|{t}")
     print(f"{'sampler':>9}: total {[round(x, 3) for x in ro.logp_behaviour.sum(1).tolist()]}  (behaviour log-probs it recorded)")
     for name in chosen:
-        kw = {"n": a.mc_samples, "alpha0": a.alpha0, "seed": a.seed} if name == "mc_elbo" else ({"seed": a.seed} if name in ("one_step", "coupled") else {})
+        from esorl.policy import EstimatorConfig
+
+        kw = EstimatorConfig(name, a.mc_samples).params(a.alpha0, a.seed)
         with torch.no_grad():
             lp, valid = estimate(model, ro, name, **kw)
         print(f"{name:>9}: total {[round(x, 3) for x in (lp * valid).sum(1).tolist()]}")

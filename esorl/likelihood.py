@@ -24,6 +24,9 @@ masked prompt token (``one_step``) goes to the masked part.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 
 from .attention import build_mask
@@ -257,10 +260,8 @@ def coupled(model, rollout: Rollout, seed: int = 0, t_min: float = 0.2, t_max: f
 
 
 def estimate(model, rollout: Rollout, estimator: str = "exact", **params):
-    """Dispatch by name; unknown parameters for an estimator raise ``TypeError`` naming them."""
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"unknown likelihood estimator {estimator!r}; choose from {sorted(ESTIMATORS)}")
-    return ESTIMATORS[estimator](model, rollout, **params)
+    """Dispatch by name (:data:`REGISTRY`); unknown parameters raise ``TypeError`` naming them."""
+    return get_estimator(estimator).fn(model, rollout, **params)
 
 
 def _checked(fn):
@@ -280,4 +281,81 @@ def _checked(fn):
 
 
 exact, replay, mc_elbo, one_step, coupled = (_checked(f) for f in (exact, replay, mc_elbo, one_step, coupled))
-ESTIMATORS = {"exact": exact, "replay": replay, "mc_elbo": mc_elbo, "one_step": one_step, "coupled": coupled}
+
+
+# ----------------------------------------------------------------------------- the registry
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """What the rest of esorl needs to know about a likelihood estimator (docs/ESOLM.md §6).
+
+    fn: ``fn(model, rollout, **kwargs) -> (logp [B, N], valid [B, N])`` (``with_entropy=True``
+        adds the entropies [B, N]).
+    kwargs: ``kwargs(cfg, sampling_alpha0, seed) -> dict``: its keyword arguments from an
+        :class:`esorl.policy.EstimatorConfig`, the sampling α0 and the inner iteration's noise seed.
+    deterministic: no noise: one scoring serves every inner iteration and seed.
+    equals_sampler: its log-probs are the sampler's recorded ones (so an RL run takes the old
+        log-probs from the rollout, with no forward).
+    per_step: per-token log-probs tied to the trajectory's steps (PPO runs per-step GAE on
+        them; the others run sequence-level PPO, docs/ESOLM.md §8).
+    forwards: ``forwards(P, N, step_sizes, kwargs) -> int``: token forwards of one sequence
+        (the cost model of the comparison and the benchmarks; expected values where random).
+    summary: one line for help texts.
+    """
+
+    name: str
+    fn: Callable
+    kwargs: Callable
+    deterministic: bool
+    equals_sampler: bool
+    per_step: bool
+    forwards: Callable
+    summary: str
+
+
+REGISTRY: dict[str, Estimator] = {}
+
+
+def register(est: Estimator) -> Estimator:
+    """Add an estimator (``esorl`` knows it everywhere by its name: RL configs, the
+    comparison, ``esorl score``, the benchmarks). Raises ``ValueError`` on a taken name."""
+    if est.name in REGISTRY:
+        raise ValueError(f"likelihood estimator {est.name!r} is already registered")
+    REGISTRY[est.name] = est
+    return est
+
+
+def get_estimator(name: str) -> Estimator:
+    """The registry entry of ``name``; ``ValueError`` listing the known names otherwise."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown likelihood estimator {name!r}; choose from {', '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def _mc_alpha0(cfg, sampling_alpha0: float) -> float:
+    return sampling_alpha0 if getattr(cfg, "mc_alpha0", -1.0) < 0 else cfg.mc_alpha0
+
+
+def _replay_forwards(P: int, N: int, sizes, kw) -> int:
+    c, total = 0, 0
+    for k in sizes:  # step i: the prompt, the c clean copies so far and the k queries
+        total += P + c + k
+        c += k
+    return total
+
+
+register(Estimator("exact", exact, lambda cfg, a0, seed: {}, True, True, True, lambda P, N, sizes, kw: P + 2 * N,
+                   "the trajectory's exact log-likelihood in one pass (layout (a))"))
+register(Estimator("replay", replay, lambda cfg, a0, seed: {}, True, True, True, _replay_forwards,
+                   "the same numbers as exact, one pass per step (layout (c)): the test oracle and TraceRL's cost"))
+register(Estimator("mc_elbo", mc_elbo, lambda cfg, a0, seed: {"n": cfg.mc_samples, "alpha0": _mc_alpha0(cfg, a0), "seed": seed}, False, False, False,
+                   lambda P, N, sizes, kw: kw["n"] * (P + N) + (kw["n"] * (P + N + round(N * (1 - kw["alpha0"]))) if kw["alpha0"] < 1 else 0),
+                   "Monte Carlo NELBO with n draws at the sampling α0 (a bound, averaged over orders)"))
+register(Estimator("one_step", one_step, lambda cfg, a0, seed: {"p_mask": cfg.p_mask, "seed": seed}, False, False, True,
+                   lambda P, N, sizes, kw: P + N, "d1's diffu-GRPO: prompt masked with p_mask, completion fully masked (mean field)"))
+register(Estimator("coupled", coupled, lambda cfg, a0, seed: {"seed": seed}, False, False, False, lambda P, N, sizes, kw: 3 * (P + N),
+                   "DiffuCoder's coupled-GRPO: a mask at t, its complement and a fully masked pass"))
+
+# name → function (the estimators' signature is shared; kept for callers that dispatch by name)
+ESTIMATORS = {name: e.fn for name, e in REGISTRY.items()}

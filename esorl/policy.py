@@ -26,7 +26,8 @@ from .schedule import Stream, make_generator
 class EstimatorConfig:
     """Which likelihood the RL loss uses (docs/ESOLM.md §6).
 
-    likelihood: ``exact`` | ``replay`` | ``mc_elbo`` | ``one_step`` | ``coupled``.
+    likelihood: an estimator of :data:`esorl.likelihood.REGISTRY` (``exact`` | ``replay`` |
+        ``mc_elbo`` | ``one_step`` | ``coupled``).
     mc_samples: ``n`` of ``mc_elbo``. p_mask: prompt mask rate of ``one_step`` (d1: 0.15).
     mc_alpha0: α0 of ``mc_elbo``'s NELBO (default: the sampling α0, docs/ESOLM.md §6).
     """
@@ -37,30 +38,30 @@ class EstimatorConfig:
     mc_alpha0: float = -1.0
 
     def validate(self):
-        from .likelihood import ESTIMATORS
+        from .likelihood import REGISTRY
 
-        if self.likelihood not in ESTIMATORS:
-            raise ValueError(f"likelihood must be one of {sorted(ESTIMATORS)}, got {self.likelihood!r}")
+        if self.likelihood not in REGISTRY:
+            raise ValueError(f"likelihood must be one of {', '.join(REGISTRY)}, got {self.likelihood!r}")
         if self.mc_samples < 1:
             raise ValueError("mc_samples must be >= 1")
         if not 0.0 <= self.p_mask <= 1.0:
             raise ValueError("p_mask must be in [0, 1]")
 
+    def info(self):
+        """The estimator's registry entry (:class:`esorl.likelihood.Estimator`)."""
+        from .likelihood import get_estimator
+
+        return get_estimator(self.likelihood)
+
     def params(self, sampling_alpha0: float, seed: int) -> dict:
         """Keyword arguments of the estimator (``seed`` = the inner iteration's noise seed)."""
-        if self.likelihood == "mc_elbo":
-            a0 = sampling_alpha0 if self.mc_alpha0 < 0 else self.mc_alpha0
-            return {"n": self.mc_samples, "alpha0": a0, "seed": seed}
-        if self.likelihood == "one_step":
-            return {"p_mask": self.p_mask, "seed": seed}
-        if self.likelihood == "coupled":
-            return {"seed": seed}
-        return {}
+        return self.info().kwargs(self, sampling_alpha0, seed)
 
     @property
     def per_token(self) -> bool:
-        """Whether the estimator gives trajectory-aware per-token log-probs (PPO per step)."""
-        return self.likelihood in ("exact", "replay", "one_step")
+        """Whether the estimator gives per-token log-probs tied to the trajectory's steps
+        (PPO runs per-step GAE on them; docs/ESOLM.md §8)."""
+        return self.info().per_step
 
 
 @contextlib.contextmanager

@@ -72,7 +72,7 @@ def estimator_diagnostics(policy, batches: list[dict], estimators: dict[str, Est
             for d in range(draws):
                 sums.append(policy.log_probs(ro, est.likelihood, **est.params(alpha0, 1000 + d))[0].sum(1))
         S = torch.stack(sums)  # (draws, B) sequence log-likelihood estimates
-        if est.likelihood in ("exact", "replay"):
+        if est.info().deterministic:
             ref = exact_lp
         else:
             with torch.no_grad():
@@ -89,7 +89,7 @@ def estimator_diagnostics(policy, batches: list[dict], estimators: dict[str, Est
         m["pearson_vs_exact"] = _pearson(S[0], exact_lp)
         m["spearman_vs_exact"] = _spearman(S[0], exact_lp)
         gs = [policy_gradient(policy, ro, adv, est, alpha0, 2000 + d) for d in range(draws)]
-        m["grad_var_fixed_batch"] = 0.0 if est.likelihood in ("exact", "replay") else _grad_var(gs)
+        m["grad_var_fixed_batch"] = 0.0 if est.info().deterministic else _grad_var(gs)
         gbar = torch.stack(gs).mean(0)
         m["cos_to_exact_grad_single_draw"] = torch.nn.functional.cosine_similarity(gs[0], g_exact, dim=0).item()
         m["cos_to_exact_grad_mean_of_draws"] = torch.nn.functional.cosine_similarity(gbar, g_exact, dim=0).item()

@@ -306,14 +306,15 @@ class EsoGRPOTrainer(GRPOTrainer):
         """Old and reference log-probs ``[B, μ, N]`` (one slice per inner iteration) under the
         estimator, before any update. TRL left placeholders (or nothing) for them."""
         est = self.estimator_cfg
-        deterministic = est.likelihood in ("exact", "replay")
+        info = est.info()
+        deterministic = info.deterministic
         mu = self.num_iterations if mode == "train" else 1
         gen = self._generation_step() if mode == "train" else -1
         seeds = [self.estimator_seed(gen, it) for it in range(mu)]
         need_old = "old_per_token_logps" in out
         out.pop("old_per_token_logps", None)
         out.pop("ref_per_token_logps", None)
-        if est.likelihood == "exact":
+        if info.equals_sampler:  # exact (and replay): the sampler's log-probs, no forward
             out["old_per_token_logps"] = ro.logp_model.to(out["completion_ids"].device).float()
         elif need_old:
             lps = [self._score(self.policy, ro, s)[0] for s in (seeds[:1] if deterministic else seeds)]

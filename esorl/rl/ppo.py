@@ -85,7 +85,6 @@ from ..train.common import LoggingConfig, all_reduce_sum, check_finite, configur
 from .base import EsoRLArgs, RLTrainerBase
 from .common import LOG_RATIO_CLAMP, PolicyArgs, PromptArgs, RewardSpec, all_gather_cat, peak_memory_mb
 
-DETERMINISTIC = ("exact", "replay")  # estimators whose old log-probs are the sampler's
 
 
 @dataclass
@@ -402,7 +401,7 @@ class EsoPPOTrainer(RLTrainerBase):
 
     def needs_old(self) -> bool:
         c = self.cfg
-        return c.likelihood not in DETERMINISTIC and (c.num_ppo_epochs * c.num_mini_batches > 1 or c.kl_coef > 0)
+        return not c.estimator().info().equals_sampler and (c.num_ppo_epochs * c.num_mini_batches > 1 or c.kl_coef > 0)
 
     @torch.no_grad()
     def prepare(self, batch: dict) -> dict:
@@ -414,7 +413,7 @@ class EsoPPOTrainer(RLTrainerBase):
         self.model.eval()
         t0 = time.time()
         E = c.num_ppo_epochs
-        if c.likelihood in DETERMINISTIC:
+        if c.estimator().info().equals_sampler:  # the sampler's log-probs: no forward
             old = [ro.logp_model.to(acc.device)] * E  # the sampler's = exact's (docs/ESOLM.md §6)
         elif self.needs_old():
             old = [self._score_nograd(self.policy, ro, self.estimator_seed(self.step, e)) for e in range(E)]

@@ -146,24 +146,3 @@ def first_eos_mask(completion_ids: torch.Tensor, eos_id: int | None) -> torch.Te
     is_eos = completion_ids == eos_id
     before = is_eos.long().cumsum(1) - is_eos.long()  # EOS strictly before j
     return before == 0
-
-
-def concat_rollouts(rs: list[Rollout]) -> Rollout:
-    """Concatenate rollouts with the same N, step sizes and sampling parameters (prompts are
-    re-left-padded to the longest)."""
-    P = max(r.prompt_ids.shape[1] for r in rs)
-
-    def lpad(t, fill):
-        return torch.nn.functional.pad(t, (P - t.shape[1], 0), value=fill)
-
-    base = rs[0]
-    for r in rs[1:]:
-        if not torch.equal(r.step_sizes, base.step_sizes):
-            raise ValueError("concat_rollouts: step sizes differ between rollouts")
-    cat = lambda name: torch.cat([getattr(r, name) for r in rs]) if getattr(base, name) is not None else None  # noqa: E731
-    return Rollout(
-        prompt_ids=torch.cat([lpad(r.prompt_ids, 0) for r in rs]), prompt_mask=torch.cat([lpad(r.prompt_mask, False) for r in rs]),
-        completion_ids=cat("completion_ids"), order=cat("order"), step_sizes=base.step_sizes, steps=cat("steps"),
-        completion_mask=cat("completion_mask"), text_mask=cat("text_mask"), logp_model=cat("logp_model"),
-        logp_behaviour=cat("logp_behaviour"), temperature=base.temperature, top_k=base.top_k, top_p=base.top_p, sample_ids=cat("sample_ids"),
-    )

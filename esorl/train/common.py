@@ -305,11 +305,6 @@ def configure_deepspeed(accelerator, micro_batch_size: int, accumulation: int, m
         cfg["gradient_clipping"] = float(max_grad_norm)
 
 
-def is_zero3(accelerator) -> bool:
-    ds = getattr(accelerator.state, "deepspeed_plugin", None)
-    return ds is not None and ds.zero_stage == 3
-
-
 # ----------------------------------------------------------------------------- EMA
 
 

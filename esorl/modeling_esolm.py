@@ -367,7 +367,9 @@ class EsoLMModel(PreTrainedModel):
         x = self.vocab_embed(input_ids)
         c = self.conditioning().to(x.dtype)
         cos, sin = self.rotary_emb(positions, x.dtype)
-        recompute = cache is None and self.training and torch.is_grad_enabled()
+        # recompute whenever a backward will follow: also in eval mode, where RL's loss passes
+        # run (dropout off, so that the policy scored equals the policy that sampled)
+        recompute = cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
             if recompute and block.gradient_checkpointing:
                 # positional tensors (reentrant checkpointing only passes gradients to those);

@@ -2,7 +2,8 @@
 call): the same parameter gradients as without it, under every mask kind a training or
 scoring forward uses (dense Eso-LM mask of layout (a), ``CAUSAL`` and ``PrefixCausalMask``
 of the hybrid objective), reentrant and not, with dropout, under bf16 autocast; and it stays
-out of the way where it must (eval, no_grad, a KV cache, after disabling)."""
+out of the way where it must (no_grad, a KV cache, after disabling); in eval mode with
+gradients on (RL's loss passes, dropout off) it recomputes too."""
 
 from __future__ import annotations
 
@@ -157,13 +158,15 @@ def test_default_kwargs_and_memory():
     assert ckpt < saved_bytes(model, hybrid) < plain
 
 
-def test_off_in_eval_no_grad_and_with_cache():
+def test_off_without_grad_and_with_cache_on_in_eval_with_grad():
     model = tiny_model(layers=2)
+    ref = grads(model, exact_loss)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     calls = spy(model)
     model.eval()
-    exact_loss(model).backward()  # eval mode: grads, no checkpointing
-    assert not calls
+    # eval mode with gradients (RL's loss passes: dropout off): recomputed, same gradients
+    assert max_diff(ref, grads(model, exact_loss)) < 1e-6 and len(calls) == 2
+    calls.clear()
     model.train()
     with torch.no_grad():
         exact_loss(model)

@@ -393,3 +393,24 @@ def test_wandb_offline_after_another_wandb_run_in_the_process(policy_dir, tmp_pa
     rec.logging.wandb_mode = "offline"
     run_grpo(rec, reward_funcs=[EvenIdReward(policy_dir)], reward_weights=[1.0])
     assert (tmp_path / "run" / ".wandb_run_id").exists() and list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+
+
+def test_disable_dropout_reaches_the_eso_lm_blocks(tmp_path):
+    """A policy trained with dropout: TRL's disable_dropout only zeroes nn.Dropout modules, the
+    Eso-LM's blocks use their own rate. With it (the default), two loss passes on one batch
+    give identical gradients, and the exported config keeps the model's dropout."""
+    import json
+
+    from esorl.modeling_esolm import EsoLMModel
+
+    src = make_tiny_policy(tmp_path / "p")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["dropout"] = 0.3
+    (src / "config.json").write_text(json.dumps(cfg))
+    tr = trainer(src, tmp_path)
+    assert EsoLMModel.from_pretrained(str(src)).config.dropout == 0.3
+    inputs = tr.sample_batch(tr.rows_for(0), 0)["inputs"]
+    _, g1 = trl_first_step(tr, dict(inputs))
+    _, g2 = trl_first_step(tr, dict(inputs))
+    assert all(torch.equal(g1[n], g2[n]) for n in g1)
+    assert inputs["old_per_token_logps"] is not None

@@ -242,3 +242,17 @@ def test_ppo_takes_trls_reward_contract(policy_dir, tmp_path):
     recs = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert recs[0]["my_metric"] == 2.0
     assert '"my_column": "x"' in (tmp_path / "run" / "completions.jsonl").read_text()
+
+
+def test_ppo_gradient_checkpointing_keeps_the_gradient(policy_dir, tmp_path):
+    """``ppo.gradient_checkpointing``: the blocks are recomputed in the backward (also in the
+    eval-mode loss pass), with the same first-step gradient."""
+    norms = []
+    for gc in (False, True):
+        tr = trainer(policy_dir, tmp_path / str(gc), max_steps=1, gradient_checkpointing=gc)
+        from esorl.modeling_esolm import unwrap
+
+        assert unwrap(tr.model).is_gradient_checkpointing == gc
+        tr.run()
+        norms.append(read_metrics(tmp_path / str(gc) / "run" / "metrics.jsonl")[0]["grad_norm"])
+    assert norms[1] == pytest.approx(norms[0], rel=1e-5)

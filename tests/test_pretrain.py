@@ -117,3 +117,12 @@ def test_bad_inputs(tmp_path):
         f.write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="step-0000003"):
         run_pretrain(tiny_cfg(tmp_path / "c"), resume="latest")
+
+
+def test_gradient_checkpointing_keeps_the_gradient(tmp_path):
+    """``train.gradient_checkpointing`` (pretraining and SFT): the same first-step gradient."""
+    norms = []
+    for gc in (False, True):
+        run_pretrain(tiny_cfg(tmp_path / str(gc), **{"train.max_steps": 1, "train.gradient_checkpointing": gc, "train.eval_every": 0}))
+        norms.append(read_metrics(tmp_path / str(gc) / "run" / "metrics.jsonl")[0]["train/grad_norm"])
+    assert norms[1] == pytest.approx(norms[0], rel=1e-5)

@@ -38,8 +38,9 @@ class EsoRLArgs:
     ``logging_steps``, ``save_steps``, ``save_total_limit``, ``eval_steps``, ``output_dir``,
     ``log_completions``, ``num_completions_to_print``), and the Eso-LM fields: the estimator
     (``likelihood``, ``mc_samples``, ``p_mask``, docs/ESOLM.md §6), the sampling schedule
-    (``sampling_alpha0``, ``diffusion_steps``, ``schedule_kind``), ``attention_backend`` and
-    ``mixed_precision``."""
+    (``sampling_alpha0``, ``diffusion_steps``, ``schedule_kind``), ``attention_backend``,
+    ``mixed_precision`` and ``gradient_checkpointing`` (recompute the blocks in the backward:
+    same gradients, less memory; TRL's name)."""
 
     output_dir: str = "runs/rl"
     learning_rate: float = 1e-5
@@ -73,6 +74,7 @@ class EsoRLArgs:
     schedule_kind: str = "unified"
     attention_backend: str = "auto"
     mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
 
     completion_length_field = "max_completion_length"
 

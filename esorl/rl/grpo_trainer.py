@@ -183,6 +183,12 @@ class EsoGRPOTrainer(GRPOTrainer):
             model = EsoLMModel.from_pretrained(model)
         if not isinstance(unwrap(model), EsoLMModel):
             raise TypeError(f"EsoGRPOTrainer: model must be an EsoLMModel or its directory, got {type(model).__name__}")
+        if args.disable_dropout:
+            # TRL's disable_dropout_in_model zeroes nn.Dropout modules; the Eso-LM blocks apply
+            # F.dropout with their own rate, so zero those (the saved config keeps its value)
+            for m in unwrap(model).modules():
+                if isinstance(getattr(m, "dropout", None), float):
+                    m.dropout = 0.0
         if processing_class is None:
             from ..data import load_tokenizer
 

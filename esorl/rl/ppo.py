@@ -337,6 +337,8 @@ class EsoPPOTrainer(RLTrainerBase):
         self.setup(recipe, c, reward_funcs, reward_weights)
         acc = self.accelerator
         lm = EsoLMModel.from_pretrained(str(self.model_dir))
+        if c.gradient_checkpointing:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         head = ValueHead(lm.config.hidden_size, c.value_head_init_std)
         container = EsoLMWithValueHead(lm, head)
         self.opt = torch.optim.AdamW(container.parameters(), lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_epsilon, weight_decay=c.weight_decay)

@@ -70,6 +70,9 @@ class TrainArgs:
     output_dir: run directory. ema_decay: EMA of weights (0 = off); eval and the exported
     model use the EMA weights. mixed_precision: ``auto`` (bf16 on GPU), ``no``, ``bf16``.
     attention_backend: ``auto`` (flex on CUDA, SDPA elsewhere), ``sdpa``, ``flex``.
+    gradient_checkpointing: recompute each block in the backward pass instead of keeping its
+        activations (same gradients; less memory, one more forward of the blocks; see
+        ``benchmarks/README.md``).
     """
 
     max_steps: int = 1000
@@ -84,6 +87,7 @@ class TrainArgs:
     ema_decay: float = 0.999
     mixed_precision: str = "auto"
     attention_backend: str = "auto"
+    gradient_checkpointing: bool = False
 
     def validate(self):
         if self.max_steps < 1:
@@ -250,6 +254,8 @@ def run_pretrain(cfg: PretrainConfig, resume: str | bool = False, data_fn=None, 
         model = build_model(cfg.model, tok, cfg.data.seq_len)
         if cfg.data.seq_len > model.config.max_seq_len:  # (model is not wrapped yet here)
             raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds the model context max_seq_len={model.config.max_seq_len}")
+        if tcfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # the fused AdamW kernel on GPUs (DeepSpeed keeps its own optimizer partitions: foreach)
         ds = getattr(accelerator.state, "deepspeed_plugin", None) is not None
         opt = make_optimizer(model.parameters(), cfg.optim, device=None if ds else accelerator.device)

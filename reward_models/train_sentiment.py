@@ -225,27 +225,6 @@ def _encode(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
     return enc["input_ids"]
 
 
-def _collate(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    L = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), L), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), L), dtype=torch.long)
-    for i, x in enumerate(ids):
-        input_ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
-        mask[i, : len(x)] = 1
-    return input_ids, mask
-
-
-@torch.no_grad()
-def _accuracy(model, ids: list[list[int]], labels: list[int], pad_id: int, batch_size: int = 256) -> float:
-    model.eval()
-    correct = 0
-    for s in range(0, len(ids), batch_size):
-        input_ids, mask = _collate(ids[s : s + batch_size], pad_id)
-        pred = model(input_ids=input_ids, attention_mask=mask).logits.argmax(-1)
-        correct += int((pred == torch.tensor(labels[s : s + batch_size])).sum())
-    return correct / len(ids)
-
-
 def _file_digest(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -350,8 +329,44 @@ def train_sentiment_model(
     return metrics
 
 
+def _trainer_class():
+    """``transformers.Trainer`` with esorl's guards and the word-level token dropout."""
+    from transformers import Trainer
+
+    from esorl.train.callbacks import RecordsGradNorm
+
+    class SentimentTrainer(RecordsGradNorm, Trainer):
+        """Training-only token dropout: each non-special word becomes ``[UNK]`` with
+        probability ``token_dropout`` (a regulariser for a tiny vocabulary model), drawn from
+        its own seeded generator so that a run is reproducible."""
+
+        def __init__(self, *a, token_dropout: float = 0.0, unk_id: int = 0, special_ids=(), seed: int = 0, **k):
+            super().__init__(*a, **k)
+            self.token_dropout, self.unk_id = token_dropout, unk_id
+            self.special_ids = torch.tensor(sorted(special_ids), dtype=torch.long)
+            self.dropout_gen = torch.Generator().manual_seed(seed)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if model.training and self.token_dropout > 0:
+                ids = inputs["input_ids"]
+                drop = torch.rand(ids.shape, generator=self.dropout_gen) < self.token_dropout
+                drop = drop.to(ids.device) & inputs["attention_mask"].bool() & ~torch.isin(ids, self.special_ids.to(ids.device))
+                inputs = {**inputs, "input_ids": ids.masked_fill(drop, self.unk_id)}
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    return SentimentTrainer
+
+
 def _train(train_path: Path, dev_path: Path, out: Path, cfg: SentimentTrainConfig, progress: bool) -> dict[str, Any]:
-    from tqdm.auto import tqdm
+    """Train with ``transformers.Trainer`` (AdamW with weight decay off for biases and
+    LayerNorm, linear warm-up and decay, label smoothing, clipping, a dev evaluation per
+    epoch, non-finite updates skipped by :class:`esorl.train.callbacks.NonFiniteGradients`)."""
+    import shutil
+
+    from datasets import Dataset
+    from transformers import DataCollatorWithPadding, TrainingArguments
+
+    from esorl.train.callbacks import NonFiniteGradients
 
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
@@ -362,87 +377,38 @@ def _train(train_path: Path, dev_path: Path, out: Path, cfg: SentimentTrainConfi
         raise ValueError(f"labels must be integers in 0..K-1 with K >= 2; got max {num_labels - 1}")
 
     tokenizer = build_word_tokenizer(train_texts, cfg.min_frequency, cfg.max_length)
-    pad_id = tokenizer.pad_token_id
-    train_ids = _encode(tokenizer, train_texts, cfg.max_length)
-    dev_ids = _encode(tokenizer, dev_texts, cfg.max_length)
+    train_ds = Dataset.from_dict({"input_ids": _encode(tokenizer, train_texts, cfg.max_length), "labels": train_labels})
+    dev_ds = Dataset.from_dict({"input_ids": _encode(tokenizer, dev_texts, cfg.max_length), "labels": dev_labels})
+    model = build_tiny_bert(cfg, len(tokenizer), tokenizer.pad_token_id, num_labels)
+    steps_per_epoch = math.ceil(len(train_ds) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(steps_per_epoch * cfg.epochs, cfg.max_steps)
+    work = out / "_trainer"  # Trainer's own checkpoints (select_best); removed afterwards
+    args = TrainingArguments(
+        output_dir=str(work), per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=256, learning_rate=cfg.lr,
+        weight_decay=cfg.weight_decay, warmup_steps=int(cfg.warmup_ratio * total), lr_scheduler_type="linear", max_grad_norm=cfg.max_grad_norm,
+        num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1, label_smoothing_factor=cfg.label_smoothing, eval_strategy="epoch",
+        save_strategy="epoch" if cfg.select_best else "no", save_total_limit=1 if cfg.select_best else None,
+        load_best_model_at_end=cfg.select_best, metric_for_best_model="accuracy", seed=cfg.seed, data_seed=cfg.seed, report_to="none",
+        disable_tqdm=not progress, logging_strategy="epoch", use_cpu=not torch.cuda.is_available(), dataloader_pin_memory=False,
+    )
 
-    model = build_tiny_bert(cfg, len(tokenizer), pad_id, num_labels)
-    no_decay = ("bias", "LayerNorm.weight", "LayerNorm.bias")
-    groups = [
-        {"params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)], "weight_decay": cfg.weight_decay},
-        {"params": [p for n, p in model.named_parameters() if n.endswith(no_decay)], "weight_decay": 0.0},
-    ]
-    opt = torch.optim.AdamW(groups, lr=cfg.lr)
-    steps_per_epoch = math.ceil(len(train_ids) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
-    if cfg.max_steps is not None:
-        total = min(total, cfg.max_steps)
-    warmup = int(cfg.warmup_ratio * total)
+    def accuracy(pred) -> dict:
+        return {"accuracy": float((pred.predictions.argmax(-1) == pred.label_ids).mean())}
 
-    def lr_lambda(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    labels_t = torch.tensor(train_labels, dtype=torch.long)
-    unk_id = tokenizer.unk_token_id
-    special = torch.zeros(len(tokenizer), dtype=torch.bool)
-    special[tokenizer.all_special_ids] = True
-
-    step = 0
-    per_epoch: list[float] = []
-    best_acc, best_epoch, best_state = -1.0, 0, None
-    bar = tqdm(total=total, desc="train sentiment RM", disable=not progress, dynamic_ncols=True)
-    skipped = consecutive = 0
-    for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        order = torch.randperm(len(train_ids), generator=gen).tolist()
-        for s in range(0, len(order), cfg.batch_size):
-            if step >= total:
-                break
-            idx = order[s : s + cfg.batch_size]
-            input_ids, mask = _collate([train_ids[i] for i in idx], pad_id)
-            if cfg.token_dropout > 0:
-                drop = torch.rand(input_ids.shape, generator=gen) < cfg.token_dropout
-                drop &= mask.bool() & ~special[input_ids]
-                input_ids = input_ids.masked_fill(drop, unk_id)
-            logits = model(input_ids=input_ids, attention_mask=mask).logits
-            loss = torch.nn.functional.cross_entropy(logits, labels_t[idx], label_smoothing=cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            if torch.isfinite(gn):
-                opt.step()
-                consecutive = 0
-            else:  # a non-finite gradient never reaches the weights or Adam's moments (as GradScaler)
-                skipped += 1
-                consecutive += 1
-                opt.zero_grad(set_to_none=True)
-                if consecutive >= 5:
-                    raise RuntimeError(f"sentiment reward model: the gradient was non-finite in {consecutive} consecutive steps "
-                                       f"(step {step}); lower lr")
-            sched.step()
-            step += 1
-            bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
-        acc = _accuracy(model, dev_ids, dev_labels, pad_id)
-        per_epoch.append(acc)
-        bar.write(f"epoch {epoch}: dev accuracy {acc:.4f}") if progress else None
-        if acc > best_acc:
-            best_acc, best_epoch = acc, epoch
-            if cfg.select_best:
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if step >= total:
-            break
-    bar.close()
-    if cfg.select_best and best_state is not None:
-        model.load_state_dict(best_state)
-        saved_acc, saved_epoch = best_acc, best_epoch
-    else:
-        saved_acc, saved_epoch = per_epoch[-1], len(per_epoch)
-    model.eval()
+    trainer = _trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=dev_ds, processing_class=tokenizer,
+                               data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=accuracy, token_dropout=cfg.token_dropout,
+                               unk_id=tokenizer.unk_token_id, special_ids=tokenizer.all_special_ids, seed=cfg.seed)
+    guard = NonFiniteGradients(trainer)
+    trainer.add_callback(guard)
+    trainer.train()
+    per_epoch = [r["eval_accuracy"] for r in trainer.state.log_history if "eval_accuracy" in r]
+    saved_acc = trainer.evaluate()["eval_accuracy"]  # the weights being saved (the best epoch's with select_best)
+    if not per_epoch:  # max_steps ended training inside the first epoch
+        per_epoch = [saved_acc]
+    best_acc = max(per_epoch)
+    best_epoch = per_epoch.index(best_acc) + 1
+    saved_epoch = best_epoch if cfg.select_best else len(per_epoch)
+    model = trainer.model.eval()
 
     out.mkdir(parents=True, exist_ok=True)
     stale = out / METRICS_FILE
@@ -450,6 +416,7 @@ def _train(train_path: Path, dev_path: Path, out: Path, cfg: SentimentTrainConfi
         stale.unlink()  # never leave old metrics next to new weights
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    shutil.rmtree(work, ignore_errors=True)
     elapsed = time.perf_counter() - t0
     return {
         "dev_accuracy": saved_acc,
@@ -457,12 +424,12 @@ def _train(train_path: Path, dev_path: Path, out: Path, cfg: SentimentTrainConfi
         "dev_accuracy_per_epoch": per_epoch,
         "best_dev_accuracy": best_acc,
         "best_epoch": best_epoch,
-        "train_size": len(train_ids),
-        "dev_size": len(dev_ids),
+        "train_size": len(train_ds),
+        "dev_size": len(dev_ds),
         "seed": cfg.seed,
         "epochs": cfg.epochs,
-        "steps": step,
-        "skipped_updates": skipped,
+        "steps": trainer.state.global_step,
+        "skipped_updates": guard.skipped_updates,
         "vocab_size": len(tokenizer),
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "train_time_s": round(elapsed, 2),

@@ -189,7 +189,7 @@ def run_grpo(recipe: GRPORecipe, resume=False, overwrite: bool = False, reward_f
     SIGINT/SIGTERM save a checkpoint and raise :class:`~esorl.train.run_dir.RunInterrupted`."""
     from ..config import save_config
     from ..train.run_dir import RunInterrupted, claim, resume_command
-    from .callbacks import StopOnSignal
+    from ..train.callbacks import StopOnSignal
 
     args = recipe.args(**arg_overrides)
     out = Path(args.output_dir)

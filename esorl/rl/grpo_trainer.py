@@ -78,6 +78,7 @@ from .common import LOG_RATIO_CLAMP, peak_memory_mb
 from ..rollout import Rollout, first_eos_mask
 from ..sampling import SamplingConfig
 from ..schedule import ScheduleConfig, Stream, make_generator
+from ..train.callbacks import RecordsGradNorm
 
 # transformers 5.24 renamed gradient_checkpointing to activation_checkpointing; TRL 1.16 and
 # peft still use the old names (which work): their warning says nothing a user can act on
@@ -159,7 +160,7 @@ _SAMPLER = "eso_sampler_logps"  # the sampler's recorded (model) log-probs, [B, 
 _RUN_FILE = "esorl_run.json"  # in every checkpoint: the settings a resume must keep
 
 
-class EsoGRPOTrainer(GRPOTrainer):
+class EsoGRPOTrainer(RecordsGradNorm, GRPOTrainer):
     """``trl.GRPOTrainer`` over Eso-LM rollouts with exact or Monte Carlo likelihoods.
 
     Args: as ``trl.GRPOTrainer`` (``model`` an :class:`~esorl.EsoLMModel` or its directory,
@@ -198,12 +199,11 @@ class EsoGRPOTrainer(GRPOTrainer):
         super().__init__(model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, reward_processing_classes=reward_processing_classes, callbacks=callbacks,
                          optimizers=optimizers, peft_config=peft_config, **kwargs)
-        from .callbacks import MetricsJSONL, NonFiniteGradients
+        from ..train.callbacks import MetricsJSONL, NonFiniteGradients
 
         self.nonfinite = NonFiniteGradients(self)
         self.add_callback(self.nonfinite)  # before the JSONL writer: it adds train/skipped_updates to the record
         self.add_callback(MetricsJSONL(args.output_dir))
-        self._last_grad_norm = None
         self.estimator_cfg = args.estimator()
         self.policy = EsoPolicy(self.model, processing_class, args.sampling(), self.accelerator, args.attention_backend)
         self._generating = False  # inside TRL's generation: its old/ref scoring calls are answered by us afterwards
@@ -434,12 +434,6 @@ class EsoGRPOTrainer(GRPOTrainer):
             if inputs is not None and isinstance(inputs.get(key), torch.Tensor):
                 inputs[key] = torch.maximum(torch.minimum(inputs[key], cur + LOG_RATIO_CLAMP), cur - LOG_RATIO_CLAMP)
         return lp, (ent if compute_entropy else None), None
-
-    def _get_grad_norm(self, model, grad_norm=None):
-        # remembered for the non-finite guard (esorl.rl.callbacks.NonFiniteGradients), which
-        # runs between this norm and the optimizer step
-        self._last_grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
-        return self._last_grad_norm
 
     # ------------------------------------------------------------------ checkpoints and resume
     # settings a resumed run cannot change: what they key, and why

@@ -1,4 +1,5 @@
-"""``transformers`` callbacks that give a ``Trainer``-based run esorl's guarantees.
+"""``transformers`` callbacks that give a ``Trainer``-based run (GRPO, the reward-model
+trainer) esorl's guarantees.
 
 - :class:`MetricsJSONL`: every log record also goes to ``<output_dir>/metrics.jsonl`` (one JSON
   object per line, ``step`` first); a resumed run drops the records after its checkpoint, so
@@ -21,8 +22,8 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from ..train.common import MAX_CONSECUTIVE_SKIPPED, TrainingDiverged, _ds_overflow
-from ..train.run_dir import GracefulStop
+from .common import MAX_CONSECUTIVE_SKIPPED, TrainingDiverged, _ds_overflow
+from .run_dir import GracefulStop
 
 
 class MetricsJSONL(TrainerCallback):
@@ -60,8 +61,8 @@ class NonFiniteGradients(TrainerCallback):
     """Skip (and count) an optimizer update whose gradient norm is not finite; stop the run
     after :data:`~esorl.train.common.MAX_CONSECUTIVE_SKIPPED` in a row.
 
-    ``trainer`` must record the norm it computed before the step (``_last_grad_norm``; see
-    :class:`esorl.rl.grpo_trainer.EsoGRPOTrainer`). The skip clears every gradient, so the
+    ``trainer`` must record the norm it computed before the step (``_last_grad_norm``: override
+    ``Trainer._get_grad_norm`` as :class:`RecordsGradNorm` does). The skip clears every gradient, so the
     optimizer's step is a no-op for every parameter (AdamW leaves parameters without a
     gradient and their moments untouched). With DeepSpeed the engine steps inside
     ``backward``; there the check runs just before the engine's step (DeepSpeed has no
@@ -112,6 +113,18 @@ class NonFiniteGradients(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None and "loss" in logs:
             logs["train/skipped_updates"] = self.skipped_updates
+
+
+class RecordsGradNorm:
+    """A ``transformers.Trainer`` mixin that keeps the gradient norm of the coming update in
+    ``_last_grad_norm`` for :class:`NonFiniteGradients` (``Trainer`` computes the norm before
+    the ``on_pre_optimizer_step`` event but does not pass it)."""
+
+    _last_grad_norm = None
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        self._last_grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        return self._last_grad_norm
 
 
 class StopOnSignal(TrainerCallback):

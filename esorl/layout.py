@@ -41,15 +41,38 @@ class TokenTable:
 @dataclass
 class Layout:
     """A model input: ``ids``/``positions`` ``(B, L)``, the attention descriptors, and the
-    table slot behind each array slot (``slot``, ``(B, L)``)."""
+    table slot behind each array slot (``slot``, ``(B, L)``).
+
+    ``causal_prefix``: the first this many slots of every row attend exactly causally among
+    themselves under the attention rule (docs/ESOLM.md §4; e.g. the training layouts (d) and
+    (e)), so the ``auto`` backend may use a cheaper mask for them; 0 = no such knowledge.
+    A layout owns its mask: :meth:`attention_mask` / :meth:`run`.
+    """
 
     ids: torch.Tensor
     positions: torch.Tensor
     desc: TokenDesc
     slot: torch.Tensor
+    causal_prefix: int = 0
 
     def __len__(self) -> int:
         return self.ids.shape[1]
+
+    def attention_mask(self, backend: str = "auto"):
+        """The attention rule on this layout: ``attention.CAUSAL`` when the whole layout is
+        causal, a :class:`~esorl.attention.PrefixCausalMask` when a prefix is (``auto`` only),
+        else :func:`~esorl.attention.build_mask` for ``backend`` (dense bool ``(B, 1, L, L)`` or a
+        flex BlockMask). The shortcuts are tested equal to the rule's mask."""
+        from .attention import CAUSAL, PrefixCausalMask, build_mask
+
+        if backend == "auto" and self.causal_prefix:
+            return CAUSAL if self.causal_prefix >= len(self) else PrefixCausalMask.build(self.desc, self.causal_prefix)
+        return build_mask(self.desc, self.desc, backend)
+
+    def run(self, model, backend: str = "auto", **kwargs):
+        """``model(ids, positions, mask, **kwargs)`` with this layout's mask (e.g.
+        ``logits_slice=``, ``return_hidden=``): the one way a layout meets the model."""
+        return model(self.ids, self.positions, self.attention_mask(backend), **kwargs)
 
 
 def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

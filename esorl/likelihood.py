@@ -29,7 +29,6 @@ from typing import Callable
 
 import torch
 
-from .attention import build_mask
 from .modeling_esolm import model_config
 from .layout import exact_layout, one_copy_layout, replay_layout, sequential_layout, sorted_table, trajectory_table
 from .logprobs import entropy as _entropy
@@ -62,7 +61,7 @@ def exact(model, rollout: Rollout, kind: str = "model", temperature: float | Non
     table = _table(rollout)
     P = rollout.prompt_ids.shape[1]
     lay, qs = exact_layout(table, P, model_config(model).mask_token_id)
-    out = model(lay.ids, lay.positions, build_mask(lay.desc, lay.desc, backend), logits_slice=qs, return_hidden=return_hidden)
+    out = lay.run(model, backend, logits_slice=qs, return_hidden=return_hidden)
     logits, hidden = out if return_hidden else (out, None)
     lp = token_logprobs(logits, table.ids[:, P:], T, rollout.top_k, rollout.top_p, kind)
     res = (_to_positions(lp, rollout.order), rollout.completion_mask)
@@ -83,7 +82,7 @@ def replay(model, rollout: Rollout, kind: str = "model", temperature: float | No
     chunks, ents, c = [], [], 0
     for k in rollout.step_sizes.tolist():
         lay, qs = replay_layout(table, P + c, P + c, P + c + k, model_config(model).mask_token_id)
-        logits = model(lay.ids, lay.positions, build_mask(lay.desc, lay.desc, backend), logits_slice=qs)
+        logits = lay.run(model, backend, logits_slice=qs)
         chunks.append(token_logprobs(logits, table.ids[:, P + c : P + c + k], T, rollout.top_k, rollout.top_p, kind))
         if with_entropy:
             ents.append(_entropy(logits, T))
@@ -122,7 +121,7 @@ def _masked_pass(model, rollout: Rollout, masked: torch.Tensor, shuffle_key: tor
     key = torch.where(is_prompt & ~masked, torch.arange(L, device=ids.device).expand(B, L), shuffle_key)
     table, sidx = sorted_table(ids, pos, valid, group, key)
     lay = one_copy_layout(table, table.steps == 2, model_config(model).mask_token_id)
-    logits = model(lay.ids, lay.positions, build_mask(lay.desc, lay.desc, backend))
+    logits = lay.run(model, backend)
     lp_sorted = token_logprobs(logits, table.ids, temperature)
     lp = torch.empty_like(lp_sorted).scatter_(1, sidx, lp_sorted)
     if not with_entropy:
@@ -207,7 +206,7 @@ def _ar_term(model, rollout: Rollout, masked_c: torch.Tensor, u_order: torch.Ten
     table.steps = torch.where(is_m, is_m.long().cumsum(1), torch.zeros_like(table.steps))  # one AR step each
     lay, q_idx, q_valid = sequential_layout(table, model_config(model).mask_token_id)
     M = table.shape[1]
-    logits = model(lay.ids, lay.positions, build_mask(lay.desc, lay.desc, backend), logits_slice=slice(M, None))
+    logits = lay.run(model, backend, logits_slice=slice(M, None))
     lp = token_logprobs(logits, table.ids.gather(1, q_idx), T) * q_valid
     out = torch.zeros(B, L, dtype=lp.dtype, device=lp.device)
     out.scatter_add_(1, sidx.gather(1, q_idx), lp)

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .attention import CAUSAL, PrefixCausalMask, build_mask
 from .modeling_esolm import model_config
 from .attention import TokenDesc
 from .layout import Layout, concat, concat_rows, one_copy_layout, sequential_layout, sorted_table
@@ -159,10 +158,10 @@ def mdm_term(model, x, valid, t, mask_u, shuffle_u, cfg: ObjectiveConfig, weight
     # Layout (d) sorted [prompt | clean (step 0) | masked (step 1) | padding] is plain causal
     # attention for every valid slot (rules 1-3 allow exactly the slots before it; padding
     # comes last), so it needs no mask tensor (tested against the rule's mask).
-    mask = CAUSAL if backend == "auto" else build_mask(lay.desc, lay.desc, backend)
+    lay.causal_prefix = len(lay)
     # the LM head runs on the masked slots only (about half the array, and the logits are
     # the largest activation of the step)
-    nll = _nll(model(lay.ids, lay.positions, mask, logits_slice=is_q), tgt[is_q])
+    nll = _nll(lay.run(model, backend, logits_slice=is_q), tgt[is_q])
     per_sample = torch.zeros(x.shape[0], dtype=nll.dtype, device=nll.device).index_add_(0, is_q.nonzero()[:, 0], nll)
     return per_sample * w.to(nll.dtype), is_q.sum()
 
@@ -172,8 +171,8 @@ def ar_term(model, x, valid, mask_u, shuffle_u, cfg: ObjectiveConfig, backend="a
     ``prompt_mask`` tokens are clean context at step 0 (never masked or scored)."""
     lay, tgt, q_valid, M = _ar_layout(x, valid, mask_u, shuffle_u, cfg, model_config(model).mask_token_id, prompt_mask)
     # the M clean copies come first in table order (padding last): causal among themselves
-    mask = PrefixCausalMask.build(lay.desc, M) if backend == "auto" else build_mask(lay.desc, lay.desc, backend)
-    logits = model(lay.ids, lay.positions, mask, logits_slice=slice(M, None))
+    lay.causal_prefix = M
+    logits = lay.run(model, backend, logits_slice=slice(M, None))
     nll = _nll(logits, tgt) * q_valid
     return nll.sum(1), q_valid.sum()
 
@@ -206,13 +205,13 @@ def _fused_terms(model, x_m, v_m, t, mu_m, sh_m, x_a, v_a, mu_a, sh_a, cfg, weig
     # both kinds of rows start with L slots that attend causally: layout (d) entirely, layout
     # (e) its clean copies (padding last in both); only the rest needs a mask
     L = x_m.shape[1] if bm else x_a.shape[1]
-    mask = PrefixCausalMask.build(lay.desc, L) if backend == "auto" else build_mask(lay.desc, lay.desc, backend)
+    lay.causal_prefix = L
     # scored slots of both kinds of rows; the LM head runs on these only
     sel = torch.zeros(bm + ba, n, dtype=torch.bool, device=lay.ids.device)
     tgt = torch.zeros(bm + ba, n, dtype=torch.long, device=lay.ids.device)
     sel[:bm, : tm.shape[1]], tgt[:bm, : tm.shape[1]] = qm, tm
     sel[bm:, M : M + ta.shape[1]], tgt[bm:, M : M + ta.shape[1]] = qa, ta
-    nll = _nll(model(lay.ids, lay.positions, mask, logits_slice=sel), tgt[sel])
+    nll = _nll(lay.run(model, backend, logits_slice=sel), tgt[sel])
     rows = sel.nonzero()[:, 0]
     is_m = rows < bm
     w_tok = w.to(nll.dtype)[rows.clamp(max=max(bm - 1, 0))] if bm else torch.zeros_like(nll)

@@ -190,12 +190,12 @@ def _window_decode(model, method, table, sizes, P, N, u_sigma, temperature, top_
             cache.commit_desc(window.desc, n_write)
         elif method == "replay":
             lay, qs = replay_layout(table, q0, q0, q1, mask_id)
-            logits = model(lay.ids, lay.positions, build_mask(lay.desc, lay.desc, backend), logits_slice=qs)
+            logits = lay.run(model, backend, logits_slice=qs)
         else:  # mdlm: whole sequence: clean copies of what is known, MASKs for the rest, in σ order
             is_q = torch.zeros_like(table.valid)
             is_q[:, q0:] = True
             lay = one_copy_layout(table, is_q, mask_id)
-            logits = model(lay.ids, lay.positions, build_mask(lay.desc, lay.desc, backend), logits_slice=slice(q0, q1))
+            logits = lay.run(model, backend, logits_slice=slice(q0, q1))
         forced = None if forced_sigma is None else forced_sigma[:, c_prev : c_prev + k]
         tok, lm, lb = _pick(logits, u_sigma[:, c_prev : c_prev + k], temperature, top_k, top_p, forced=forced)
         table.ids[:, q0:q1] = tok

@@ -73,7 +73,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..attention import build_mask
 from ..config import ConfigError, load_config
 from ..layout import copies, trajectory_table
 from ..likelihood import exact
@@ -310,7 +309,7 @@ def clean_values(model, head: ValueHead, rollout: Rollout, slots: torch.Tensor, 
     table = trajectory_table(rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.order, rollout.steps, rollout.completion_mask)
     M = int(slots.max()) + 1
     lay = copies(table, slice(0, M), False, model_config(model).mask_token_id)
-    _, hidden = model(lay.ids, lay.positions, build_mask(lay.desc, lay.desc, backend), logits_slice=slice(0, 0), return_hidden=True)
+    _, hidden = lay.run(model, backend, logits_slice=slice(0, 0), return_hidden=True)
     return head(hidden[:, slots.to(hidden.device)])
 
 

@@ -323,9 +323,9 @@ def train_sentiment_model(
     metrics["args"] = key
     metrics["cached"] = False
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (METRICS_FILE + ".tmp")
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    tmp.replace(out / METRICS_FILE)  # written last: its presence means the checkpoint is complete
+    from esorl.io import atomic_write
+
+    atomic_write(out / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")  # written last: its presence means the checkpoint is complete
     return metrics
 
 

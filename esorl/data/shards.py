@@ -28,6 +28,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..io import atomic_save, atomic_write
+
 import numpy as np
 import torch
 
@@ -137,10 +139,13 @@ def _fingerprint(ds) -> str:
     return getattr(ds, "_fingerprint", None) or hashlib.sha256(str(len(ds)).encode()).hexdigest()[:16]
 
 
+def _save_npy(path: Path, array) -> None:
+    with open(path, "wb") as f:  # (np.save on a path would append .npy to the temporary name)
+        np.save(f, array)
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write(path, data)
 
 
 def prepare_shards(plan: ShardPlan, tok, root: str | Path, num_proc: int = 1, rebuild: bool = False, progress: bool = True) -> Path:
@@ -217,9 +222,7 @@ def prepare_shards(plan: ShardPlan, tok, root: str | Path, num_proc: int = 1, re
                     if flat.size and flat.max() >= vocab:
                         raise ShardError(f"token id {int(flat.max())} does not fit the vocabulary of {vocab}")
                     # docs first, then the tokens: a shard counts as written once its .bin exists
-                    with open(root / f"{stem}.docs.npy.tmp", "wb") as f:
-                        np.save(f, starts)
-                    os.replace(root / f"{stem}.docs.npy.tmp", root / f"{stem}.docs.npy")
+                    atomic_save(root / f"{stem}.docs.npy", lambda p, a=starts: _save_npy(p, a))
                     _write_atomic(root / f"{stem}.bin", flat.astype(np_dtype).tobytes())
             bar.update(b - a)
         bar.close()

@@ -516,16 +516,9 @@ def _write_atomic(path: Path, content: str) -> None:
     data = content.encode("utf-8")
     if path.is_file() and path.read_bytes() == data:
         return  # identical file already there: keep its mtime, avoid racing writers
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic: readers see the old or the new file, never half
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    from ..io import atomic_write
+
+    atomic_write(path, data, fsync=True)
 
 
 def write_synthetic_corpus(

@@ -263,9 +263,9 @@ def export_policy(trainer, out_dir: Path) -> Path:
         trainer.processing_class.save_pretrained(str(tmp))
         for junk in ("training_args.bin",):
             (tmp / junk).unlink(missing_ok=True)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.replace(out_dir)
+        from ..io import replace_dir
+
+        replace_dir(tmp, out_dir)
     trainer.accelerator.wait_for_everyone()
     return out_dir
 

@@ -547,8 +547,6 @@ class EsoPPOTrainer(RLTrainerBase):
     def export(self, out: Path):
         """``<out>/model`` (the policy, ``save_pretrained`` + tokenizer) and
         ``<out>/value_head.safetensors`` (load with :func:`load_value_head`)."""
-        import shutil
-
         from safetensors.torch import save_file
 
         acc = self.accelerator
@@ -560,9 +558,9 @@ class EsoPPOTrainer(RLTrainerBase):
             tmp = out_dir.with_name(out_dir.name + ".tmp")
             acc.unwrap_model(self.model).module.save_pretrained(str(tmp), state_dict=pol, safe_serialization=True)
             self.tokenizer.save_pretrained(str(tmp))
-            if out_dir.exists():
-                shutil.rmtree(out_dir)
-            tmp.replace(out_dir)
+            from ..io import replace_dir
+
+            replace_dir(tmp, out_dir)
             save_file(vh, str(out / "value_head.safetensors"),
                       metadata={"read_out": "final hidden state of the last clean copy with s < i (table slot P + c_{i-1} - 1)", "hidden_size": str(vh["linear.weight"].shape[1])})
         acc.wait_for_everyone()

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from ..io import atomic_write
 from .common import MAX_CONSECUTIVE_SKIPPED, TrainingDiverged, _ds_overflow
 from .run_dir import GracefulStop
 
@@ -36,9 +37,7 @@ class MetricsJSONL(TrainerCallback):
         if state.is_world_process_zero and self.path.exists():
             # a resumed run redoes the steps after its checkpoint: their old records go
             keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= state.global_step]
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(ln + "\n" for ln in keep))
-            tmp.replace(self.path)
+            atomic_write(self.path, "".join(ln + "\n" for ln in keep))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:

@@ -561,9 +561,9 @@ class _Ignored:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    from ..io import atomic_write
+
+    atomic_write(path, text)
 
 
 def check_finite(value: float, step: int, checkpointer: Checkpointer, what: str = "loss") -> None:

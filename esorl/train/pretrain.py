@@ -200,11 +200,9 @@ def export_model(accelerator, model, ema: EMA | None, tok, out_dir: Path) -> Non
             tmp = out_dir.with_name(out_dir.name + ".tmp")
             unwrapped.save_pretrained(str(tmp), state_dict=sd, safe_serialization=True)
             tok.save_pretrained(str(tmp))
-            import shutil
+            from ..io import replace_dir
 
-            if out_dir.exists():
-                shutil.rmtree(out_dir)
-            tmp.replace(out_dir)
+            replace_dir(tmp, out_dir)
     finally:
         if ema is not None:
             ema.swap()

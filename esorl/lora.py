@@ -16,6 +16,8 @@ types (``CAUSAL_LM``, ...) wrap ``forward`` with a transformers-style signature
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import copy
 import re
 from pathlib import Path
@@ -97,3 +99,35 @@ def merge_and_export(peft_model, out_dir, in_place: bool = False) -> Path:
     out = Path(out_dir)
     merged.save_pretrained(out)
     return out
+
+
+@dataclass
+class LoraArgs:
+    """LoRA adapters (peft) instead of full fine-tuning.
+
+    enabled: train LoRA adapters only; the reference policy (``beta > 0``) is the base model
+        with the adapters disabled, and the exported model has them merged.
+    r / lora_alpha / lora_dropout: the adapters' rank, scale and dropout.
+    target_modules: module names to adapt (default: every block's attention and MLP
+        projections, :func:`esorl.lora.default_lora_target_modules`).
+    """
+
+    enabled: bool = False
+    r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=list)
+
+    def validate(self):
+        if self.r < 1:
+            raise ValueError(f"lora.r must be >= 1, got {self.r}")
+
+    def apply(self, model):
+        """``model`` wrapped by peft with these adapters (only they train), or ``model`` as is
+        when not enabled."""
+        if not self.enabled:
+            return model
+        from peft import get_peft_model
+
+        return get_peft_model(model, lora_config(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                                                 target_modules=self.target_modules or None))

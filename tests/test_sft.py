@@ -201,3 +201,32 @@ def test_sft_config_errors(tmp_path):
     assert cfg.model.init_from == "runs/pretrain_synthetic_cpu/model" and cfg.data.source == "synthetic"
     gsm = load_config(SFTConfig, "recipes/sft/gsm8k_owt.yaml", [])
     assert gsm.data.seq_len == 512 and gsm.data.prompt_field == "question" and gsm.data.completion_field == "answer"
+
+
+def test_sft_with_lora_trains_adapters_and_exports_merged(tmp_path):
+    """``lora.enabled``: only the adapters' target modules change in the exported model (a
+    plain Eso-LM, adapters merged); a resume cannot switch LoRA off."""
+    from esorl import EsoLMModel
+    from esorl.config import load_config
+    from esorl.train.common import CheckpointError
+    from esorl.train.sft import SFTConfig, run_sft
+
+    from rl_fixtures import make_tiny_policy
+
+    policy = make_tiny_policy(tmp_path)
+    run = tmp_path / "run"
+    d = {"model": {"init_from": str(policy)},
+         "data": {"source": "synthetic", "synthetic_size": 400, "seq_len": 32, "truncate": True, "cache_dir": str(tmp_path / "cache")},
+         "objective": {"alpha0": 0.25, "batch_split": 0.5}, "optim": {"lr": 1e-2, "warmup_steps": 0},
+         "train": {"max_steps": 3, "batch_size": 8, "micro_batch_size": 8, "eval_every": 0, "save_every": 3, "output_dir": str(run),
+                   "mixed_precision": "no", "attention_backend": "sdpa", "ema_decay": 0.0},
+         "lora": {"enabled": True, "r": 4, "lora_alpha": 8}, "logging": {"wandb_mode": "disabled", "log_every": 1}}
+    res = run_sft(load_config(SFTConfig, None, [], base=d))
+    base = dict(EsoLMModel.from_pretrained(str(policy)).named_parameters())
+    out = EsoLMModel.from_pretrained(res["model_dir"])
+    changed = {n for n, p in out.named_parameters() if not torch.equal(p, base[n])}
+    assert changed and all(n.startswith("blocks.") and ("attn" in n or "mlp" in n) for n in changed), changed
+    d["lora"]["enabled"] = False
+    d["train"]["max_steps"] = 5
+    with pytest.raises(CheckpointError, match="lora"):
+        run_sft(load_config(SFTConfig, None, [], base=d), resume="latest")

@@ -18,33 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import load_config
+from ..lora import LoraArgs
 from ..train.common import LoggingConfig
 from .common import PolicyArgs, PromptArgs, RewardSpec
 
 # the recipe's defaults where they differ from TRL's (TRL's defaults suit multi-GPU LLM runs)
 RECIPE_DEFAULTS = {"output_dir": "runs/grpo", "logging_steps": 1, "save_steps": 50, "save_total_limit": 2}
-
-
-@dataclass
-class LoraArgs:
-    """LoRA adapters (peft) instead of full fine-tuning.
-
-    enabled: train LoRA adapters only; the reference policy (``beta > 0``) is the base model
-        with the adapters disabled, and the exported model has them merged.
-    r / lora_alpha / lora_dropout: the adapters' rank, scale and dropout.
-    target_modules: module names to adapt (default: every block's attention and MLP
-        projections, :func:`esorl.lora.default_lora_target_modules`).
-    """
-
-    enabled: bool = False
-    r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=list)
-
-    def validate(self):
-        if self.r < 1:
-            raise ValueError(f"lora.r must be >= 1, got {self.r}")
 
 
 @dataclass

@@ -37,6 +37,7 @@ RESUME_FIXED = {
        ("seq_len", "mode", "tokenizer", "tokenizer_vocab_size", "add_bos", "train_split", "text_field", "synthetic_size", "synthetic_seed",
         "eval_split", "eval_fraction", "truncate")},
     "train.seed": "the data order and the objective's noise are keyed by it",
+    "lora.": "the checkpoint holds the parameters this LoRA setting trains (SFT)",
 }
 _EVAL_SEED = 12345
 
@@ -194,11 +195,17 @@ def export_model(accelerator, model, ema: EMA | None, tok, out_dir: Path) -> Non
     if ema is not None:
         ema.swap()
     try:
-        sd = accelerator.get_state_dict(model)
+        unwrapped = accelerator.unwrap_model(model)
+        peft = hasattr(unwrapped, "peft_config")
+        sd = None if peft else accelerator.get_state_dict(model)
         if accelerator.is_main_process:
-            unwrapped = accelerator.unwrap_model(model)
             tmp = out_dir.with_name(out_dir.name + ".tmp")
-            unwrapped.save_pretrained(str(tmp), state_dict=sd, safe_serialization=True)
+            if peft:  # LoRA: the adapters merged into a plain Eso-LM
+                from ..lora import merge_and_export
+
+                merge_and_export(unwrapped, tmp)
+            else:
+                unwrapped.save_pretrained(str(tmp), state_dict=sd, safe_serialization=True)
             tok.save_pretrained(str(tmp))
             from ..io import replace_dir
 
@@ -254,6 +261,8 @@ def run_pretrain(cfg: PretrainConfig, resume: str | bool = False, data_fn=None, 
             raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds the model context max_seq_len={model.config.max_seq_len}")
         if tcfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if getattr(cfg, "lora", None) is not None:  # SFT: adapters only (pretraining trains every weight)
+            model = cfg.lora.apply(model)
         # the fused AdamW kernel on GPUs (DeepSpeed keeps its own optimizer partitions: foreach)
         ds = getattr(accelerator.state, "deepspeed_plugin", None) is not None
         opt = make_optimizer(model.parameters(), cfg.optim, device=None if ds else accelerator.device)

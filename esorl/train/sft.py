@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ..config import load_config
+from ..lora import LoraArgs
 from ..objective import ObjectiveConfig
 from .common import LoggingConfig, OptimConfig
 from .pretrain import TrainArgs, run_pretrain
@@ -142,13 +143,15 @@ class SFTTrainArgs(TrainArgs):
 @dataclass
 class SFTConfig:
     """An SFT recipe: the model to start from, prompt/completion data, the hybrid objective
-    on completion tokens (prompt clean at step 0), optimizer, loop, logging."""
+    on completion tokens (prompt clean at step 0), optimizer, loop, ``lora`` (train adapters
+    only; the exported model has them merged), logging."""
 
     model: SFTModelArgs = field(default_factory=SFTModelArgs)
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: SFTTrainArgs = field(default_factory=SFTTrainArgs)
+    lora: LoraArgs = field(default_factory=LoraArgs)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 

@@ -256,3 +256,20 @@ def test_ppo_gradient_checkpointing_keeps_the_gradient(policy_dir, tmp_path):
         tr.run()
         norms.append(read_metrics(tmp_path / str(gc) / "run" / "metrics.jsonl")[0]["grad_norm"])
     assert norms[1] == pytest.approx(norms[0], rel=1e-5)
+
+
+def test_ppo_with_lora_trains_adapters_and_value_head(policy_dir, tmp_path):
+    """``lora.enabled``: the policy's adapters and the value head train, nothing else; the
+    exported policy is a plain Eso-LM with the adapters merged."""
+    from esorl.modeling_esolm import EsoLMModel
+
+    d = ppo_recipe_dict(policy_dir, tmp_path / "run", tmp_path / "cache", learning_rate=1e-2, kl_coef=0.05)
+    d["lora"] = {"enabled": True, "r": 4, "lora_alpha": 8}
+    tr = EsoPPOTrainer(load_config(PPORecipe, None, [], base=d), reward_funcs=[EvenIdReward(policy_dir)], reward_weights=[1.0])
+    trainable = [n for n, p in tr.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or "value_head" in n for n in trainable)
+    tr.run()
+    base = dict(EsoLMModel.from_pretrained(str(policy_dir)).named_parameters())
+    out = EsoLMModel.from_pretrained(str(tmp_path / "run" / "model"))
+    changed = {n for n, p in out.named_parameters() if not torch.equal(p, base[n])}
+    assert changed and all(n.startswith("blocks.") and ("attn" in n or "mlp" in n) for n in changed), changed

@@ -262,7 +262,8 @@ class RLTrainerBase:
     def resume_fixed(self) -> dict[str, str]:
         """Settings (dotted names; a trailing ``.`` = a whole section) a resumed run cannot
         change, with the reason; every other change is honoured from the new config."""
-        return {f"{self.kind}.seed": "rollouts, prompt order and estimator noise are keyed by it"}
+        return {f"{self.kind}.seed": "rollouts, prompt order and estimator noise are keyed by it",
+                "lora.": "the checkpoint holds the parameters this LoRA setting trains"}
 
     def save(self) -> None:
         self.ckpt.save(self.accelerator, self.step, {"kind": self.kind, "config": flat_config(self.recipe), **self.guard.state_dict()},

@@ -75,6 +75,7 @@ from torch import nn
 
 from ..config import ConfigError, load_config
 from ..layout import copies, trajectory_table
+from ..lora import LoraArgs
 from ..likelihood import exact
 from ..modeling_esolm import EsoLMModel, model_config
 from ..policy import EsoPolicy
@@ -166,12 +167,14 @@ class EsoPPOConfig(EsoRLArgs):
 @dataclass
 class PPORecipe:
     """A PPO recipe: starting policy, prompts, rewards (functions and reward models), PPO
-    settings, logging."""
+    settings, ``lora`` (train LoRA adapters and the value head only; the exported policy has
+    the adapters merged; a ``kl_coef > 0`` reference is the frozen starting model), logging."""
 
     policy: PolicyArgs = field(default_factory=PolicyArgs)
     prompts: PromptArgs = field(default_factory=PromptArgs)
     rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec()])
     ppo: EsoPPOConfig = field(default_factory=EsoPPOConfig)
+    lora: LoraArgs = field(default_factory=LoraArgs)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -338,9 +341,10 @@ class EsoPPOTrainer(RLTrainerBase):
         lm = EsoLMModel.from_pretrained(str(self.model_dir))
         if c.gradient_checkpointing:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lm = recipe.lora.apply(lm)
         head = ValueHead(lm.config.hidden_size, c.value_head_init_std)
         container = EsoLMWithValueHead(lm, head)
-        self.opt = torch.optim.AdamW(container.parameters(), lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_epsilon, weight_decay=c.weight_decay)
+        self.opt = torch.optim.AdamW([p for p in container.parameters() if p.requires_grad], lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_epsilon, weight_decay=c.weight_decay)
         configure_deepspeed(acc, c.per_device_train_batch_size, c.gradient_accumulation_steps, c.max_grad_norm)
         self.model, self.opt = acc.prepare(container, self.opt)
         self.updates_per_step = c.num_ppo_epochs * c.num_mini_batches
@@ -556,7 +560,13 @@ class EsoPPOTrainer(RLTrainerBase):
             vh = {k[len("value_head.") :]: v.detach().cpu().contiguous() for k, v in sd.items() if k.startswith("value_head.")}
             out_dir = out / "model"
             tmp = out_dir.with_name(out_dir.name + ".tmp")
-            acc.unwrap_model(self.model).module.save_pretrained(str(tmp), state_dict=pol, safe_serialization=True)
+            policy = acc.unwrap_model(self.model).module
+            if hasattr(policy, "peft_config"):  # LoRA: the adapters merged into a plain Eso-LM
+                from ..lora import merge_and_export
+
+                merge_and_export(policy, tmp)
+            else:
+                policy.save_pretrained(str(tmp), state_dict=pol, safe_serialization=True)
             self.tokenizer.save_pretrained(str(tmp))
             from ..io import replace_dir
 

@@ -12,7 +12,7 @@ import sys as _sys
 __version__ = "0.1.0"
 __all__ = ["EsoLMConfig", "EsoLMModel", "EsoKVCache", "__version__"]
 
-_LAZY = {"EsoLMConfig": "configuration_esolm", "EsoLMModel": "modeling_esolm", "EsoKVCache": "modeling_esolm"}
+_LAZY = {"EsoLMConfig": "configuration_esolm", "EsoLMModel": "modeling_esolm", "EsoKVCache": "kv_cache"}
 
 
 def __getattr__(name: str):
@@ -34,4 +34,5 @@ def _help_only() -> bool:
 
 if not _help_only():
     from .configuration_esolm import EsoLMConfig  # noqa: E402,F401
-    from .modeling_esolm import EsoKVCache, EsoLMModel  # noqa: E402,F401  (registers the auto classes)
+    from .kv_cache import EsoKVCache  # noqa: E402,F401
+    from .modeling_esolm import EsoLMModel  # noqa: E402,F401  (registers the auto classes)

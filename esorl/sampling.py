@@ -23,7 +23,7 @@ from .attention import build_mask
 from .modeling_esolm import model_config
 from .layout import concat, copies, one_copy_layout, replay_layout, trajectory_table
 from .logprobs import filter_logprobs, gather, model_logprobs, sample_inverse_cdf
-from .modeling_esolm import EsoKVCache
+from .kv_cache import EsoKVCache
 from .rollout import Rollout, check_left_padded, first_eos_mask
 from .schedule import ScheduleConfig, Stream, Trajectory, make_generator
 from .static_sampling import static_decode

@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import torch
 
-from .modeling_esolm import StaticKVCache, model_config
+from .kv_cache import StaticKVCache
+from .modeling_esolm import model_config
 from .logprobs import filter_logprobs, gather, model_logprobs, sample_inverse_cdf
 
 

@@ -12,7 +12,7 @@ import torch
 
 from esorl.attention import FULL, build_mask
 from esorl.likelihood import exact
-from esorl.modeling_esolm import EsoKVCache
+from esorl.kv_cache import EsoKVCache
 from esorl.objective import ObjectiveConfig, hybrid_loss
 from esorl.rollout import Rollout
 from esorl.schedule import ScheduleConfig

@@ -58,19 +58,33 @@ class TokenDesc:
         return self.step.shape[1]
 
 
+def rule(q_step, q_rank, q_query, k_step, k_rank, k_query, k_valid):
+    """The attention rule (docs/ESOLM.md §4), elementwise on broadcastable tensors: may a
+    query slot with (step, rank, is-query copy) attend to a key slot with (step, rank,
+    is-query copy, valid)?
+
+    1. a clean copy sees the clean copies of rank ≤ its own (causal over the revealed order);
+    2. a query copy sees the clean copies of earlier steps;
+    3. a query copy sees the query copies of its own step with rank ≤ its own;
+    4. nothing else (in particular no clean copy sees a query copy), and no invalid key.
+
+    The one statement of the rule: the dense masks (:func:`allowed`) and flex's ``mask_mod``
+    (:func:`flex_block_mask`) both call it; :func:`reference_allowed` is its independent slow
+    twin for tests."""
+    rule1 = ~q_query & ~k_query & (k_rank <= q_rank)
+    rule2 = q_query & ~k_query & (k_step < q_step)
+    rule3 = q_query & k_query & (k_step == q_step) & (k_rank <= q_rank)
+    return (rule1 | rule2 | rule3) & k_valid
+
+
 def allowed(q: TokenDesc, k: TokenDesc) -> torch.Tensor:
     """Dense boolean mask ``(B, Lq, Lk)``: True where query slot i may attend to key slot j.
 
     A row with no allowed key (only possible for invalid query slots) is opened to every key
     so that softmax stays finite; such outputs are never read.
     """
-    qs, ks = q.step[:, :, None], k.step[:, None, :]
-    qr, kr = q.rank[:, :, None], k.rank[:, None, :]
-    qq, kq = q.is_query[:, :, None], k.is_query[:, None, :]
-    rule1 = ~qq & ~kq & (kr <= qr)
-    rule2 = qq & ~kq & (ks < qs)
-    rule3 = qq & kq & (ks == qs) & (kr <= qr)
-    m = (rule1 | rule2 | rule3) & k.valid[:, None, :]
+    m = rule(q.step[:, :, None], q.rank[:, :, None], q.is_query[:, :, None], k.step[:, None, :], k.rank[:, None, :], k.is_query[:, None, :],
+             k.valid[:, None, :])
     return m | ~m.any(dim=-1, keepdim=True)
 
 
@@ -124,11 +138,7 @@ def flex_block_mask(q: TokenDesc, k: TokenDesc):
     ks, kr, kq, kv = k.step, k.rank, k.is_query, k.valid
 
     def mask_mod(b, h, qi, kj):
-        q_query, k_query = qq[b, qi], kq[b, kj]
-        rule1 = ~q_query & ~k_query & (kr[b, kj] <= qr[b, qi])
-        rule2 = q_query & ~k_query & (ks[b, kj] < qs[b, qi])
-        rule3 = q_query & k_query & (ks[b, kj] == qs[b, qi]) & (kr[b, kj] <= qr[b, qi])
-        return (rule1 | rule2 | rule3) & kv[b, kj]
+        return rule(qs[b, qi], qr[b, qi], qq[b, qi], ks[b, kj], kr[b, kj], kq[b, kj], kv[b, kj])
 
     B, Lq = qs.shape
     return create_block_mask(mask_mod, B, None, Lq, ks.shape[1], device=qs.device, _compile=qs.device.type == "cuda")

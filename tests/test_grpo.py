@@ -414,3 +414,18 @@ def test_disable_dropout_reaches_the_eso_lm_blocks(tmp_path):
     _, g2 = trl_first_step(tr, dict(inputs))
     assert all(torch.equal(g1[n], g2[n]) for n in g1)
     assert inputs["old_per_token_logps"] is not None
+
+
+@pytest.mark.parametrize("est", ["exact", "one_step"])
+def test_several_updates_per_generation_batch(policy_dir, tmp_path, est):
+    """``steps_per_generation`` > ``gradient_accumulation_steps`` (TRL): two optimizer updates
+    share one generation batch; the second is off-policy, so old log-probs are used (for
+    ``one_step`` scored under the same noise seed as the current pass: ratio 1 at the first
+    update, clipping measured at the second)."""
+    rec = recipe(policy_dir, tmp_path, likelihood=est, per_device_train_batch_size=4, steps_per_generation=2, max_steps=4,
+                 learning_rate=5e-2)
+    run_grpo(rec, reward_funcs=[EvenIdReward(policy_dir)], reward_weights=[1.0])
+    recs = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert len(recs) == 4 and all(torch.isfinite(torch.tensor(r["grad_norm"])) for r in recs)
+    assert [("reward" in r) for r in recs] == [True, False, True, False]  # one generation per two updates
+    assert recs[0]["clip_ratio/region_mean"] == 0.0

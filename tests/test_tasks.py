@@ -103,3 +103,17 @@ def test_grpo_recipe_takes_a_task_by_name(tmp_path):
     assert any("rewards/basic_arithmetic_correct/mean" in r for r in recs) and any("eval_reward" in r for r in recs)
     with pytest.raises(ValueError, match="prompts.task: unknown task 'sudoku'"):
         load_config(GRPORecipe, None, ["prompts.task=sudoku"], base=d)
+
+
+def test_rl_seed_does_not_move_the_task_split():
+    """Regression: the task's train/test split was drawn with the RL run's seed, so runs with
+    different seeds saw different held-out questions (and could meet questions a previous
+    stage trained on). The split follows ``prompts.task_seed``; the run's seed only shuffles."""
+    from esorl.rl.common import PromptArgs, load_prompts
+
+    p = PromptArgs(task="basic_arithmetic", task_size=50, eval_prompts=20)
+    ev = [{r["prompt"] for r in load_prompts(p, p.eval_split, 20, seed=s)} for s in (0, 1)]
+    tr = [{r["prompt"] for r in load_prompts(p, p.split, 0, seed=s)} for s in (0, 1)]
+    assert ev[0] == ev[1] and tr[0] == tr[1] and not (ev[0] & tr[0])
+    p2 = PromptArgs(task="basic_arithmetic", task_size=50, eval_prompts=20, task_seed=5)
+    assert {r["prompt"] for r in load_prompts(p2, p2.eval_split, 20, seed=0)} != ev[0]

@@ -52,6 +52,9 @@ class PromptArgs:
         ``task`` reward. For ``gsm8k``, ``source`` is a local directory or the hub name.
     task_rendering: ``compact`` (small models) or ``natural`` (the library's question).
     task_size: training questions drawn (procedural tasks; 0 = all for GSM8K).
+    task_seed: the seed of the task's train/test split (keep it equal to the SFT/pretraining
+        stage's ``data.task_seed``: their held-out questions are then disjoint from every
+        training question, whatever the RL run's seed).
     """
 
     source: str = "synthetic"
@@ -70,6 +73,7 @@ class PromptArgs:
     task: str = ""
     task_rendering: str = "compact"
     task_size: int = 1000
+    task_seed: int = 0
 
     def validate(self):
         if self.task:
@@ -162,13 +166,17 @@ def load_prompts(args: PromptArgs, split: str, limit: int, seed: int = 0) -> lis
         from esorl.tasks import load_task
 
         tsplit = "train" if split == args.split else "test"
-        ds = load_task(args.task, tsplit, size=args.task_size if tsplit == "train" else (limit or 200), seed=seed,
+        # the task's split seed is its own setting, not the run's seed: runs with different
+        # seeds must see the same held-out questions, disjoint from the training questions a
+        # pretraining/SFT stage used with the same task_seed
+        ds = load_task(args.task, tsplit, size=args.task_size if tsplit == "train" else (limit or 200), seed=args.task_seed,
                        rendering=args.task_rendering, test_size=max(limit, 200), source="" if args.source == "synthetic" else args.source)
         rows = [{"prompt": args.prompt_template.format(prompt=r["prompt"]), "answer": r["answer"], "entry": r["entry"],
                  **{c: r[c] for c in args.columns if c in r}, SOURCE_ROW: i} for i, r in enumerate(ds)]
         if not rows:
             raise ValueError(f"prompts: task {args.task!r} split {tsplit!r} is empty")
-        random.Random(seed).shuffle(rows)
+        if tsplit == "train":  # the held-out questions stay the task's first ones, whatever the run's seed
+            random.Random(seed).shuffle(rows)
         return rows[:limit] if limit else rows
     src = resolve_source(DataConfig(source=args.source, synthetic_size=args.synthetic_size, cache_dir=args.cache_dir)) if args.source == "synthetic" else args.source
     rows: list[dict] = []

@@ -141,3 +141,26 @@ def test_task_pretrain_then_sft_end_to_end(tmp_path):
     path.write_text(yaml.safe_dump(recipe))
     assert cli(["sft", "--config", str(path)]) == 0
     assert (tmp_path / "sft" / "model" / "tokenizer.json").exists()
+
+
+@pytest.mark.parametrize("task", ["basic_arithmetic", "mini_sudoku"])
+def test_task_cpu_recipes_load_and_agree(task):
+    """The CPU recipes of a task chain: SFT (where there is one) reads the pretraining
+    questions and context, GRPO takes the same task and rendering and fits its completions in
+    that context."""
+    from pathlib import Path
+
+    from esorl.rl.grpo import GRPORecipe
+
+    pre = load_config(PretrainConfig, f"recipes/pretrain/{task}_cpu.yaml")
+    rl = load_config(GRPORecipe, f"recipes/rl/grpo_{task}_cpu.yaml")
+    assert pre.data.task == rl.prompts.task == task and pre.data.task_rendering == rl.prompts.task_rendering == "compact"
+    assert rl.args().max_completion_length < pre.data.seq_len and rl.prompts.eval_prompts <= pre.data.task_test_size
+    assert rl.rewards[0].name == "task" and rl.args().eval_strategy == "steps"
+    if Path(f"recipes/sft/{task}_cpu.yaml").exists():
+        sft = load_config(SFTConfig, f"recipes/sft/{task}_cpu.yaml")
+        assert (sft.data.task, sft.data.task_rendering, sft.data.seq_len) == (task, "compact", pre.data.seq_len)
+        assert (pre.data.task_size, pre.data.task_seed, pre.data.task_test_size) == (sft.data.task_size, sft.data.task_seed, sft.data.task_test_size)
+        assert rl.policy.init_from == sft.train.output_dir + "/model"
+    else:
+        assert rl.policy.init_from == pre.train.output_dir + "/model" and rl.policy.pretrain_recipe == f"recipes/pretrain/{task}_cpu.yaml"

@@ -156,7 +156,7 @@ def test_task_cpu_recipes_load_and_agree(task):
     rl = load_config(GRPORecipe, f"recipes/rl/grpo_{task}_cpu.yaml")
     assert pre.data.task == rl.prompts.task == task and pre.data.task_rendering == rl.prompts.task_rendering == "compact"
     assert rl.args().max_completion_length < pre.data.seq_len and rl.prompts.eval_prompts <= pre.data.task_test_size
-    assert rl.rewards[0].name == "task" and rl.args().eval_strategy == "steps"
+    assert rl.rewards[0].name == "task" and rl.args().eval_strategy == "steps" and rl.prompts.task_seed == pre.data.task_seed
     if Path(f"recipes/sft/{task}_cpu.yaml").exists():
         sft = load_config(SFTConfig, f"recipes/sft/{task}_cpu.yaml")
         assert (sft.data.task, sft.data.task_rendering, sft.data.seq_len) == (task, "compact", pre.data.seq_len)

@@ -35,7 +35,7 @@ RESUME_FIXED = {
     **{f"model.{k}": "the checkpoint holds weights of this architecture" for k in ("hidden_size", "n_layers", "n_heads", "cond_dim", "mlp_ratio")},
     **{f"data.{k}": "the rows, their order and the data position refer to this data" for k in
        ("seq_len", "mode", "tokenizer", "tokenizer_vocab_size", "add_bos", "train_split", "text_field", "synthetic_size", "synthetic_seed",
-        "eval_split", "eval_fraction", "truncate")},
+        "eval_split", "eval_fraction", "truncate", "task", "task_rendering", "task_size", "task_seed", "task_test_size")},
     "train.seed": "the data order and the objective's noise are keyed by it",
     "lora.": "the checkpoint holds the parameters this LoRA setting trains (SFT)",
 }

@@ -24,6 +24,8 @@ masked prompt token (``one_step``) goes to the masked part.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -258,6 +260,184 @@ def coupled(model, rollout: Rollout, seed: int = 0, t_min: float = 0.2, t_max: f
     return res + ((e_all + torch.where(m_a, e_a, e_b)) / 2 * cm,)
 
 
+# ----------------------------------------------------------------------------- the field's ELBO estimators
+
+
+def mask_counts(rollout: Rollout, n: int, seed: int, zero: bool = False):
+    """Per sample, ``n`` stratified mask counts and the masks they draw (docs/ESOLM.md §6).
+
+    ``ℓ_k = ((round(u + k·M/n) − 1) mod M) + 1`` for ``k = 0 … n−1`` with ``u ~ U{1..M}``
+    (LLaDA's evaluation: each ``ℓ_k`` is marginally uniform on ``{1..M}``, the ``n`` draws
+    spread over the range), ``M`` the sample's number of scored completion tokens; with
+    ``zero`` (ESPO) ``ℓ_k = round(u + k·(M+1)/n) mod (M+1)`` on ``{0..M}``. Each draw masks
+    ``ℓ_k`` of the scored positions uniformly without replacement. One mask per count: VRPO's
+    allocation (budget ``n`` = ``n`` timesteps × 1 mask). The noise is keyed by
+    ``(seed, sample id)``, so the current, old and reference passes that share ``seed`` share
+    every mask (VRPO's antithetic sampling).
+
+    Returns ``ell`` ``(B, n)`` long, ``masked`` ``(B, n, N)`` bool and ``key`` ``(B, n, N)``
+    (the orders of the clean and masked parts inside each pass), on the rollout's device.
+    """
+    B, N = rollout.completion_ids.shape
+    dev = rollout.completion_ids.device
+    valid = rollout.completion_mask.bool()
+    M = valid.long().sum(1).cpu()
+    ids = rollout.sample_ids if rollout.sample_ids is not None else torch.arange(B)
+    ells, masks, keys = [], [], []
+    for b, s in enumerate(ids.tolist()):
+        g = make_generator(seed, Stream.MC, int(s))
+        m = int(M[b])
+        span = m + 1 if zero else m
+        u = float(torch.rand(1, generator=g, dtype=torch.float64)) * span
+        k = torch.arange(n, dtype=torch.float64)
+        if zero:
+            ell = torch.floor(u + k * span / n).long() % span
+        else:
+            ell = (torch.floor(u + k * span / n).long() % span) + 1 if m > 0 else torch.zeros(n, dtype=torch.long)
+        score = torch.rand(n, N, generator=g, dtype=torch.float64)
+        score[:, ~valid[b].cpu()] = 2.0  # never masked: unscored slots
+        rank = score.argsort(1).argsort(1)
+        masks.append(rank < ell[:, None])
+        keys.append(torch.rand(n, N, generator=g, dtype=torch.float64))
+        ells.append(ell)
+    return torch.stack(ells).to(dev), torch.stack(masks).to(dev), torch.stack(keys).to(dev)
+
+
+def masked_draws(model, rollout: Rollout, masked: torch.Tensor, key: torch.Tensor, temperature: float | None = None, backend: str = "auto",
+                 chunk: int = 64, with_entropy: bool = False):
+    """``log p(y_j | prompt, clean part of draw k)`` of every completion position for each
+    draw's mask: ``masked``/``key`` ``(B, n, N)`` as :func:`mask_counts` returns them. One
+    forward of ``P + N`` per draw (layout (d), the prompt never masked), up to ``chunk``
+    draws batched. Returns ``lp`` ``(B, n, N)`` (meaningful where ``masked``), and with
+    ``with_entropy`` the predictive entropies ``(B, n, N)``."""
+    T = rollout.temperature if temperature is None else temperature
+    B, n, N = masked.shape
+    P = rollout.prompt_ids.shape[1]
+    lps, ents = [], []
+    for d0 in range(0, n, chunk):
+        d1 = min(n, d0 + chunk)
+        m = d1 - d0
+        rep = rollout.index(torch.arange(B, device=masked.device).repeat_interleave(m))  # rows (b, draw)
+        mk = masked[:, d0:d1].reshape(B * m, N)
+        full = torch.cat([torch.zeros(B * m, P, dtype=torch.bool, device=mk.device), mk], 1)
+        kk = torch.cat([torch.zeros(B * m, P, dtype=key.dtype, device=key.device), key[:, d0:d1].reshape(B * m, N)], 1).argsort(1).argsort(1)
+        out = _masked_pass(model, rep, full, kk, T, backend, with_entropy)
+        lp = (out[0] if with_entropy else out)[:, P:]
+        lps.append(lp.view(B, m, N))
+        if with_entropy:
+            ents.append(out[1][:, P:].view(B, m, N))
+    lp = torch.cat(lps, 1)
+    return (lp, torch.cat(ents, 1)) if with_entropy else lp
+
+
+def _draw_mean(vals: torch.Tensor, masked: torch.Tensor, ents, with_entropy: bool, valid):
+    out = (vals.mean(1), valid)
+    if with_entropy:
+        cnt = masked.sum(1)
+        out = out + ((ents * masked).sum(1) / cnt.clamp(min=1),)
+    return out
+
+
+def elbo_lowvar(model, rollout: Rollout, n: int = 4, seed: int = 0, temperature: float | None = None, backend: str = "auto", with_entropy: bool = False):
+    """LLaDA's low-variance ELBO of ``log p(y | prompt)`` with VRPO's allocation (LLaDA,
+    Nie et al. 2025, conditional likelihood evaluation; VRPO, LLaDA 1.5, Zhu et al. 2025, §3).
+
+    Per sample ``n`` stratified counts ``ℓ ~ U{1..M}``, one uniform mask of ``ℓ`` tokens each
+    (:func:`mask_counts`); per token ``mean_k [j masked in k] · (M/ℓ_k) · log p(y_j | clean_k)``.
+    The sequence sum is unbiased for the discrete-time ELBO ``E_ℓ E_mask[(M/ℓ) Σ_masked log p]``.
+    Masks are shared by every pass with the same ``seed`` (VRPO's antithetic sampling).
+    Cost: ``n`` forwards of ``P + N``. Eso-LM note: the masked tokens are predicted by the
+    model's diffusion part (layout (d)), as in ``mc_elbo``; ``α0`` plays no role.
+    """
+    ell, masked, key = mask_counts(rollout, n, seed)
+    out = masked_draws(model, rollout, masked, key, temperature, backend, with_entropy=with_entropy)
+    lp, ents = (out if with_entropy else (out, None))
+    M = rollout.completion_mask.sum(1).to(lp.dtype)
+    w = M[:, None] / ell.clamp(min=1).to(lp.dtype)  # (B, n)
+    vals = masked * w[:, :, None] * lp
+    return _draw_mean(vals, masked, ents, with_entropy, rollout.completion_mask)
+
+
+def espo_elbo(model, rollout: Rollout, n: int = 2, seed: int = 0, temperature: float | None = None, backend: str = "auto", with_entropy: bool = False):
+    """ESPO's sequence ELBO (Ou et al. 2025, "ESPO", ML-GSAI/ESPO ``espo_trainer.py``): per
+    draw ``ℓ ~ U{0..M}`` (stratified over the ``n`` draws), a mask of ``ℓ`` tokens and its
+    complement, per token ``½ ([masked] (M+1)/ℓ log p(y_j | mask) + [not masked] (M+1)/(M−ℓ)
+    log p(y_j | complement))``, averaged over draws. Both halves are unbiased for the same
+    ELBO as :func:`elbo_lowvar`; the complement couples them. Cost: ``2n`` forwards of
+    ``P + N``. Deviation from ESPO's code: the counts are stratified over one sequence's draws
+    (keyed by its sample id), not across the sequences of a micro-batch, so a sequence's
+    estimate does not depend on its batch neighbours."""
+    ell, masked, key = mask_counts(rollout, n, seed, zero=True)
+    valid = rollout.completion_mask.bool()
+    comp = ~masked & valid[:, None]
+    both = torch.cat([masked, comp], 1)
+    out = masked_draws(model, rollout, both, torch.cat([key, key], 1), temperature, backend, with_entropy=with_entropy)
+    lp, ents = (out if with_entropy else (out, None))
+    M = rollout.completion_mask.sum(1).to(lp.dtype)[:, None]
+    e = ell.to(lp.dtype)
+    w1 = torch.where(ell > 0, (M + 1) / e.clamp(min=1), torch.zeros_like(e))
+    w2 = torch.where(ell < M, (M + 1) / (M - e).clamp(min=1), torch.zeros_like(e))
+    vals = 0.5 * (masked * w1[:, :, None] * lp[:, :n] + comp * w2[:, :, None] * lp[:, n:])
+    res = (vals.mean(1), rollout.completion_mask)
+    if with_entropy:
+        cnt = both.sum(1)
+        res = res + ((ents * both).sum(1) / cnt.clamp(min=1),)
+    return res
+
+
+def sandwich_bounds(model, rollout: Rollout, n: int = 2, eubo_beta: float = 1.0, seed: int = 0, temperature: float | None = None,
+                    backend: str = "auto"):
+    """SPG's lower and upper bounds of ``log p(y | prompt)`` per sequence, normalised per token
+    (Wang et al. 2025, "SPG: Sandwiched Policy Gradient", facebookresearch/SPG
+    ``spg_trainer.py``), from the ``n`` draws of :func:`mask_counts` (the masks of
+    :func:`elbo_lowvar` with the same ``seed``).
+
+    lower ``(B,)``: ``(1/n) Σ_k (1/ℓ_k) Σ_{j masked in k} log p_j`` (× M = :func:`elbo_lowvar`'s sum).
+    upper ``(B,)``: the Rényi bound ``(1/|J|) Σ_{j∈J} (1/β) log[(1/n) Σ_k [j masked in k] p_j^β / t̂_k]``
+    with ``t̂_k = ℓ_k / M`` and ``J`` the positions masked in at least one draw.
+    Deviation from SPG's code: its masks are block-wise (LLaDA's semi-autoregressive blocks,
+    plus 15 % prompt masking); Eso-LM rollouts have no blocks, so the masks are LLaDA's
+    uniform ones. Cost: ``n`` forwards of ``P + N``.
+    """
+    ell, masked, key = mask_counts(rollout, n, seed)
+    lp = masked_draws(model, rollout, masked, key, temperature, backend)
+    mf = masked.to(lp.dtype)
+    e = ell.clamp(min=1).to(lp.dtype)
+    lower = ((mf * lp).sum(2) / e).mean(1)
+    M = rollout.completion_mask.sum(1).to(lp.dtype)
+    t_hat = e / M[:, None].clamp(min=1)
+    # log[(1/n) Σ_k m_kj p^β / t̂_k] in log space (p^β underflows for long sequences)
+    terms = torch.where(masked, eubo_beta * lp - t_hat.log()[:, :, None], torch.full_like(lp, -torch.inf))
+    lse = torch.logsumexp(terms, 1) - math.log(ell.shape[1])  # (B, N)
+    J = masked.any(1)
+    upper = torch.where(J, lse / eubo_beta, torch.zeros_like(lse)).sum(1) / J.sum(1).clamp(min=1)
+    return lower, upper
+
+
+def step_merge(model, rollout: Rollout, segments: int = 2, kind: str = "model", temperature: float | None = None, backend: str = "auto",
+               with_entropy: bool = False):
+    """d2's StepMerge on an Eso-LM trajectory (Wang et al. 2025, "d2", kuleshov-group/d2
+    ``d2StepMergeTrainer``): the rollout's ``K`` steps are cut into ``segments`` contiguous
+    segments (step ``i`` → segment ``⌊(i−1)·S/K⌋``), and every token revealed in a segment is
+    scored given the prompt and the tokens revealed *before the segment*: the exact
+    likelihood of the coarser trajectory with the same order and merged steps.
+    ``segments = K`` is :func:`exact`; ``segments = 1`` scores every token given the prompt
+    only (d1's one-step estimate without prompt masking). On LLaDA this trades ``S`` forwards
+    against accuracy; on an Eso-LM every ``S`` costs the one pass of :func:`exact`
+    (``P + 2N``), so it is a bias-only baseline: it isolates how much of the trajectory's
+    conditioning matters. Deviation from d2: no d1-style prompt masking (it regularises the
+    one-step estimate; the conditioning here is exact)."""
+    K = len(rollout.step_sizes)
+    S = max(1, min(int(segments), K))
+    seg = torch.div(torch.arange(K, device=rollout.step_sizes.device) * S, K, rounding_mode="floor")  # step i (0-based) → segment
+    sizes = torch.zeros(S, dtype=rollout.step_sizes.dtype, device=rollout.step_sizes.device).scatter_add_(0, seg, rollout.step_sizes)
+    steps = seg.to(rollout.steps.device)[rollout.steps - 1] + 1
+    keep = sizes > 0
+    remap = torch.cumsum(keep.long(), 0)  # drop empty segments (a zero-sized step is not a step)
+    merged = dataclasses.replace(rollout, step_sizes=sizes[keep], steps=remap.to(steps.device)[steps - 1])
+    return exact(model, merged, kind=kind, temperature=temperature, backend=backend, with_entropy=with_entropy)
+
+
 def estimate(model, rollout: Rollout, estimator: str = "exact", **params):
     """Dispatch by name (:data:`REGISTRY`); unknown parameters raise ``TypeError`` naming them."""
     return get_estimator(estimator).fn(model, rollout, **params)
@@ -279,7 +459,9 @@ def _checked(fn):
     return wrapper
 
 
-exact, replay, mc_elbo, one_step, coupled = (_checked(f) for f in (exact, replay, mc_elbo, one_step, coupled))
+exact, replay, mc_elbo, one_step, coupled, elbo_lowvar, espo_elbo, step_merge = (
+    _checked(f) for f in (exact, replay, mc_elbo, one_step, coupled, elbo_lowvar, espo_elbo, step_merge))
+sandwich_bounds = _checked(sandwich_bounds)
 
 
 # ----------------------------------------------------------------------------- the registry
@@ -355,6 +537,13 @@ register(Estimator("one_step", one_step, lambda cfg, a0, seed: {"p_mask": cfg.p_
                    lambda P, N, sizes, kw: P + N, "d1's diffu-GRPO: prompt masked with p_mask, completion fully masked (mean field)"))
 register(Estimator("coupled", coupled, lambda cfg, a0, seed: {"seed": seed}, False, False, False, lambda P, N, sizes, kw: 3 * (P + N),
                    "DiffuCoder's coupled-GRPO: a mask at t, its complement and a fully masked pass"))
+register(Estimator("elbo_lowvar", elbo_lowvar, lambda cfg, a0, seed: {"n": cfg.mc_samples, "seed": seed}, False, False, False,
+                   lambda P, N, sizes, kw: kw["n"] * (P + N),
+                   "LLaDA's low-variance ELBO (ℓ ~ U{1..N}, weight N/ℓ) with VRPO's allocation: n counts × 1 mask, masks shared with the reference"))
+register(Estimator("espo_elbo", espo_elbo, lambda cfg, a0, seed: {"n": cfg.mc_samples, "seed": seed}, False, False, False,
+                   lambda P, N, sizes, kw: 2 * kw["n"] * (P + N), "ESPO's ELBO: ℓ ~ U{0..N} with weight (N+1)/ℓ, averaged with its complementary mask"))
+register(Estimator("step_merge", step_merge, lambda cfg, a0, seed: {"segments": cfg.merge_segments}, True, False, True, lambda P, N, sizes, kw: P + 2 * N,
+                   "d2's StepMerge: the trajectory's steps merged into `merge_segments` segments, scored exactly (one pass)"))
 
 # name → function (the estimators' signature is shared; kept for callers that dispatch by name)
 ESTIMATORS = {name: e.fn for name, e in REGISTRY.items()}

@@ -27,15 +27,18 @@ class EstimatorConfig:
     """Which likelihood the RL loss uses (docs/ESOLM.md §6).
 
     likelihood: an estimator of :data:`esorl.likelihood.REGISTRY` (``exact`` | ``replay`` |
-        ``mc_elbo`` | ``one_step`` | ``coupled``).
-    mc_samples: ``n`` of ``mc_elbo``. p_mask: prompt mask rate of ``one_step`` (d1: 0.15).
+        ``mc_elbo`` | ``one_step`` | ``coupled`` | ``elbo_lowvar`` | ``espo_elbo`` | ``step_merge``).
+    mc_samples: draws ``n`` of ``mc_elbo``, ``elbo_lowvar`` and ``espo_elbo``.
+    p_mask: prompt mask rate of ``one_step`` (d1: 0.15).
     mc_alpha0: α0 of ``mc_elbo``'s NELBO (default: the sampling α0, docs/ESOLM.md §6).
+    merge_segments: segments ``S`` of ``step_merge`` (d2's StepMerge).
     """
 
     likelihood: str = "exact"
     mc_samples: int = 4
     p_mask: float = 0.15
     mc_alpha0: float = -1.0
+    merge_segments: int = 2
 
     def validate(self):
         from .likelihood import REGISTRY
@@ -46,6 +49,8 @@ class EstimatorConfig:
             raise ValueError("mc_samples must be >= 1")
         if not 0.0 <= self.p_mask <= 1.0:
             raise ValueError("p_mask must be in [0, 1]")
+        if self.merge_segments < 1:
+            raise ValueError("merge_segments must be >= 1")
 
     def info(self):
         """The estimator's registry entry (:class:`esorl.likelihood.Estimator`)."""

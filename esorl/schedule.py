@@ -220,6 +220,7 @@ class Stream(enum.IntEnum):
     EST = 7  # the estimator noise seed per (generation step, inner iteration) (rl/)
     SHUFFLE = 8  # PPO's mini-batch shuffles (rl/ppo.py)
     DIAG_ROWS = 9  # rows of the comparison's diagnostic batches (rl/grpo_trainer.py)
+    DIAG_TRAJ = 10  # fresh trajectories of the T-step ELBO (compare/diagnostics.py)
     LL_ORDER = 21  # lm-eval: random scoring orders per request (lm_eval_model.py)
     LL_SIZES = 22  # lm-eval: their step sizes
     GEN_ORDER = 23  # lm-eval: generation orders per request

@@ -1,112 +1,240 @@
-"""``esorl compare``: the same RL recipe once per likelihood estimator and seed, with
-identical prompts, rollout seeds and initial weights, then diagnostics and a report.
+"""``esorl compare``: the exact-vs-Monte-Carlo study (docs/ESOLM.md §10).
 
-Layout of the output directory::
+The same GRPO recipe once per **arm** (an estimator with its objective and its own tuned
+settings) and **seed**, with identical initial weights, prompts, rollout noise and held-out
+evaluation noise per seed, so that arms can be compared seed by seed (paired). Two phases:
 
-    <output_dir>/runs/<estimator>-s<seed>/   metrics.jsonl, checkpoints/, model/ (one RL run)
-    <output_dir>/diagnostics.json             estimator diagnostics on shared trajectories
-    <output_dir>/report.md, *.png             the report
+1. **sweep** (``sweep.enabled``): every arm over ``sweep.grid`` (e.g. learning rate × β) on the
+   tuning seeds ``sweep.seeds``; per arm the setting with the best mean ``sweep.select_by``
+   (held-out reward) wins. Tuning seeds are disjoint from the evaluation seeds, and every arm
+   gets the same grid and the same selection rule.
+2. **evaluation**: every arm at its selected setting (or, without a sweep, at the settings
+   its ``grpo`` section fixes, e.g. from a committed sweep) on the evaluation ``seeds``.
 
-A run whose ``model/`` exists is finished and is not run again; an unfinished one resumes
-from its last checkpoint.
+Then the estimator diagnostics (:mod:`esorl.compare.diagnostics`: gradients against the true
+policy gradient, the likelihood-gap decomposition), the per-arm cost, each arm in its own
+process (:mod:`esorl.compare.cost`), and the report (:mod:`esorl.compare.report`).
+
+Layout of ``output_dir``::
+
+    config.yaml                          the study's resolved configuration
+    sweep/<arm>/<setting>/s<seed>/       phase-1 runs; sweep/selected.yaml, sweep/sweep.json
+    runs/<arm>/s<seed>/                  phase-2 runs (metrics.jsonl, model/, mid-run checkpoint)
+    diagnostics.json, cost.json          estimator diagnostics, per-arm cost
+    report.md, *.png                     the report
+
+A finished run (``model/`` exists, or ``DIVERGED``) is never run again, so an interrupted
+study continues where it stopped.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..config import load_config, save_config
-from ..policy import EstimatorConfig
+from ..config import ConfigError, load_config, save_config
 from ..rl.common import PolicyArgs, PromptArgs, RewardSpec, check_policy_source
-from ..rl.grpo import GRPORecipe, build_grpo_trainer, run_grpo
+from ..rl.grpo import GRPORecipe, run_grpo
 from ..train.common import LoggingConfig, TrainingDiverged
 from ..train.run_dir import claim
 
+_GRPO = "esorl.rl.grpo_trainer:EsoGRPOConfig"
+
 
 @dataclass
-class EstimatorSpec:
-    """One arm of the comparison: a display ``name`` and the estimator's settings
-    (``likelihood``, ``mc_samples`` for mc_elbo, ``p_mask`` for one_step; see
-    :class:`esorl.policy.EstimatorConfig`)."""
+class ArmSpec:
+    """One arm of the study.
+
+    name: its display name (unique; also its directory).
+    grpo: the :class:`~esorl.rl.grpo_trainer.EsoGRPOConfig` fields this arm sets over the
+        study's shared ``grpo`` section: the estimator (``likelihood`` and its parameters), the
+        objective (``objective``, ``importance_sampling_level``, ``loss_type``) and, without a
+        sweep, its tuned ``learning_rate`` / ``beta``.
+    """
 
     name: str = "exact"
-    likelihood: str = "exact"
-    mc_samples: int = 4
-    p_mask: float = 0.15
+    grpo: dict = field(default_factory=dict, metadata={"config_class": _GRPO})
 
-    def config(self) -> EstimatorConfig:
-        return EstimatorConfig(self.likelihood, self.mc_samples, self.p_mask)
+
+@dataclass
+class SweepArgs:
+    """Phase 1: the same tuning for every arm.
+
+    enabled: run the sweep (otherwise each arm runs at the settings its ``grpo`` fixes).
+    grid: ``{grpo field: [values]}``; every combination is tried for every arm (over the
+        arm's own ``grpo``).
+    seeds: tuning seeds; must be disjoint from the evaluation ``seeds``.
+    select_by: ``heldout_auc`` (time-average of the held-out reward curve) or
+        ``heldout_final`` (the last held-out evaluation); mean over the tuning seeds, ties to
+        the first setting in grid order.
+    """
+
+    enabled: bool = False
+    grid: dict = field(default_factory=lambda: {"learning_rate": [3.0e-4, 1.0e-3, 3.0e-3]})
+    seeds: list[int] = field(default_factory=lambda: [1000, 1001])
+    select_by: str = "heldout_auc"
+
+    def validate(self):
+        if self.select_by not in ("heldout_auc", "heldout_final"):
+            raise ValueError(f"compare.sweep.select_by must be heldout_auc or heldout_final, got {self.select_by!r}")
+        for k, v in self.grid.items():
+            if not isinstance(v, list) or not v:
+                raise ValueError(f"compare.sweep.grid.{k}: expected a non-empty list of values, got {v!r}")
+        if self.enabled and not self.seeds:
+            raise ValueError("compare.sweep.seeds: at least one tuning seed")
 
 
 @dataclass
 class DiagnosticsArgs:
-    """Estimator diagnostics (on trajectories shared by all estimators).
+    """Estimator diagnostics (:mod:`esorl.compare.diagnostics`).
 
-    enabled: run them. draws: noise draws per estimator on the fixed batch.
-    fresh_batches: fresh rollout batches for the total gradient variance.
-    ref_n: size of each MC estimator's own large-``n`` reference.
-    when: ``initial`` (the starting policy) and/or ``final`` (the exact run's final policy).
-    mc_n_scaling: ``n`` values for the 1/n check of mc_elbo's fixed-batch gradient variance.
+    enabled: run them. policies: where to measure: ``initial`` (the starting weights),
+        ``exact_mid`` (the reference arm's run at half its steps, first evaluation seed) and
+        ``own_mid`` (each arm's own run at half its steps).
+    true_grad_batches: fresh generation batches whose mean exact gradient is the true policy
+        gradient (leave-one-out against each batch).
+    arm_batches: of those, how many each arm's gradient is measured on.
+    ll_sequences: completions for the likelihood-gap decomposition; ll_orders: fresh
+        trajectories per completion for the T-step ELBO; ll_elbo_n: draws of the continuous
+        ELBO reference; ll_draws: draws of each estimator per completion.
     """
 
     enabled: bool = True
-    draws: int = 6
-    fresh_batches: int = 3
-    ref_n: int = 64
-    when: list[str] = field(default_factory=lambda: ["initial", "final"])
-    mc_n_scaling: list[int] = field(default_factory=lambda: [4, 16])
+    policies: list[str] = field(default_factory=lambda: ["initial", "exact_mid", "own_mid"])
+    true_grad_batches: int = 64
+    arm_batches: int = 16
+    ll_sequences: int = 256
+    ll_orders: int = 16
+    ll_elbo_n: int = 64
+    ll_draws: int = 4
+
+    def validate(self):
+        bad = set(self.policies) - {"initial", "exact_mid", "own_mid"}
+        if bad:
+            raise ValueError(f"compare.diagnostics.policies: unknown {sorted(bad)}; choose from initial, exact_mid, own_mid")
+        if self.enabled and not 2 <= self.arm_batches <= self.true_grad_batches:
+            raise ValueError(f"compare.diagnostics: need 2 <= arm_batches <= true_grad_batches, got {self.arm_batches}, {self.true_grad_batches}")
+
+
+@dataclass
+class CostArgs:
+    """Per-arm cost, each arm in its own process (:mod:`esorl.compare.cost`): enabled, and
+    ``steps`` timed GRPO steps after one warm-up step."""
+
+    enabled: bool = True
+    steps: int = 5
+
+    def validate(self):
+        if self.steps < 1:
+            raise ValueError("compare.cost.steps must be >= 1")
 
 
 @dataclass
 class CompareConfig:
-    """A comparison: the RL recipe (``policy``, ``prompts``, ``rewards``, ``grpo``: the
-    fields of :class:`~esorl.rl.grpo_trainer.EsoGRPOConfig`, TRL's names), the
-    ``estimators`` and ``seeds``, ``diagnostics``, ``reward_threshold`` (for the report's
-    time-to-threshold column), ``notes`` (caveats of the set-up, copied into the report's
-    summary), ``output_dir`` (runs, diagnostics, report) and ``logging``."""
+    """A study: the RL recipe (``policy``, ``prompts``, ``rewards``, ``grpo``: the shared
+    :class:`~esorl.rl.grpo_trainer.EsoGRPOConfig` fields, TRL's names), the ``arms`` and
+    ``reference_arm`` (the exact arm every other is paired with), ``sweep`` (phase 1),
+    evaluation ``seeds`` (phase 2), ``diagnostics``, ``cost``, ``notes`` (the set-up's caveats,
+    copied into the report), ``output_dir`` and ``logging``.
+
+    The held-out reward is GRPO's ``eval_reward`` on ``prompts.eval_prompts`` held-out prompts:
+    ``grpo.eval_strategy`` must be ``steps`` with ``eval_on_start``. Every run logs
+    ``exact_kl`` (``log_exact_kl`` is forced on), the KL every arm is compared on.
+    """
 
     output_dir: str = "runs/compare"
     policy: PolicyArgs = field(default_factory=PolicyArgs)
     prompts: PromptArgs = field(default_factory=PromptArgs)
     rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec()])
-    grpo: dict = field(default_factory=dict, metadata={"config_class": "esorl.rl.grpo_trainer:EsoGRPOConfig"})
-    estimators: list[EstimatorSpec] = field(default_factory=lambda: [EstimatorSpec("exact", "exact"), EstimatorSpec("mc_elbo_n4", "mc_elbo", 4), EstimatorSpec("one_step", "one_step")])
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    grpo: dict = field(default_factory=dict, metadata={"config_class": _GRPO})
+    arms: list[ArmSpec] = field(default_factory=lambda: [ArmSpec("exact", {"likelihood": "exact"}), ArmSpec("mc_elbo", {"likelihood": "mc_elbo"}),
+                                                         ArmSpec("one_step", {"likelihood": "one_step"})])
+    reference_arm: str = "exact"
+    sweep: SweepArgs = field(default_factory=SweepArgs)
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4, 5, 6, 7])
     diagnostics: DiagnosticsArgs = field(default_factory=DiagnosticsArgs)
-    reward_threshold: float = 0.0
+    cost: CostArgs = field(default_factory=CostArgs)
     notes: str = ""
     logging: LoggingConfig = field(default_factory=lambda: LoggingConfig(wandb_mode="offline"))
+    # renamed in the study's redesign: refused with the new name (docs/ESOLM.md §10)
+    estimators: list = field(default_factory=list, metadata={"help": "renamed to arms"})
+    reward_threshold: float = field(default=-1.0, metadata={"help": "removed: the report compares held-out reward at equal wall-clock"})
 
     def validate(self):
-        names = [e.name for e in self.estimators]
+        if self.estimators:
+            raise ConfigError("compare.estimators was renamed to compare.arms: each arm is {name: ..., grpo: {likelihood: ..., <its parameters>}}")
+        if self.reward_threshold != -1.0:
+            raise ConfigError("compare.reward_threshold was removed: the report compares held-out reward at equal wall-clock instead")
+        names = [a.name for a in self.arms]
         if len(set(names)) != len(names):
-            raise ValueError(f"compare.estimators: names must be unique, got {names}")
+            raise ValueError(f"compare.arms: names must be unique, got {names}")
+        if self.reference_arm not in names:
+            raise ValueError(f"compare.reference_arm {self.reference_arm!r} is not an arm ({', '.join(names)})")
         if not self.seeds:
-            raise ValueError("compare.seeds: at least one seed")
-        for e in self.estimators:
-            e.config().validate()
-        run_recipe(self, self.estimators[0], self.seeds[0]).validate()  # the grpo section, before any run
+            raise ValueError("compare.seeds: at least one evaluation seed")
+        if self.sweep.enabled and set(self.sweep.seeds) & set(self.seeds):
+            raise ValueError(f"compare.sweep.seeds {sorted(set(self.sweep.seeds) & set(self.seeds))} are also evaluation seeds: tuning and evaluation seeds must be disjoint")
+        ref = run_recipe(self, self.arm(self.reference_arm), self.seeds[0])
+        if ref.grpo.get("likelihood", "exact") not in ("exact", "replay"):
+            raise ValueError(f"compare.reference_arm {self.reference_arm!r} must use likelihood exact (or replay)")
+        for a in self.arms:
+            for point in self.grid_points() or [{}]:
+                args = run_recipe(self, a, self.seeds[0], point).args()  # every arm's settings, before any run
+            if args.eval_strategy != "steps" or not args.eval_on_start or not self.prompts.eval_prompts:
+                raise ValueError(f"compare: the held-out reward needs grpo.eval_strategy: steps, grpo.eval_on_start: true and prompts.eval_prompts > 0 "
+                                 f"(arm {a.name}: {args.eval_strategy}, {args.eval_on_start}, {self.prompts.eval_prompts})")
+
+    def arm(self, name: str) -> ArmSpec:
+        return next(a for a in self.arms if a.name == name)
+
+    def grid_points(self) -> list[dict]:
+        """Every combination of the sweep grid (``[]`` without a sweep)."""
+        if not self.sweep.enabled:
+            return []
+        keys = list(self.sweep.grid)
+        return [dict(zip(keys, vals)) for vals in itertools.product(*(self.sweep.grid[k] for k in keys))]
 
 
-def run_recipe(cfg: CompareConfig, est: EstimatorSpec, seed: int) -> GRPORecipe:
-    """The GRPO recipe of one arm and seed: the shared ``grpo`` section with the arm's
-    estimator, the seed and the arm's own output directory."""
-    g = {**cfg.grpo, "likelihood": est.likelihood, "mc_samples": est.mc_samples, "p_mask": est.p_mask, "seed": seed,
-         "output_dir": str(Path(cfg.output_dir) / "runs" / f"{est.name}-s{seed}")}
+def setting_tag(point: dict) -> str:
+    """A grid point as a directory name, e.g. ``learning_rate=0.001,beta=0.0``."""
+    return ",".join(f"{k}={v}" for k, v in point.items()) or "default"
+
+
+def run_dir(cfg: CompareConfig, arm: str, seed: int, point: dict | None = None) -> Path:
+    """Where one run lives: ``runs/<arm>/s<seed>`` (evaluation) or
+    ``sweep/<arm>/<setting>/s<seed>`` (a sweep point)."""
+    out = Path(cfg.output_dir)
+    if point is None:
+        return out / "runs" / arm / f"s{seed}"
+    return out / "sweep" / arm / setting_tag(point) / f"s{seed}"
+
+
+def run_recipe(cfg: CompareConfig, arm: ArmSpec, seed: int, point: dict | None = None, selected: dict | None = None) -> GRPORecipe:
+    """The GRPO recipe of one run: the shared ``grpo`` section, then the arm's own settings,
+    then the sweep point (phase 1) or the arm's selected setting (phase 2), then the seed and
+    directory. The first evaluation seed's runs keep a model-only checkpoint at half their
+    steps (the diagnostics' mid-run policies)."""
+    g = {**cfg.grpo, **arm.grpo, **(point or {}), **(selected or {})}
+    g.update(seed=seed, output_dir=str(run_dir(cfg, arm.name, seed, point)), log_exact_kl=True)
+    if point is None and seed == cfg.seeds[0]:
+        mid = max(1, int(g.get("max_steps", 2)) // 2)
+        g.update(save_strategy="steps", save_steps=mid, save_only_model=True, save_total_limit=None)
+    else:
+        g.update(save_strategy="no")
     return GRPORecipe(policy=cfg.policy, prompts=cfg.prompts, rewards=cfg.rewards, grpo=g, logging=copy.deepcopy(cfg.logging))
 
 
 def run_compare(cfg: CompareConfig) -> dict:
+    """Both phases, the diagnostics, the cost and the report. Returns ``{"report", ...}``."""
     check_policy_source(cfg.policy)  # before anything is written
     out = Path(cfg.output_dir)
-    # a comparison always continues its own directory (finished arms are skipped), but never
-    # shares it with a concurrent comparison
+    # a study always continues its own directory (finished runs are skipped), but never
+    # shares it with a concurrent study
     lock = claim(out, "auto", False, None, "output_dir")
     try:
         return _run_compare(cfg, out)
@@ -114,73 +242,77 @@ def run_compare(cfg: CompareConfig) -> dict:
         lock.release()
 
 
-def _run_compare(cfg: CompareConfig, out: Path) -> dict:
-    save_config(cfg, out / "config.yaml")
-    jobs = [(e, s) for s in cfg.seeds for e in cfg.estimators]
-    shared_rewards = None
-    bar = tqdm(jobs, desc="compare runs", dynamic_ncols=True)
-    for est, seed in bar:
-        rec = run_recipe(cfg, est, seed)
-        run_dir = Path(rec.grpo["output_dir"])
-        bar.set_postfix(run=run_dir.name)
-        if (run_dir / "model" / "config.json").exists() or (run_dir / "DIVERGED").exists():
-            continue  # finished (or diverged): never run again
+class _Runner:
+    """Runs GRPO recipes in this process, sharing the reward functions the first run built
+    (a learned reward trains once; every arm is scored by the same functions)."""
+
+    def __init__(self):
+        self.rewards = None
+
+    def __call__(self, rec: GRPORecipe) -> None:
+        d = Path(rec.grpo["output_dir"])
+        if (d / "model" / "config.json").exists() or (d / "DIVERGED").exists():
+            return  # finished (or diverged): never run again
         try:
-            # the first arm builds the reward functions (after its policy and prompts exist: a
-            # chained pretraining writes the corpus a learned reward trains on); the others reuse them
-            res = run_grpo(rec, resume="auto", reward_funcs=shared_rewards[0] if shared_rewards else None,
-                           reward_weights=shared_rewards[1] if shared_rewards else None)
-            if shared_rewards is None:
+            res = run_grpo(rec, resume="auto", reward_funcs=self.rewards[0] if self.rewards else None,
+                           reward_weights=self.rewards[1] if self.rewards else None)
+            if self.rewards is None:
                 tr = res["trainer"]
-                shared_rewards = (list(tr.reward_funcs), tr.reward_weights.tolist())
+                self.rewards = (list(tr.reward_funcs), tr.reward_weights.tolist())
             del res
         except TrainingDiverged as e:
-            # a diverged arm is a result of the comparison, not a crash of it
-            (run_dir / "DIVERGED").write_text(str(e) + "\n")
-            tqdm.write(f"[esorl] {run_dir.name} diverged: {e}")
-    bar.close()
+            # a diverged run is a result of the study, not a crash of it
+            (d / "DIVERGED").write_text(str(e) + "\n")
+            tqdm.write(f"[esorl] {d} diverged: {e}")
+
+
+def _run_compare(cfg: CompareConfig, out: Path) -> dict:
+    from .report import run_summary, write_report
+
+    save_config(cfg, out / "config.yaml")
+    runner = _Runner()
+    selected = {a.name: {} for a in cfg.arms}
+    if cfg.sweep.enabled:
+        points = cfg.grid_points()
+        jobs = [(a, p, s) for s in cfg.sweep.seeds for p in points for a in cfg.arms]
+        for a, p, s in tqdm(jobs, desc="phase 1: sweep", dynamic_ncols=True):
+            runner(run_recipe(cfg, a, s, p))
+        table = {}
+        for a in cfg.arms:
+            scores = []
+            for p in points:
+                vals = [run_summary(run_dir(cfg, a.name, s, p))[cfg.sweep.select_by] for s in cfg.sweep.seeds]
+                scores.append({"setting": p, "per_seed": vals, "mean": sum(vals) / len(vals)})
+            best = max(range(len(points)), key=lambda i: (scores[i]["mean"] == scores[i]["mean"], scores[i]["mean"], -i))
+            selected[a.name] = points[best]
+            table[a.name] = {"scores": scores, "selected": points[best]}
+        (out / "sweep").mkdir(parents=True, exist_ok=True)
+        (out / "sweep" / "sweep.json").write_text(json.dumps({"select_by": cfg.sweep.select_by, "seeds": cfg.sweep.seeds, "arms": table}, indent=1))
+        import yaml
+
+        (out / "sweep" / "selected.yaml").write_text(yaml.safe_dump({a: p for a, p in selected.items()}, sort_keys=False))
+    jobs = [(a, s) for s in cfg.seeds for a in cfg.arms]
+    for a, s in tqdm(jobs, desc="phase 2: evaluation seeds", dynamic_ncols=True):
+        runner(run_recipe(cfg, a, s, None, selected[a.name]))
     diag = {}
     if cfg.diagnostics.enabled:
-        diag = run_diagnostics(cfg, shared_rewards)
+        from .diagnostics import run_diagnostics
+
+        diag = run_diagnostics(cfg, selected, runner.rewards)
         (out / "diagnostics.json").write_text(json.dumps(diag, indent=1))
-    from .report import write_report
+    cost = {}
+    if cfg.cost.enabled:
+        from .cost import measure_all
 
-    return write_report(cfg, out, diag)
-
-
-def run_diagnostics(cfg: CompareConfig, rewards=None) -> dict:
-    """Diagnostics at the initial policy and/or the exact run's final policy."""
-    from .diagnostics import estimator_diagnostics, mc_elbo_fixed_batch_variance
-
-    res: dict = {}
-    exact_spec = next((e for e in cfg.estimators if e.likelihood == "exact"), EstimatorSpec("exact", "exact"))
-    for when in cfg.diagnostics.when:
-        rec = run_recipe(cfg, exact_spec, cfg.seeds[0])
-        rec.grpo["output_dir"] = str(Path(cfg.output_dir) / "diagnostics_scratch")
-        rec.logging.wandb_mode = "disabled"
-        if when == "final":
-            final = Path(cfg.output_dir) / "runs" / f"{exact_spec.name}-s{cfg.seeds[0]}" / "model"
-            if not (final / "config.json").exists():
-                continue
-            rec.policy = PolicyArgs(init_from=str(final), tokenizer=rec.policy.tokenizer or str(final))
-        tr = build_grpo_trainer(rec, *(rewards or (None, None)), report_to="none")
-        batches = [tr.sample_batch(tr.rows_for(10_000 + i), 10_000 + i) for i in range(max(1, cfg.diagnostics.fresh_batches))]
-        tr.model.eval()
-        for b in batches:
-            b["rollout"] = b["rollout"].to(tr.accelerator.device)
-        ests = {e.name: e.config() for e in cfg.estimators}
-        t0 = time.time()
-        d = estimator_diagnostics(tr.policy, batches, ests, tr.args.sampling_alpha0, cfg.diagnostics.draws, cfg.diagnostics.ref_n)
-        scaling = {str(n): mc_elbo_fixed_batch_variance(tr.policy, batches[0]["rollout"], batches[0]["advantages"], n, tr.args.sampling_alpha0, cfg.diagnostics.draws)
-                   for n in cfg.diagnostics.mc_n_scaling}
-        res[when] = {"estimators": d, "mc_elbo_grad_var_by_n": scaling, "time_s": time.time() - t0, "batch_size": batches[0]["rollout"].batch_size}
-    return res
+        cost = measure_all(cfg, selected)
+        (out / "cost.json").write_text(json.dumps(cost, indent=1))
+    return write_report(cfg, out, selected, diag, cost)
 
 
 def main(argv=None):
     import argparse
 
-    p = argparse.ArgumentParser(prog="esorl compare", description="exact vs Monte Carlo likelihoods in RL fine-tuning of an Eso-LM")
+    p = argparse.ArgumentParser(prog="esorl compare", description="exact vs Monte Carlo likelihoods in RL fine-tuning of an Eso-LM: the paired study")
     p.add_argument("--config", required=True, help="recipes/compare/<name>.yaml")
     p.add_argument("--report-only", action="store_true", help="rebuild report.md and the plots from finished runs")
     p.add_argument("overrides", nargs="*")
@@ -189,8 +321,13 @@ def main(argv=None):
     if a.report_only:
         from .report import write_report
 
-        diag_f = Path(cfg.output_dir) / "diagnostics.json"
-        res = write_report(cfg, Path(cfg.output_dir), json.loads(diag_f.read_text()) if diag_f.exists() else {})
+        out = Path(cfg.output_dir)
+        rd = lambda f: json.loads((out / f).read_text()) if (out / f).exists() else {}  # noqa: E731
+        import yaml
+
+        sel_f = out / "sweep" / "selected.yaml"
+        selected = yaml.safe_load(sel_f.read_text()) if sel_f.exists() else {a.name: {} for a in cfg.arms}
+        res = write_report(cfg, out, selected, rd("diagnostics.json"), rd("cost.json"))
     else:
         res = run_compare(cfg)
     print(f"[esorl] report: {res['report']}")

@@ -1,52 +1,129 @@
-"""The comparison's statistics, fixed before any run: per-seed *paired* differences against
-``exact`` (every arm of a seed sees the same prompts and rollout noise), their mean with a
-95 % t confidence interval, a paired t-test (scipy), and Holm's correction across arms. A
-difference is stated only when every arm has at least :data:`MIN_SEEDS` paired seeds and the
-Holm-adjusted p-value is below :data:`ALPHA`; otherwise the report says it was not tested."""
+"""The comparison's statistics, fixed before any run (docs/ESOLM.md §10).
+
+Every arm of one seed sees the same prompts, the same first rollouts and the same held-out
+evaluation noise, so arms are compared with ``exact`` through **per-seed paired differences**
+``d_s = metric(arm, s) − metric(exact, s)``:
+
+- effect size: the mean of ``d`` with its 95 % Student-t confidence interval (scipy);
+- primary test: the two-sided **Wilcoxon signed-rank** test of ``d`` (scipy, exact null
+  distribution for small ``n``), because per-seed RL outcomes are not normal;
+- multiplicity: **Holm**'s step-down correction across the arms compared with ``exact``
+  (statsmodels), per metric;
+- a difference is stated only when the arm has at least :data:`MIN_SEEDS` paired seeds and the
+  Holm-adjusted Wilcoxon p-value is below :data:`ALPHA`.
+
+With ``n`` paired seeds and no ties the smallest two-sided Wilcoxon p-value is ``2 / 2**n``
+(0.0625 at ``n = 5``, 0.0078 at ``n = 8``): below six seeds no difference can be stated at
+α = 0.05, and :func:`verdict` says so rather than "no difference".
+"""
 
 from __future__ import annotations
 
 import math
 
-#: fewest paired seeds for which the report states a difference at all
+#: fewest paired seeds for which a difference is tested at all
 MIN_SEEDS = 5
+#: family-wise error rate of each metric's family of tests (Holm)
 ALPHA = 0.05
 
 
+def min_wilcoxon_p(n: int) -> float:
+    """The smallest two-sided p-value the exact Wilcoxon signed-rank test can give with ``n``
+    non-zero paired differences: ``2 / 2**n`` (all differences of one sign)."""
+    return min(1.0, 2.0 / 2**n) if n > 0 else 1.0
+
+
 def paired_difference(arm: dict, ref: dict) -> dict:
-    """``arm`` and ``ref``: ``{seed: value}``. Returns ``n`` (paired seeds), ``mean`` (arm − ref),
-    ``ci`` (95 % t interval, NaN below 2 seeds) and ``p`` (two-sided paired t-test, NaN below 2
-    seeds or when every difference is equal)."""
+    """Paired comparison of ``arm`` against ``ref`` (``{seed: value}``; only seeds in both count).
+
+    Returns ``n`` (paired seeds), ``mean`` (mean of arm − ref), ``ci`` (95 % t interval; NaN
+    below 2 seeds; a point when every difference is equal), ``p_wilcoxon`` (two-sided exact
+    Wilcoxon signed-rank, zero differences dropped as Wilcoxon's rule; 1.0 when every
+    difference is zero; NaN below 1 seed), ``p_t`` (paired t-test, secondary; NaN when
+    undefined) and ``diffs`` (per seed).
+    """
     from scipy import stats
 
     seeds = sorted(set(arm) & set(ref))
-    d = [arm[s] - ref[s] for s in seeds]
+    d = [float(arm[s]) - float(ref[s]) for s in seeds]
     n = len(d)
-    out = {"n": n, "mean": sum(d) / n if n else float("nan"), "ci": (float("nan"), float("nan")), "p": float("nan")}
+    out = {"n": n, "seeds": seeds, "diffs": d, "mean": sum(d) / n if n else float("nan"), "ci": (float("nan"), float("nan")),
+           "p_wilcoxon": float("nan"), "p_t": float("nan")}
+    if n == 0:
+        return out
+    nonzero = [x for x in d if x != 0.0]
+    out["p_wilcoxon"] = float(stats.wilcoxon(nonzero, alternative="two-sided").pvalue) if nonzero else 1.0
     if n >= 2:
         sd = stats.tstd(d)
         if sd > 0:
             out["ci"] = tuple(float(x) for x in stats.t.interval(0.95, n - 1, loc=out["mean"], scale=sd / math.sqrt(n)))
-            out["p"] = float(stats.ttest_rel([arm[s] for s in seeds], [ref[s] for s in seeds]).pvalue)
+            out["p_t"] = float(stats.ttest_rel([arm[s] for s in seeds], [ref[s] for s in seeds]).pvalue)
         else:
             out["ci"] = (out["mean"], out["mean"])
+            out["p_t"] = 1.0 if out["mean"] == 0 else 0.0
     return out
 
 
 def holm(pvalues: list[float]) -> list[float]:
-    """Holm–Bonferroni adjusted p-values (NaN stays NaN and does not count)."""
-    idx = sorted((i for i, p in enumerate(pvalues) if p == p), key=lambda i: pvalues[i])
-    m, out, running = len(idx), [float("nan")] * len(pvalues), 0.0
-    for rank, i in enumerate(idx):
-        running = max(running, min(1.0, (m - rank) * pvalues[i]))
-        out[i] = running
+    """Holm–Bonferroni adjusted p-values (statsmodels ``multipletests``); NaN entries stay NaN
+    and do not count towards the family size."""
+    from statsmodels.stats.multitest import multipletests
+
+    idx = [i for i, p in enumerate(pvalues) if p == p]
+    out = [float("nan")] * len(pvalues)
+    if idx:
+        adj = multipletests([pvalues[i] for i in idx], alpha=ALPHA, method="holm")[1]
+        for i, a in zip(idx, adj):
+            out[i] = float(a)
     return out
 
 
+def compare_arms(values: dict[str, dict], ref: str = "exact") -> dict[str, dict]:
+    """``values``: ``{arm: {seed: metric}}``. Every arm other than ``ref`` against ``ref``:
+    :func:`paired_difference` plus ``p_holm`` (Holm across those arms, on the Wilcoxon
+    p-values) and ``verdict`` (:func:`verdict`)."""
+    if ref not in values:
+        raise KeyError(f"the reference arm {ref!r} has no results")
+    arms = [a for a in values if a != ref]
+    res = {a: paired_difference(values[a], values[ref]) for a in arms}
+    for a, p in zip(arms, holm([res[a]["p_wilcoxon"] for a in arms])):
+        res[a]["p_holm"] = p
+        res[a]["verdict"] = verdict(res[a], p)
+    return res
+
+
 def verdict(res: dict, p_adj: float) -> str:
-    """The sentence the report states, from the numbers only."""
-    if res["n"] < MIN_SEEDS:
-        return f"not tested ({res['n']} paired seed(s); a difference is stated from {MIN_SEEDS} on)"
+    """The sentence the report states about one paired comparison, from its numbers only:
+    ``higher`` / ``lower`` (Holm-adjusted Wilcoxon p below :data:`ALPHA` with at least
+    :data:`MIN_SEEDS` seeds), ``no difference detected``, or ``not testable`` (too few seeds
+    for any p-value below :data:`ALPHA`)."""
+    n = res["n"]
+    lo, hi = res["ci"]
+    ci = f"mean {res['mean']:+.3g}, 95% CI [{lo:+.3g}, {hi:+.3g}]"
+    if n < MIN_SEEDS or min_wilcoxon_p(n) >= ALPHA:
+        return (f"not testable with {n} paired seed(s): the smallest possible Wilcoxon p is {min_wilcoxon_p(n):.3g} "
+                f"(≥ {ALPHA}); {ci}")
     if p_adj == p_adj and p_adj < ALPHA:
-        return f"differs (paired t-test, Holm-adjusted p = {p_adj:.3g})"
-    return f"no difference detected (paired t-test, Holm-adjusted p = {p_adj:.3g})"
+        side = "higher" if res["mean"] > 0 else "lower"
+        return f"{side} than exact (Wilcoxon, Holm-adjusted p = {p_adj:.3g}, n = {n}; {ci})"
+    return f"no difference detected (Wilcoxon, Holm-adjusted p = {p_adj:.3g}, n = {n}; {ci})"
+
+
+def auc(steps: list[float], values: list[float]) -> float:
+    """Normalised area under a curve: the trapezoid integral of ``values`` over ``steps``
+    divided by the step range (so it is in the metric's units: the curve's time-average)."""
+    import numpy as np
+
+    if len(steps) < 2:
+        return float(values[0]) if values else float("nan")
+    return float(np.trapezoid(values, steps) / (steps[-1] - steps[0]))
+
+
+def value_at(xs: list[float], ys: list[float], x: float) -> float:
+    """``ys`` linearly interpolated at ``x`` (the last value after the end; NaN before the start):
+    the held-out reward at a wall-clock budget."""
+    import numpy as np
+
+    if not xs or x < xs[0]:
+        return float("nan")
+    return float(np.interp(x, xs, ys))

@@ -102,14 +102,25 @@ class EsoGRPOConfig(GRPOConfig):
     the same function, or the ratio of an exact run is not 1 at the first iteration).
     """
 
-    likelihood: str = field(default="exact", metadata={"help": "Likelihood estimator of the loss: exact | replay | mc_elbo | one_step | coupled (docs/ESOLM.md §6)."})
-    mc_samples: int = field(default=4, metadata={"help": "mc_elbo: Monte Carlo draws n per sequence."})
+    likelihood: str = field(default="exact", metadata={"help": "Likelihood estimator of the loss: exact | replay | mc_elbo | one_step | coupled | "
+                                                           "elbo_lowvar | espo_elbo | step_merge (docs/ESOLM.md §6; esorl.likelihood.REGISTRY)."})
+    mc_samples: int = field(default=4, metadata={"help": "mc_elbo / elbo_lowvar / espo_elbo (and the spg objective): Monte Carlo draws n per sequence."})
     p_mask: float = field(default=0.15, metadata={"help": "one_step: prompt mask rate (d1's runs: 0.15)."})
+    merge_segments: int = field(default=2, metadata={"help": "step_merge: segments the trajectory's steps are merged into (d2's StepMerge)."})
+    objective: str = field(default="grpo", metadata={"help": "Policy objective: grpo (TRL's loss, loss_type chooses the variant) | espo (sequence-level "
+                                                     "ELBO ratio, k2 KL) | spg (sandwiched bounds, likelihood elbo_lowvar, beta 0) | wd1 (ratio-free "
+                                                     "weighted likelihood, beta 0). esorl.rl.objectives; docs/ESOLM.md §10."})
+    spg_eubo_beta: float = field(default=1.0, metadata={"help": "spg: order β of the Rényi upper bound (SPG's runs: 1.0 Sudoku, 1.5 GSM8K/MATH, 2.0 Countdown)."})
+    spg_mix_weight: float = field(default=0.5, metadata={"help": "spg: weight ω of the upper bound for negative advantages (1 = pure upper bound, SPG's mix: 0.5)."})
+    wd1_psi: float = field(default=1.0, metadata={"help": "wd1: inverse temperature ψ of the softmax weights of the advantages (wd1's code: 1)."})
     sampling_alpha0: float = field(default=1.0, metadata={"help": "Sampling schedule α0: the share of the completion revealed by diffusion steps (1 = pure MDM, 0 = left to right)."})
     diffusion_steps: int = field(default=8, metadata={"help": "Sampling schedule T: denoising steps for the diffusion part."})
     schedule_kind: str = field(default="unified", metadata={"help": "Step-size schedule: unified (the paper's) | uniform | ..."})
     attention_backend: str = field(default="auto", metadata={"help": "Attention backend: auto | sdpa | flex | eager."})
     disable_dropout: bool = field(default=True, metadata={"help": "Disable dropout (TRL's field; on by default for Eso-LMs)."})
+    log_exact_kl: bool = field(default=False, metadata={"help": "Log exact_kl: the KL of the policy's trajectories to the reference's, measured with the "
+                                                        "exact likelihood whatever the loss's estimator (one reference forward per generation batch; "
+                                                        "with beta = 0 and no PEFT a frozen copy of the initial weights is kept). The comparison's common KL."})
 
     def __post_init__(self):
         if self.bf16 is None:
@@ -137,6 +148,16 @@ class EsoGRPOConfig(GRPOConfig):
             raise ValueError(f"grpo.scale_rewards must be group, batch, none, true or false, got {self.scale_rewards!r}")
         self.estimator().validate()
         self.sampling().validate()
+        from .objectives import OBJECTIVES
+
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"grpo.objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.objective in ("spg", "wd1") and self.beta != 0.0:
+            raise ValueError(f"grpo.objective {self.objective} has no KL term (as its authors' code): set grpo.beta: 0.0, got {self.beta}")
+        if self.objective == "spg" and self.likelihood != "elbo_lowvar":
+            raise ValueError(f"grpo.objective spg reads its bounds from elbo_lowvar's masks: set grpo.likelihood: elbo_lowvar, got {self.likelihood!r}")
+        if self.objective == "spg" and not (self.spg_eubo_beta > 0 and 0.0 <= self.spg_mix_weight <= 1.0):
+            raise ValueError(f"grpo.spg_eubo_beta must be > 0 and grpo.spg_mix_weight in [0, 1], got {self.spg_eubo_beta}, {self.spg_mix_weight}")
         if self.use_vllm or self.use_transformers_continuous_batching or self.use_transformers_paged:
             raise ValueError("EsoGRPOConfig: use_vllm / transformers continuous batching are not supported: Eso-LM rollouts come from esorl's KV-cached sampler")
         if self.max_completion_length is None or self.max_completion_length < 1:
@@ -146,7 +167,7 @@ class EsoGRPOConfig(GRPOConfig):
 
     def estimator(self) -> EstimatorConfig:
         """The estimator settings (:class:`esorl.policy.EstimatorConfig`)."""
-        return EstimatorConfig(self.likelihood, self.mc_samples, self.p_mask)
+        return EstimatorConfig(self.likelihood, self.mc_samples, self.p_mask, merge_segments=self.merge_segments)
 
     def sampling(self) -> SamplingConfig:
         """The sampler settings: ``max_completion_length`` tokens along the ``(α0, T)`` schedule."""
@@ -157,6 +178,7 @@ class EsoGRPOConfig(GRPOConfig):
 # keys of the per-sample rollout tensors added to TRL's generation output (each [B, ...])
 _ORDER, _STEPS, _SIZES, _IDS, _OLD, _REF = "eso_order", "eso_steps", "eso_step_sizes", "eso_sample_ids", "eso_old_logps", "eso_ref_logps"
 _SAMPLER = "eso_sampler_logps"  # the sampler's recorded (model) log-probs, [B, N]
+_WD1 = "eso_wd1_weight"  # wd1's per-completion weight, computed on whole groups before TRL's shuffle, [B]
 _RUN_FILE = "esorl_run.json"  # in every checkpoint: the settings a resume must keep
 
 
@@ -184,6 +206,13 @@ class EsoGRPOTrainer(RecordsGradNorm, GRPOTrainer):
             model = EsoLMModel.from_pretrained(model)
         if not isinstance(unwrap(model), EsoLMModel):
             raise TypeError(f"EsoGRPOTrainer: model must be an EsoLMModel or its directory, got {type(model).__name__}")
+        # exact_kl needs the initial weights when TRL keeps no reference (beta = 0, no PEFT):
+        # copied now, before a resume loads a checkpoint into the model
+        self._kl_ref_model = None
+        if args.log_exact_kl and args.beta == 0.0 and peft_config is None:
+            import copy
+
+            self._kl_ref_model = copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
         if args.disable_dropout:
             # TRL's disable_dropout_in_model zeroes nn.Dropout modules; the Eso-LM blocks apply
             # F.dropout with their own rate, so zero those (the saved config keeps its value)
@@ -304,6 +333,15 @@ class EsoGRPOTrainer(RecordsGradNorm, GRPOTrainer):
         t0 = time.perf_counter()
         self._score_old_and_ref(out, ro, mode)
         self._metrics[mode]["time/score"].append(time.perf_counter() - t0)
+        if self.args.log_exact_kl and mode == "train":
+            self._log_exact_kl(ro)
+        if self.args.objective == "wd1":
+            from .objectives import wd1_weights
+
+            adv = self.accelerator.gather(out["advantages"])
+            w = wd1_weights(adv, self.num_generations if mode == "train" else self.num_generations_eval, self.args.wd1_psi)
+            r = self.accelerator.process_index
+            out[_WD1] = w[r * B : (r + 1) * B]
         self._metrics[mode]["memory/peak_mb"].append(peak_memory_mb(self.accelerator.device))
         return out
 
@@ -329,6 +367,29 @@ class EsoGRPOTrainer(RecordsGradNorm, GRPOTrainer):
             with self._reference() as ref_policy:
                 lps = [self._score(ref_policy, ro, s)[0] for s in (seeds[:1] if deterministic else seeds)]
             out[_REF] = torch.stack(lps, 1).expand(-1, mu, -1).clone() if deterministic else torch.stack(lps, 1)
+
+    @torch.no_grad()
+    def _log_exact_kl(self, ro: Rollout) -> None:
+        """``exact_kl``: ``E_y [log π(y, τ) − log π_ref(y, τ)] / N`` over the generation batch
+        (nats per completion token), both terms the *exact* trajectory log-likelihoods
+        (docs/ESOLM.md §4): the policy's are the sampler's recorded ones, the reference's one
+        forward. An unbiased estimate of the trajectory KL per token (k1: a batch value can be
+        negative), identical in meaning for every estimator the loss uses."""
+        if self._kl_ref_model is not None:
+            if next(self._kl_ref_model.parameters()).device != self.accelerator.device:
+                self._kl_ref_model.to(self.accelerator.device)
+            ref_policy = EsoPolicy(self._kl_ref_model, self.processing_class, self.args.sampling(), self.accelerator, self.args.attention_backend)
+            ctx = contextlib.nullcontext(ref_policy)
+        else:
+            ctx = self._reference()
+        mb = self.args.per_device_train_batch_size
+        with ctx as ref_policy:
+            ref = torch.cat([ref_policy.log_probs(ro.index(torch.arange(i, min(i + mb, ro.batch_size), device=ro.order.device)), "exact")[0]
+                             for i in range(0, ro.batch_size, mb)])
+        valid = ro.completion_mask.to(ref.dtype)
+        diff = ((ro.logp_model.to(ref.dtype) - ref) * valid).sum()
+        tot = self.accelerator.gather(torch.stack([diff, valid.sum()]).float()[None]).sum(0)
+        self._metrics["train"]["exact_kl"].append((tot[0] / tot[1].clamp(min=1)).item())
 
     @contextlib.contextmanager
     def _reference(self):
@@ -405,9 +466,44 @@ class EsoGRPOTrainer(RecordsGradNorm, GRPOTrainer):
         self._micro_inputs = inputs
         self._micro_seed = self.estimator_seed(self._generation_step() if mode == "train" else -1, it)
         try:
+            if self.args.objective != "grpo":
+                return self._objective_loss(model, inputs, mode)
             return super()._compute_loss(model, inputs)
         finally:
             self._micro_rollout = self._micro_inputs = None
+
+    def _objective_loss(self, model, inputs: dict, mode: str):
+        """The loss of ``objective`` espo / spg / wd1 on the micro-batch (:mod:`esorl.rl.objectives`),
+        scaled for gradient accumulation as TRL's losses are."""
+        from ..likelihood import sandwich_bounds
+        from .objectives import espo_loss, spg_loss, wd1_loss
+
+        a = self.args
+        ro = self._micro_rollout
+        policy = self.policy if model is self.model else EsoPolicy(model, self.processing_class, a.sampling(), self.accelerator, a.attention_backend)
+        adv = inputs["advantages"]
+        valid = ro.completion_mask
+        if a.objective == "spg":
+            with policy.autocast():
+                lower, upper = sandwich_bounds(policy.model, ro, n=a.mc_samples, eubo_beta=a.spg_eubo_beta, seed=self._micro_seed, backend=policy.backend)
+            loss, stats = spg_loss(lower.float(), upper.float(), adv, valid.sum(1), a.spg_mix_weight)
+        else:
+            lp = self._score(policy, ro, self._micro_seed)[0].float()
+            seq = (lp * valid).sum(1)
+            if a.objective == "wd1":
+                loss, stats = wd1_loss(seq, inputs[_WD1], self.num_generations if mode == "train" else self.num_generations_eval)
+            else:  # espo
+                def seq_of(key):
+                    v = inputs.get(key)
+                    return (v.float() * valid).sum(1) if isinstance(v, torch.Tensor) else None
+
+                old = seq_of("old_per_token_logps")
+                loss, stats = espo_loss(seq, seq.detach() if old is None else old, seq_of("ref_per_token_logps"), adv, ro.num_new,
+                                        a.epsilon, a.epsilon_high if a.epsilon_high is not None else a.epsilon, self.beta)
+        for k, v in stats.items():
+            self._metrics[mode][f"{a.objective}/{k}"].append(v)
+        normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        return loss / normalizer
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False, **kwargs):
         """The estimator's per-token log-probs ``[B, N]`` and entropies ``[B, N]`` of the

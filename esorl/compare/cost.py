@@ -5,8 +5,8 @@ For each arm a fresh ``python -m esorl.compare.cost`` builds the arm's trainer a
 setting and runs ``cost.steps + 1`` GRPO steps (the first is a warm-up and is not timed).
 Reported per arm: wall-clock per step and its phases (rollout, scoring of old/reference
 log-probs, the update = the rest), token forwards per completion from the estimator registry,
-and peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the steps; on CPU the
-process's peak resident set (``ru_maxrss``) before and after the steps (the difference is what
+and peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the steps; on CPU the peak
+resident set during the steps (sampled every 5 ms) minus the resident set before them (what
 the steps added above everything built before them).
 """
 
@@ -62,11 +62,12 @@ def measure(cfg, arm_name: str, selected: dict) -> dict:
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss0 = _rss_mb()
+    sampler = _PeakRSS()
     t0 = time.perf_counter()
-    tr.train()
+    with sampler:
+        tr.train()
     wall = time.perf_counter() - t0
-    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     recs = [r for r in read_metrics(scratch / "metrics.jsonl") if "loss" in r][1:]  # the warm-up step is not timed
 
     def mean(k):
@@ -78,7 +79,7 @@ def measure(cfg, arm_name: str, selected: dict) -> dict:
     P = max(len(x) for x in tr.processing_class(list(tr.train_dataset["prompt"][:64]))["input_ids"]) + 1
     info = get_estimator(est.likelihood)
     kw = est.params(args.sampling_alpha0, 0)
-    sizes = [1] * args.max_completion_length
+    sizes = args.sampling().schedule.sample(1, args.max_completion_length).step_sizes.tolist()
     res = {"arm": arm_name, "likelihood": est.likelihood, "objective": getattr(args, "objective", "grpo"), "steps_timed": len(recs),
            "step_s": mean("step_time"), "rollout_s": mean("time/rollout"), "score_s": mean("time/score"),
            "update_s": mean("step_time") - mean("time/rollout") - mean("time/score"), "wall_s": wall,
@@ -87,9 +88,41 @@ def measure(cfg, arm_name: str, selected: dict) -> dict:
     if cuda:
         res["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
     else:
-        res.update(peak_rss_before_mb=rss0, peak_rss_mb=rss1, peak_memory_mb=rss1 - rss0)
+        res.update(rss_before_mb=rss0, peak_rss_mb=sampler.peak, peak_memory_mb=sampler.peak - rss0,
+                   process_peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     shutil.rmtree(scratch, ignore_errors=True)
     return res
+
+
+def _rss_mb() -> float:
+    """The process's current resident set (MB), from ``/proc/self/statm`` (Linux)."""
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class _PeakRSS:
+    """The peak resident set while the block runs, sampled every 5 ms by a thread (the
+    process-wide ``ru_maxrss`` would include building the trainer)."""
+
+    def __enter__(self):
+        import threading
+
+        self.peak, self._stop = _rss_mb(), threading.Event()
+
+        def loop():
+            while not self._stop.wait(0.005):
+                self.peak = max(self.peak, _rss_mb())
+
+        self._t = threading.Thread(target=loop, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, _rss_mb())
 
 
 def main(argv=None):

@@ -179,9 +179,10 @@ def write_report(cfg, out: Path, selected: dict, diag: dict, cost: dict) -> dict
           f"Decided before the runs (`esorl.compare.stats`): per-seed differences arm − {ref}; mean with 95 % t-CI; two-sided Wilcoxon signed-rank "
           f"test; Holm's correction across the {len(others)} arms, per metric; a difference is stated when the Holm-adjusted p < {ALPHA} "
           f"with at least {MIN_SEEDS} seeds. The first metric is the primary one; the others are secondary (each with its own Holm family).", ""]
-    if min_wilcoxon_p(n_seeds) >= ALPHA:
-        L += [f"**With {n_seeds} seeds the smallest possible two-sided Wilcoxon p-value is {min_wilcoxon_p(n_seeds):.3g} ≥ {ALPHA}: this study cannot "
-              "state any difference, whatever the data; it reports effect sizes with their intervals only.**", ""]
+    if min_wilcoxon_p(n_seeds, len(others)) >= ALPHA:
+        L += [f"**With {n_seeds} seeds and {len(others)} arms compared with {ref}, the smallest possible Holm-adjusted Wilcoxon p-value is "
+              f"{min_wilcoxon_p(n_seeds, len(others)):.3g} ≥ {ALPHA}: this study cannot state any difference, whatever the data; it reports "
+              "effect sizes with their intervals only.**", ""]
     L += ["| metric | arm | n | mean Δ | 95 % CI | Wilcoxon p | Holm p | paired t p | verdict |", "|---|---|---|---|---|---|---|---|---|"]
     for m, label in METRICS.items():
         for n in others:

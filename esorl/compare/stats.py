@@ -13,8 +13,9 @@ evaluation noise, so arms are compared with ``exact`` through **per-seed paired 
   Holm-adjusted Wilcoxon p-value is below :data:`ALPHA`.
 
 With ``n`` paired seeds and no ties the smallest two-sided Wilcoxon p-value is ``2 / 2**n``
-(0.0625 at ``n = 5``, 0.0078 at ``n = 8``): below six seeds no difference can be stated at
-α = 0.05, and :func:`verdict` says so rather than "no difference".
+(0.0625 at ``n = 5``, 0.0078 at ``n = 8``), and Holm's first step multiplies it by the number
+of arms compared: with 8 arms a difference needs at least 9 seeds. Where the design cannot
+reach α = 0.05, :func:`verdict` says "not testable" rather than "no difference".
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ MIN_SEEDS = 5
 ALPHA = 0.05
 
 
-def min_wilcoxon_p(n: int) -> float:
-    """The smallest two-sided p-value the exact Wilcoxon signed-rank test can give with ``n``
-    non-zero paired differences: ``2 / 2**n`` (all differences of one sign)."""
-    return min(1.0, 2.0 / 2**n) if n > 0 else 1.0
+def min_wilcoxon_p(n: int, family: int = 1) -> float:
+    """The smallest p-value a difference can get with ``n`` non-zero paired differences: the
+    exact two-sided Wilcoxon ``2 / 2**n`` (all differences of one sign), times ``family`` for
+    Holm's first step across that many arms (e.g. 8 arms need ``n ≥ 9`` to reach 0.05)."""
+    return min(1.0, family * 2.0 / 2**n) if n > 0 else 1.0
 
 
 def paired_difference(arm: dict, ref: dict) -> dict:
@@ -86,23 +88,28 @@ def compare_arms(values: dict[str, dict], ref: str = "exact") -> dict[str, dict]
         raise KeyError(f"the reference arm {ref!r} has no results")
     arms = [a for a in values if a != ref]
     res = {a: paired_difference(values[a], values[ref]) for a in arms}
+    family = sum(1 for a in arms if res[a]["p_wilcoxon"] == res[a]["p_wilcoxon"])
     for a, p in zip(arms, holm([res[a]["p_wilcoxon"] for a in arms])):
         res[a]["p_holm"] = p
-        res[a]["verdict"] = verdict(res[a], p)
+        res[a]["verdict"] = verdict(res[a], p, family)
     return res
 
 
-def verdict(res: dict, p_adj: float) -> str:
+def verdict(res: dict, p_adj: float, family: int = 1) -> str:
     """The sentence the report states about one paired comparison, from its numbers only:
-    ``higher`` / ``lower`` (Holm-adjusted Wilcoxon p below :data:`ALPHA` with at least
-    :data:`MIN_SEEDS` seeds), ``no difference detected``, or ``not testable`` (too few seeds
-    for any p-value below :data:`ALPHA`)."""
+    ``identical`` (every paired difference is exactly zero), ``higher`` / ``lower`` (Holm-adjusted
+    Wilcoxon p below :data:`ALPHA` with at least :data:`MIN_SEEDS` seeds), ``no difference
+    detected``, or ``not testable`` (too few seeds for any Holm-adjusted p below :data:`ALPHA`
+    in a family of ``family`` arms)."""
     n = res["n"]
     lo, hi = res["ci"]
     ci = f"mean {res['mean']:+.3g}, 95% CI [{lo:+.3g}, {hi:+.3g}]"
-    if n < MIN_SEEDS or min_wilcoxon_p(n) >= ALPHA:
-        return (f"not testable with {n} paired seed(s): the smallest possible Wilcoxon p is {min_wilcoxon_p(n):.3g} "
-                f"(≥ {ALPHA}); {ci}")
+    if n and all(d == 0.0 for d in res.get("diffs", [])):
+        return f"no difference: identical on all {n} paired seed(s)"
+    floor = min_wilcoxon_p(n, family)
+    if n < MIN_SEEDS or floor >= ALPHA:
+        return (f"not testable with {n} paired seed(s) and {family} arm(s) compared: the smallest possible Holm-adjusted Wilcoxon p is "
+                f"{floor:.3g} (≥ {ALPHA}); {ci}")
     if p_adj == p_adj and p_adj < ALPHA:
         side = "higher" if res["mean"] > 0 else "lower"
         return f"{side} than exact (Wilcoxon, Holm-adjusted p = {p_adj:.3g}, n = {n}; {ci})"

@@ -1,4 +1,5 @@
-"""reasoning-gym tasks: countdown, 4×4 mini sudoku, basic arithmetic.
+"""reasoning-gym tasks: countdown, 4×4 mini sudoku, basic arithmetic (and its small variant
+``basic_arithmetic_1d``).
 
 Questions come from the library's seeded generators and are judged by the library's own
 ``score_answer`` on its own record of the question (the ``entry`` column). The ``compact``
@@ -16,19 +17,30 @@ CONFIGS = {
     "countdown": {"min_numbers": 3, "max_numbers": 4, "min_target": 10, "max_target": 100, "min_value": 1, "max_value": 25},
     "mini_sudoku": {"min_empty": 4, "max_empty": 8},
     "basic_arithmetic": {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2, "operators": ("+", "-", "*")},
+    # a smaller question space for CPU-sized models: two 1-digit terms (with the library's
+    # negations and parentheses), + and - only: ~3100 distinct questions, 37 answers (-18..18)
+    "basic_arithmetic_1d": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1, "operators": ("+", "-")},
 }
+#: esorl's task variants → the reasoning-gym dataset they draw from and are scored by (a
+#: variant is the library's task under other CONFIGS settings; it renders like its base)
+VARIANTS = {"basic_arithmetic_1d": "basic_arithmetic"}
+
+
+def library_name(name: str) -> str:
+    """The reasoning-gym dataset behind an esorl task name (itself, or a variant's base)."""
+    return VARIANTS.get(name, name)
 
 
 def generate(name: str, size: int, seed: int) -> list[dict]:
     """``size`` records ``{question, answer, metadata}`` of the named task."""
     import reasoning_gym as rg
 
-    ds = rg.create_dataset(name, size=size, seed=seed, **CONFIGS[name])
+    ds = rg.create_dataset(library_name(name), size=size, seed=seed, **CONFIGS[name])
     return [{"question": e["question"], "answer": e["answer"], "metadata": e["metadata"]} for e in ds]
 
 
 def compact_prompt(name: str, e: dict) -> str:
-    m = e["metadata"]
+    name, m = library_name(name), e["metadata"]
     if name == "countdown":
         return f"{' '.join(map(str, m['numbers']))} -> {m['target']} ="
     if name == "mini_sudoku":
@@ -39,7 +51,7 @@ def compact_prompt(name: str, e: dict) -> str:
 
 
 def compact_answer(name: str, e: dict) -> str:
-    if name == "mini_sudoku":
+    if library_name(name) == "mini_sudoku":
         return " ".join("".join(map(str, row)) for row in e["metadata"]["solution"])
     return str(e["answer"])
 
@@ -52,7 +64,7 @@ def to_library_answer(name: str, completion: str, rendering: str) -> str | None:
         return None
     if rendering != "compact":
         return text
-    if name == "mini_sudoku":  # 16 digits, compact rows "2143 4312 ..." → the library's grid
+    if library_name(name) == "mini_sudoku":  # 16 digits, compact rows "2143 4312 ..." → the library's grid
         digits = "".join(re.findall(r"[1-4]", text))[:16]
         if len(digits) < 16:
             return None
@@ -70,7 +82,7 @@ def score(name: str, completion: str, entry_json: str, rendering: str) -> float:
     if ans is None:
         return 0.0
     try:
-        s = rg.get_score_answer_fn(name)(ans, entry)
+        s = rg.get_score_answer_fn(library_name(name))(ans, entry)
     except Exception:  # noqa: BLE001 - a malformed completion is wrong, not an error
         return 0.0
     return 1.0 if s >= 1.0 else 0.0
@@ -85,3 +97,4 @@ FORMATS = {
     ("basic_arithmetic", "compact"): r"^\s*-?[0-9]+\s*$",
     ("basic_arithmetic", "natural"): r"-?[0-9]+",
 }
+FORMATS.update({(v, r): FORMATS[(base, r)] for v, base in VARIANTS.items() for r in ("compact", "natural")})

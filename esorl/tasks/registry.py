@@ -9,7 +9,7 @@ from pathlib import Path
 from . import gsm8k as _gsm8k
 from . import procedural as _proc
 
-TASKS = ("countdown", "mini_sudoku", "basic_arithmetic", "gsm8k")
+TASKS = ("countdown", "mini_sudoku", "basic_arithmetic", "basic_arithmetic_1d", "gsm8k")
 RENDERINGS = ("natural", "compact")
 #: what ``source`` means for GSM8K by default: the hub dataset (``openai/gsm8k``, config main)
 GSM8K_HUB = "openai/gsm8k"

@@ -1,15 +1,17 @@
-"""The comparison: end to end with its report, the 1/n gradient variance of mc_elbo, and
-identical rollouts across estimators."""
+"""The study (issue 14): its runner end to end (sweep, paired evaluation seeds, diagnostics,
+cost per arm in its own process, report), identical arms reported as no difference, the
+exact-measured KL identical across arms, the statistics against scipy, the diagnostics
+against hand computation, and identical rollouts across estimators."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from esorl.compare.diagnostics import mc_elbo_fixed_batch_variance
 from esorl.compare.runner import CompareConfig, run_compare
-from esorl.config import load_config
+from esorl.config import ConfigError, load_config
 from esorl.rl.grpo import GRPORecipe, build_grpo_trainer
 from esorl.train.common import read_metrics
 
@@ -24,64 +26,187 @@ def policy_dir(tmp_path_factory):
 
 
 def _cfg(policy_dir, tmp_path, **extra):
-    base = recipe_dict(policy_dir, tmp_path / "unused", tmp_path / "cache", max_steps=3, beta=0.05)
+    """A study on the tiny policy: 2 arms × 1 seed × 3 steps, held-out reward every step."""
+    base = recipe_dict(policy_dir, tmp_path / "unused", tmp_path / "cache", max_steps=3, num_iterations=2)
     g = base["grpo"]
     g.pop("output_dir")
-    g.update(save_strategy="steps", save_steps=10)
-    d = {"output_dir": str(tmp_path / "cmp"), "policy": base["policy"], "prompts": base["prompts"], "grpo": g,
+    g.pop("save_strategy")
+    g.update(eval_strategy="steps", eval_steps=1, eval_on_start=True, per_device_eval_batch_size=8, scale_rewards="none")
+    prompts = dict(base["prompts"], eval_prompts=8)
+    d = {"output_dir": str(tmp_path / "cmp"), "policy": base["policy"], "prompts": prompts, "grpo": g,
          "rewards": [{"name": "rl_fixtures:EvenIdReward", "kwargs": {"policy_dir": str(policy_dir)}}],
-         "estimators": [{"name": "exact", "likelihood": "exact"}, {"name": "mc4", "likelihood": "mc_elbo", "mc_samples": 4}],
-         "seeds": [0], "reward_threshold": 0.6,
-         "diagnostics": {"draws": 3, "fresh_batches": 2, "ref_n": 8, "when": ["initial", "final"], "mc_n_scaling": [4, 16]},
-         "logging": {"wandb_mode": "disabled"}}
+         "arms": [{"name": "exact", "grpo": {"likelihood": "exact"}}, {"name": "mc4", "grpo": {"likelihood": "mc_elbo", "mc_samples": 4}}],
+         "seeds": [0], "diagnostics": {"true_grad_batches": 3, "arm_batches": 2, "ll_sequences": 8, "ll_orders": 2, "ll_elbo_n": 4, "ll_draws": 2},
+         "cost": {"enabled": False}, "logging": {"wandb_mode": "disabled"}}
     d.update(extra)
     return load_config(CompareConfig, None, [], base=d)
 
 
-def test_compare_end_to_end_report(policy_dir, tmp_path):
-    cfg = _cfg(policy_dir, tmp_path)
+def test_study_end_to_end(policy_dir, tmp_path):
+    """Sweep on a tuning seed, each arm's selected setting on 2 evaluation seeds, diagnostics at
+    every policy, cost per arm in its own process, and a report whose numbers are the runs'."""
+    cfg = _cfg(policy_dir, tmp_path, seeds=[0, 1], sweep={"enabled": True, "grid": {"learning_rate": [1e-3, 3e-2]}, "seeds": [100]},
+               cost={"enabled": True, "steps": 1})
     res = run_compare(cfg)
     out = tmp_path / "cmp"
     report = (out / "report.md").read_text()
-    for p in ("reward_vs_step.png", "reward_vs_time.png", "kl_vs_step.png", "cost_per_step.png", "grad_variance_and_logprob_error.png"):
-        assert (out / p).stat().st_size > 1000, p
-        assert p in report
-    # the table's numbers are the metrics' numbers
+    for p in ("heldout_vs_step.png", "heldout_vs_time.png", "reward_vs_exact_kl.png", "paired_differences.png", "estimator_quality.png"):
+        assert (out / p).stat().st_size > 1000 and p in report
+    # the sweep picks each arm's best mean held-out AUC, and phase 2 runs at it
+    sweep = json.loads((out / "sweep" / "sweep.json").read_text())
+    for name, t in sweep["arms"].items():
+        best = max(t["scores"], key=lambda s: s["mean"])
+        assert t["selected"] == best["setting"]
+        for s in (0, 1):
+            run_cfg = (out / "runs" / name / f"s{s}" / "config.yaml").read_text()
+            assert f"learning_rate: {best['setting']['learning_rate']}" in run_cfg
+    # the table's held-out numbers are the runs' last evaluations
     for name in ("exact", "mc4"):
-        recs = [r for r in read_metrics(out / "runs" / f"{name}-s0" / "metrics.jsonl") if "loss" in r]
-        assert len(recs) == 3
-        final = sum(r["reward"] for r in recs[-5:]) / len(recs[-5:])
+        finals = []
+        for s in (0, 1):
+            recs = read_metrics(out / "runs" / name / f"s{s}" / "metrics.jsonl")
+            ev = [r for r in recs if "eval_reward" in r]
+            assert [r["step"] for r in ev] == [0, 1, 2, 3]
+            finals.append(ev[-1]["eval_reward"])
+            assert any("exact_kl" in r for r in recs)
         row = next(line for line in report.splitlines() if line.startswith(f"| {name} |") and "±" in line)
-        cells = [c.strip() for c in row.split("|")]
-        assert cells[8] == "—"  # not diverged
-        assert float(cells[2]) == pytest.approx(recs[0]["reward"], abs=5e-4)
-        assert float(cells[3].split("±")[0]) == pytest.approx(final, abs=5e-4)
-        step_time = sum(r["step_time"] for r in recs) / len(recs)
-        assert float(cells[5]) == pytest.approx(step_time, abs=6e-3)
+        m = sum(finals) / 2
+        assert float(row.split("|")[3].split("±")[0]) == pytest.approx(m, abs=5e-4)
+    # paired statistics of the primary metric match the per-seed values
+    t = res["tests"]["heldout_final"]["mc4"]
+    ex = {s: res["summaries"]["exact"][s]["heldout_final"] for s in (0, 1)}
+    mc = {s: res["summaries"]["mc4"][s]["heldout_final"] for s in (0, 1)}
+    assert t["diffs"] == pytest.approx([mc[0] - ex[0], mc[1] - ex[1]])
+    assert "not testable" in t["verdict"] or "identical" in t["verdict"]  # 2 seeds never support a difference
     diag = json.loads((out / "diagnostics.json").read_text())
-    assert diag["initial"]["estimators"]["exact"]["grad_var_fixed_batch"] == 0.0
-    assert "final" in diag
+    assert set(diag["gradients"]) == {"initial", "exact_mid", "own_mid"} and "mc4" in diag["gradients"]["own_mid"]
+    assert diag["likelihoods_initial"]["arms"]["exact"]["rmse_vs_exact"] == 0.0
+    cost = json.loads((out / "cost.json").read_text())
+    assert set(cost) == {"exact", "mc4"} and all(c["peak_memory_mb"] >= 0 and c["step_s"] > 0 for c in cost.values())
+    assert cost["mc4"]["token_forwards_per_completion"] > cost["exact"]["token_forwards_per_completion"] > 0
     # a finished run is not run again
-    mtime = (out / "runs" / "exact-s0" / "metrics.jsonl").stat().st_mtime
-    run_compare(_cfg(policy_dir, tmp_path, diagnostics={"enabled": False}))
-    assert (out / "runs" / "exact-s0" / "metrics.jsonl").stat().st_mtime == mtime
+    f = out / "runs" / "exact" / "s0" / "metrics.jsonl"
+    mtime = f.stat().st_mtime
+    run_compare(_cfg(policy_dir, tmp_path, seeds=[0, 1], sweep={"enabled": True, "grid": {"learning_rate": [1e-3, 3e-2]}, "seeds": [100]},
+                     diagnostics={"enabled": False}))
+    assert f.stat().st_mtime == mtime
 
 
-def test_mc_elbo_gradient_variance_falls_like_one_over_n(policy_dir, tmp_path):
-    rec = load_config(GRPORecipe, None, [], base=recipe_dict(policy_dir, tmp_path / "run", tmp_path / "cache", per_device_train_batch_size=16))
-    tr = build_grpo_trainer(rec, [EvenIdReward(policy_dir)], [1.0])
-    b = tr.sample_batch(tr.rows_for(0), 0)
-    adv = torch.randn(b["rollout"].batch_size, generator=torch.Generator().manual_seed(0))  # non-degenerate advantages
-    v4 = mc_elbo_fixed_batch_variance(tr.policy, b["rollout"], adv, 4, 1.0, draws=24)
-    v16 = mc_elbo_fixed_batch_variance(tr.policy, b["rollout"], adv, 16, 1.0, draws=24)
-    assert v4 > 0 and v16 > 0
-    assert 2.0 < v4 / v16 < 8.0, (v4, v16)  # ≈ 4 for 1/n
+def test_identical_arms_report_no_difference(policy_dir, tmp_path):
+    """Two arms with the same settings (seeded, deterministic) give identical runs, and the
+    report says "no difference" for every metric."""
+    cfg = _cfg(policy_dir, tmp_path, seeds=[0, 1], arms=[{"name": "exact", "grpo": {"likelihood": "exact"}},
+                                                        {"name": "exact_again", "grpo": {"likelihood": "exact"}}],
+               diagnostics={"enabled": False})
+    cfg.grpo["max_steps"] = 2
+    res = run_compare(cfg)
+    for m, tests in res["tests"].items():
+        v = tests["exact_again"]["verdict"]
+        if m == "heldout_at_budget":  # wall-clock differs between identical runs: timing noise, never a stated difference here
+            assert v.startswith(("no difference", "not testable")), v
+        else:
+            assert v.startswith("no difference: identical"), (m, v)
+    report = (tmp_path / "cmp" / "report.md").read_text()
+    assert "**exact_again** vs exact: no difference" in report
+
+
+def test_exact_kl_is_the_same_measurement_for_every_arm(policy_dir, tmp_path):
+    """exact_kl depends on the policies, not on the arm's estimator: two trainers (exact and
+    mc_elbo) whose models moved identically report the same value on the same rollout, equal to
+    the hand computation mean(exact log π − exact log π_ref) over tokens."""
+    vals, trainers = [], []
+    for est in ("exact", "mc_elbo"):
+        rec = load_config(GRPORecipe, None, [], base=recipe_dict(policy_dir, tmp_path / est, tmp_path / "cache", likelihood=est, log_exact_kl=True))
+        tr = build_grpo_trainer(rec, [EvenIdReward(policy_dir)], [1.0])
+        with torch.no_grad():  # the same "update" to both policies
+            g = torch.Generator().manual_seed(0)
+            for p in tr.model.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+        ro = tr.sample_batch(tr.rows_for(0), 0)["rollout"]
+        tr._metrics["train"].clear()
+        tr._log_exact_kl(ro)
+        vals.append(tr._metrics["train"]["exact_kl"][-1])
+        trainers.append((tr, ro))
+    assert vals[0] == pytest.approx(vals[1], abs=1e-6)
+    tr, ro = trainers[0]
+    with torch.no_grad():
+        cur = tr.policy.log_probs(ro, "exact")[0]
+        ref = tr.policy.__class__(tr._kl_ref_model, tr.processing_class, tr.args.sampling(), tr.accelerator).log_probs(ro, "exact")[0]
+    assert vals[0] == pytest.approx((cur - ref).mean().item(), abs=1e-5)
+    assert abs(vals[0]) > 1e-4  # the policies did move apart
+
+
+def test_statistics_against_scipy():
+    from scipy import stats
+    from statsmodels.stats.multitest import multipletests
+
+    from esorl.compare.stats import auc, compare_arms, holm, min_wilcoxon_p, paired_difference, value_at, verdict
+
+    ref = {s: 0.5 + 0.01 * s for s in range(10)}
+    arm = {s: ref[s] + [0.03, 0.05, 0.02, 0.04, 0.06, 0.01, 0.05, 0.03, 0.02, 0.04][s] for s in range(10)}
+    arm[99] = 1.0  # no pair: ignored
+    r = paired_difference(arm, ref)
+    d = [arm[s] - ref[s] for s in range(10)]
+    assert r["n"] == 10 and r["mean"] == pytest.approx(sum(d) / 10)
+    lo, hi = stats.t.interval(0.95, 9, loc=sum(d) / 10, scale=stats.sem(d))
+    assert r["ci"] == pytest.approx((lo, hi))
+    assert r["p_wilcoxon"] == pytest.approx(stats.wilcoxon(d).pvalue)
+    assert r["p_t"] == pytest.approx(stats.ttest_rel([arm[s] for s in range(10)], [ref[s] for s in range(10)]).pvalue)
+    assert r["p_wilcoxon"] == pytest.approx(2 / 2**10)  # every difference positive
+    # Holm against statsmodels and by hand; NaN does not count
+    ps = [0.01, 0.04, float("nan"), 0.03]
+    assert holm(ps) == pytest.approx([0.03, 0.06, float("nan"), 0.06], nan_ok=True)
+    assert [x for x in holm(ps) if x == x] == pytest.approx(list(multipletests([0.01, 0.04, 0.03], method="holm")[1]))
+    # what the design can test: 8 arms need 9 seeds
+    assert min_wilcoxon_p(5) == 0.0625 and min_wilcoxon_p(8, 8) == pytest.approx(0.0625) and min_wilcoxon_p(9, 8) < 0.05
+    # verdicts follow the numbers
+    assert verdict(r, 0.004, 1).startswith("higher than exact")
+    neg = paired_difference(ref, arm)
+    assert verdict(neg, 0.004, 1).startswith("lower than exact")
+    assert verdict(r, 0.2, 1).startswith("no difference detected")
+    assert verdict(paired_difference({0: 1.0, 1: 2.0}, {0: 1.0, 1: 1.5}), 0.0, 1).startswith("not testable with 2 paired seed(s)")
+    assert verdict(r, 0.001, 40).startswith("not testable")  # 10 seeds, 40 arms: Holm's first step is ≥ 40·2/2¹⁰ = 0.078
+    same = paired_difference(ref, dict(ref))
+    assert same["p_wilcoxon"] == 1.0 and verdict(same, 1.0, 1).startswith("no difference: identical")
+    # three arms against exact: Holm across them
+    res = compare_arms({"exact": ref, "a": arm, "b": {s: ref[s] for s in range(10)}, "c": {s: ref[s] - 0.001 * (s % 3) for s in range(10)}})
+    assert res["a"]["verdict"].startswith("higher") and res["b"]["verdict"].startswith("no difference: identical")
+    assert res["a"]["p_holm"] == pytest.approx(multipletests([res[k]["p_wilcoxon"] for k in "abc"], method="holm")[1][0])
+    assert auc([0, 1, 3], [0.0, 1.0, 1.0]) == pytest.approx((0.5 + 2.0) / 3)
+    assert value_at([0, 2, 4], [0.0, 1.0, 0.0], 3) == pytest.approx(0.5) and value_at([1, 2], [0, 1], 0.5) != value_at([1, 2], [0, 1], 0.5)
+
+
+def test_gradient_quality_by_hand():
+    """Cosine, relative squared error and norm ratio to the leave-one-out true gradient, and
+    the SNR of the arm's gradients, on hand-made vectors."""
+    from esorl.compare.diagnostics import gradient_quality
+
+    g = torch.Generator().manual_seed(0)
+    E = [torch.tensor([1.0, 0.0]).double() + 0.5 * torch.randn(2, generator=g, dtype=torch.float64) for _ in range(6)]
+    A = [2 * E[0], 2 * E[1]]  # an arm twice exact's scale on batches 0 and 1
+    q = gradient_quality(A, E, [0, 1])
+    tot = torch.stack(E).sum(0)
+    cos, rel, ratio = [], [], []
+    for a, i in zip(A, [0, 1]):
+        t = (tot - E[i]) / 5
+        cos.append(float(a @ t / (a.norm() * t.norm())))
+        rel.append(float((a - t).pow(2).sum() / t.pow(2).sum()))
+        ratio.append(float(a.norm() / t.norm()))
+    assert q["cos_to_true"] == pytest.approx(sum(cos) / 2) and q["rel_sq_error"] == pytest.approx(sum(rel) / 2)
+    assert q["norm_ratio"] == pytest.approx(sum(ratio) / 2)
+    m = (A[0] + A[1]) / 2
+    var = ((A[0] - m).pow(2).sum() + (A[1] - m).pow(2).sum()).item() / 1
+    assert q["snr"] == pytest.approx(m.pow(2).sum().item() / var)
+    # exact compared with itself leave-one-out: its cosine is below 1 (one batch is one noisy sample)
+    qe = gradient_quality(E[:3], E, [0, 1, 2])
+    assert qe["cos_to_true"] < 0.999
 
 
 def test_identical_rollouts_across_estimators(policy_dir, tmp_path):
     ros = []
-    for est in ("exact", "mc_elbo", "one_step", "coupled"):
-        rec = load_config(GRPORecipe, None, [], base=recipe_dict(policy_dir, tmp_path / est, tmp_path / "cache", likelihood=est, seed=3))
+    for est, extra in (("exact", {}), ("mc_elbo", {}), ("one_step", {}), ("coupled", {}), ("elbo_lowvar", {}), ("espo_elbo", {"objective": "espo"}),
+                       ("step_merge", {}), ("one_step", {"objective": "wd1"})):
+        rec = load_config(GRPORecipe, None, [], base=recipe_dict(policy_dir, tmp_path / f"{est}{len(ros)}", tmp_path / "cache", likelihood=est, seed=3, **extra))
         tr = build_grpo_trainer(rec, [EvenIdReward(policy_dir)], [1.0])
         ros.append(tr.sample_batch(tr.rows_for(0), 0)["rollout"])
     for r in ros[1:]:
@@ -96,18 +221,17 @@ def test_a_diverged_run_is_reported_not_fatal(policy_dir, tmp_path, monkeypatch)
     real = gt.EsoGRPOTrainer._compute_loss
 
     def boom(self, model, inputs):
-        if self.args.likelihood == "mc_elbo" and self.state.global_step == 1:
+        if self.args.likelihood == "mc_elbo" and self.state.global_step == 1 and self.model.training:
             raise TrainingDiverged("loss is inf at step 1: stopping (test)")
         return real(self, model, inputs)
 
     monkeypatch.setattr(gt.EsoGRPOTrainer, "_compute_loss", boom)
-    cfg = _cfg(policy_dir, tmp_path, diagnostics={"enabled": False})
-    run_compare(cfg)
+    run_compare(_cfg(policy_dir, tmp_path, diagnostics={"enabled": False}))
     out = tmp_path / "cmp"
-    assert (out / "runs" / "mc4-s0" / "DIVERGED").exists()
-    assert (out / "runs" / "exact-s0" / "model" / "config.json").exists()
-    row = next(line for line in (out / "report.md").read_text().splitlines() if line.startswith("| mc4 |"))
-    assert row.rstrip("| ").endswith("0: 1")  # seed 0 diverged after logged step 1
+    assert (out / "runs" / "mc4" / "s0" / "DIVERGED").exists()
+    assert (out / "runs" / "exact" / "s0" / "model" / "config.json").exists()
+    row = next(line for line in (out / "report.md").read_text().splitlines() if line.startswith("| mc4 |") and "±" in line)
+    assert row.rstrip("| ").endswith("| 0")  # seed 0 diverged
 
 
 def test_log_ratio_clamp_keeps_the_loss_finite(policy_dir, tmp_path):
@@ -126,75 +250,65 @@ def test_log_ratio_clamp_keeps_the_loss_finite(policy_dir, tmp_path):
 
 
 def test_plots_are_readable(policy_dir, tmp_path, monkeypatch):
-    """Every plot has labelled axes and a legend matching its series; the KL plot is on a
-    log scale (the arms differ by orders of magnitude); the diagnostics bars never overlap."""
+    """Every plot has labelled axes and a legend matching its series; the estimator-quality
+    bars never overlap."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     import esorl.compare.report as rep
+    from esorl.plots import check_figure
 
     seen = {}
     real = rep.save_figure
 
     def spy(fig, path):
-        seen[path.name] = [(ax.get_yscale(), [(round(p.get_x(), 6), round(p.get_width(), 6)) for p in ax.patches]) for ax in fig.axes]
+        seen[path.name] = [[(round(p.get_x(), 6), round(p.get_width(), 6)) for p in ax.patches] for ax in fig.axes]
         return real(fig, path)
 
     monkeypatch.setattr(rep, "save_figure", spy)
-    run_compare(_cfg(policy_dir, tmp_path, **{"diagnostics": {"draws": 2, "fresh_batches": 1, "ref_n": 4, "when": ["initial"], "mc_n_scaling": [2]}}))
-    assert seen["kl_vs_step.png"][0][0] == "symlog"
-    for yscale, patches in seen["grad_variance_and_logprob_error.png"]:
-        spans = sorted(patches)
-        assert all(a[0] + a[1] <= b[0] + 1e-9 for a, b in zip(spans, spans[1:])), spans  # no overlapping bars
+    run_compare(_cfg(policy_dir, tmp_path, diagnostics={"true_grad_batches": 2, "arm_batches": 2, "ll_sequences": 8, "ll_orders": 1, "ll_elbo_n": 2,
+                                                         "ll_draws": 1, "policies": ["initial"]}))
+    assert {"heldout_vs_step.png", "estimator_quality.png", "paired_differences.png"} <= set(seen)
+    for patches in seen["estimator_quality.png"]:
+        spans = sorted(p for p in patches if p[1] > 0)
+        assert all(a[0] + a[1] <= b[0] + 1e-9 for a, b in zip(spans, spans[1:])), spans
     fig, ax = plt.subplots()
     ax.plot([0, 1], [0, 1], label="a")
     ax.plot([0, 1], [1, 0], label="b")
     with pytest.raises(ValueError, match="no x-axis label"):
-        rep.check_figure(fig)
+        check_figure(fig)
     ax.set_xlabel("step"), ax.set_ylabel("reward")
     with pytest.raises(ValueError, match="without a legend"):
-        rep.check_figure(fig)
+        check_figure(fig)
     ax.legend()
-    rep.check_figure(fig)
+    check_figure(fig)
 
 
-def test_paired_statistics_against_hand_computation():
-    import math
+def test_config_errors_name_the_field(policy_dir, tmp_path):
+    with pytest.raises(ConfigError, match="renamed to compare.arms"):
+        _cfg(policy_dir, tmp_path, estimators=[{"name": "exact", "likelihood": "exact"}])
+    with pytest.raises(ConfigError, match="tuning and evaluation seeds must be disjoint"):
+        _cfg(policy_dir, tmp_path, seeds=[0, 1], sweep={"enabled": True, "seeds": [1]})
+    with pytest.raises(ConfigError, match="reference_arm 'nope'"):
+        _cfg(policy_dir, tmp_path, reference_arm="nope")
+    with pytest.raises(ConfigError, match="held-out reward needs"):
+        _cfg(policy_dir, tmp_path, prompts={"source": "synthetic", "eval_prompts": 0})
+    with pytest.raises(ConfigError, match="grpo.objective spg reads its bounds"):
+        _cfg(policy_dir, tmp_path, arms=[{"name": "exact", "grpo": {}}, {"name": "spg", "grpo": {"objective": "spg", "likelihood": "mc_elbo"}}])
 
-    from esorl.compare.stats import MIN_SEEDS, holm, paired_difference, verdict
 
-    ref = {0: 0.50, 1: 0.60, 2: 0.55, 3: 0.70, 4: 0.65}
-    arm = {0: 0.40, 1: 0.52, 2: 0.50, 3: 0.58, 4: 0.60, 9: 1.0}  # seed 9 has no pair: ignored
-    r = paired_difference(arm, ref)
-    d = [arm[s] - ref[s] for s in range(5)]
-    m = sum(d) / 5
-    sd = math.sqrt(sum((x - m) ** 2 for x in d) / 4)
-    t = m / (sd / math.sqrt(5))
-    assert r["n"] == 5 and r["mean"] == pytest.approx(m)
-    # t quantile 0.975 with 4 df = 2.776445; p from the t distribution with 4 df
-    assert r["ci"][0] == pytest.approx(m - 2.776445 * sd / math.sqrt(5), rel=1e-5)
-    assert r["ci"][1] == pytest.approx(m + 2.776445 * sd / math.sqrt(5), rel=1e-5)
-    # two-sided p of Student's t with 4 degrees of freedom, in closed form (no scipy)
-    a = abs(t) / math.sqrt(4 + t * t)
-    cdf = 0.5 + 0.5 * a * (1 + 0.5 * (1 - a * a))  # F(t) for ν = 4: ½ + ½·a·(1 + (1 − a²)/2), a = t/√(ν + t²)
-    assert t == pytest.approx(-5.8038, rel=1e-4) and r["p"] == pytest.approx(2 * (1 - cdf), rel=1e-6)
-    assert holm([0.01, 0.04, float("nan"), 0.03]) == pytest.approx([0.03, 0.06, float("nan"), 0.06], nan_ok=True)
-    assert verdict(r, 0.004).startswith("differs") and verdict(r, 0.2).startswith("no difference detected")
-    assert verdict(paired_difference({0: 1.0, 1: 2.0}, {0: 1.0, 1: 1.5}), 0.0).startswith(f"not tested (2 paired seed(s); a difference is stated from {MIN_SEEDS}")
-    # identical arms: no difference
-    same = paired_difference(ref, dict(ref))
-    assert same["mean"] == 0.0 and same["p"] != same["p"] and verdict(same, float("nan")).startswith("no difference detected")
+def test_every_study_recipe_validates():
+    for f in sorted((REPO / "recipes" / "compare").glob("*.yaml")):
+        load_config(CompareConfig, f)
 
 
 def test_fresh_clone_chain_pretrain_then_learned_reward(tmp_path, monkeypatch):
-    """Regression (a fresh clone of the main job failed): the comparison's first arm must
-    pretrain its policy (which writes the synthetic corpus) before building a learned reward
-    that trains on that corpus. The main job's chain at toy sizes, from an empty directory."""
+    """Regression (a fresh clone of the main job failed): the study's first run must pretrain
+    its policy (which writes the synthetic corpus) before building a learned reward that trains
+    on that corpus. The learned-reward study's chain at toy sizes, from an empty directory."""
     import yaml
-
-    from esorl.config import load_config as lc
 
     monkeypatch.chdir(tmp_path)
     pre = yaml.safe_load((REPO / "recipes" / "pretrain" / "synthetic_cpu.yaml").read_text())
@@ -205,12 +319,12 @@ def test_fresh_clone_chain_pretrain_then_learned_reward(tmp_path, monkeypatch):
     (tmp_path / "pre.yaml").write_text(yaml.safe_dump(pre))
     main = yaml.safe_load((REPO / "recipes" / "compare" / "synthetic_cpu.yaml").read_text())
     main["policy"] = {"init_from": "runs/pre/model", "pretrain_recipe": "pre.yaml"}
-    main["prompts"]["synthetic_size"] = 400
+    main["prompts"].update(synthetic_size=400, eval_prompts=8)
     main["rewards"][0]["kwargs"].update(train=".esorl_cache/synthetic-400-0/train.tsv", dev=".esorl_cache/synthetic-400-0/dev.tsv",
                                         epochs=1, max_steps=2, model_dir=".esorl_cache/rm")
-    main["grpo"].update(max_steps=1, per_device_train_batch_size=8, save_steps=1)
-    main.update(estimators=[{"name": "exact", "likelihood": "exact"}, {"name": "one_step", "likelihood": "one_step"}], seeds=[0],
-                diagnostics={"enabled": False}, logging={"wandb_mode": "disabled"}, output_dir="runs/cmp")
-    run_compare(lc(CompareConfig, None, [], base=main))
+    main["grpo"].update(max_steps=1, per_device_train_batch_size=8, eval_steps=1, per_device_eval_batch_size=8)
+    main.update(arms=[{"name": "exact", "grpo": {"likelihood": "exact"}}, {"name": "one_step", "grpo": {"likelihood": "one_step"}}], seeds=[0],
+                diagnostics={"enabled": False}, cost={"enabled": False}, logging={"wandb_mode": "disabled"}, output_dir="runs/cmp")
+    run_compare(load_config(CompareConfig, None, [], base=main))
     assert (tmp_path / "runs" / "cmp" / "report.md").exists()
-    assert (tmp_path / "runs" / "cmp" / "runs" / "one_step-s0" / "model" / "config.json").exists()
+    assert (tmp_path / "runs" / "cmp" / "runs" / "one_step" / "s0" / "model" / "config.json").exists()

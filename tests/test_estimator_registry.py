@@ -12,10 +12,10 @@ from rl_fixtures import EvenIdReward, make_tiny_policy, recipe_dict
 
 
 def test_entries_declare_what_the_callers_used_to_hard_code():
-    assert list(REGISTRY) == ["exact", "replay", "mc_elbo", "one_step", "coupled"]
-    assert {n for n, e in REGISTRY.items() if e.deterministic} == {"exact", "replay"}
+    assert list(REGISTRY) == ["exact", "replay", "mc_elbo", "one_step", "coupled", "elbo_lowvar", "espo_elbo", "step_merge"]
+    assert {n for n, e in REGISTRY.items() if e.deterministic} == {"exact", "replay", "step_merge"}
     assert {n for n, e in REGISTRY.items() if e.equals_sampler} == {"exact", "replay"}
-    assert {n for n, e in REGISTRY.items() if e.per_step} == {"exact", "replay", "one_step"}  # the others: sequence-level PPO
+    assert {n for n, e in REGISTRY.items() if e.per_step} == {"exact", "replay", "one_step", "step_merge"}  # the others: sequence-level PPO
     cfg = EstimatorConfig("mc_elbo", mc_samples=8)
     assert cfg.params(0.5, 3) == {"n": 8, "alpha0": 0.5, "seed": 3}
     assert EstimatorConfig("mc_elbo", mc_alpha0=1.0).params(0.5, 3)["alpha0"] == 1.0
@@ -23,7 +23,10 @@ def test_entries_declare_what_the_callers_used_to_hard_code():
     assert EstimatorConfig("exact").params(1.0, 4) == {}
     # token forwards of one sequence, P = 10, N = 6, three steps of 2
     cost = {n: e.forwards(10, 6, [2, 2, 2], e.kwargs(EstimatorConfig(n, 4), 1.0, 0)) for n, e in REGISTRY.items()}
-    assert cost == {"exact": 22, "replay": (10 + 2) + (10 + 4) + (10 + 6), "mc_elbo": 4 * 16, "one_step": 16, "coupled": 48}
+    assert cost == {"exact": 22, "replay": (10 + 2) + (10 + 4) + (10 + 6), "mc_elbo": 4 * 16, "one_step": 16, "coupled": 48,
+                    "elbo_lowvar": 4 * 16, "espo_elbo": 2 * 4 * 16, "step_merge": 22}
+    assert EstimatorConfig("elbo_lowvar", 3).params(1.0, 5) == {"n": 3, "seed": 5}
+    assert EstimatorConfig("step_merge", merge_segments=3).params(1.0, 5) == {"segments": 3}
     with pytest.raises(ValueError, match="unknown likelihood estimator 'nope'; choose from exact, replay"):
         get_estimator("nope")
     with pytest.raises(ValueError, match="already registered"):

@@ -136,6 +136,6 @@ def test_compare_bf16_smoke(policy_dir, tmp_path):
 
     cfg = _cfg(policy_dir, tmp_path)
     cfg.grpo.update(bf16=True, max_steps=2)
-    cfg.diagnostics.when = ["initial"]
+    cfg.diagnostics.policies = ["initial"]
     run_compare(cfg)
     assert "exact" in (tmp_path / "cmp" / "report.md").read_text()

@@ -3,7 +3,6 @@ hand-built cases: LLaDA's low-variance ELBO with VRPO's allocation, ESPO's coupl
 SPG's sandwich bounds, d2's StepMerge, and the ESPO / SPG / wd1 objectives."""
 
 import dataclasses
-import itertools
 import math
 
 import pytest
@@ -15,7 +14,7 @@ from esorl.sampling import generate
 from esorl.schedule import ScheduleConfig, Trajectory
 
 from conftest import random_prompts, tiny_model
-from test_likelihood import _causal_logp
+from test_likelihood import _causal_logp, enumerated_masked_expectation
 
 
 def _small_rollout(model, B=2, P=2, N=3, seed=4):
@@ -26,34 +25,11 @@ def _small_rollout(model, B=2, P=2, N=3, seed=4):
 
 
 def _enumerated_elbo(model, r):
-    """The discrete-time ELBO per token, enumerated: Σ over masked sets S (|S| = k ≥ 1) of
-    c(k) · mean over the orders of the clean and masked parts of Σ_{j∈S} log p(y_j | clean),
-    with c(k) = (k−1)!(N−k)!/N! (= (1/N)·(N/k)/C(N, k): ℓ ~ U{1..N}, weight N/ℓ)."""
-    B, N = r.completion_ids.shape
-    P = r.prompt_ids.shape[1]
-    pid, comp = r.prompt_ids, r.completion_ids
-    out = torch.zeros(B, N, dtype=torch.float64)
-    with torch.no_grad():
-        for b in range(B):
-            for bits in itertools.product([0, 1], repeat=N):
-                masked = [j for j in range(N) if bits[j]]
-                clean = [j for j in range(N) if not bits[j]]
-                if not masked:
-                    continue
-                k = len(masked)
-                c = math.factorial(k - 1) * math.factorial(N - k) / math.factorial(N)
-                acc = torch.zeros(N, dtype=torch.float64)
-                perms = [(pc, pmk) for pc in itertools.permutations(clean) for pmk in itertools.permutations(masked)]
-                for pc, pmk in perms:
-                    seq = list(pc) + list(pmk)
-                    ids = torch.cat([pid[b], comp[b, seq]])[None]
-                    pos = torch.cat([torch.arange(P), P + torch.tensor(seq)])[None]
-                    isq = torch.tensor([False] * (P + len(pc)) + [True] * len(pmk))[None]
-                    lp = _causal_logp(model, ids, pos, isq)[0, P + len(pc):]
-                    for j, v in zip(pmk, lp):
-                        acc[j] += v
-                out[b] += c * acc / len(perms)
-    return out
+    """The discrete-time ELBO per token, enumerated: masked sets of size k weigh
+    c(k) = (k−1)!(N−k)!/N! (= (1/N)·(N/k)/C(N, k): ℓ ~ U{1..N}, weight N/ℓ)."""
+    N = r.completion_ids.shape[1]
+    c = {k: math.factorial(k - 1) * math.factorial(N - k) / math.factorial(N) for k in range(1, N + 1)}
+    return enumerated_masked_expectation(model, r, c)
 
 
 def test_mask_counts_are_stratified_uniform_and_shared_by_seed():

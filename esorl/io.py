@@ -36,6 +36,15 @@ def atomic_write(path: str | os.PathLike, data: str | bytes, encoding: str = "ut
     return path
 
 
+def write_if_changed(path: str | os.PathLike, text: str) -> Path:
+    """:func:`atomic_write` of ``text`` unless the file already holds exactly it (a cache
+    written once is not rewritten, so its modification time keeps meaning "built then")."""
+    path = Path(path)
+    if path.exists() and path.read_text(encoding="utf-8") == text:
+        return path
+    return atomic_write(path, text)
+
+
 def atomic_save(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """``write(tmp)`` writes the file (``np.save``, ``torch.save``, ...) to a temporary path
     that is then renamed to ``path``."""

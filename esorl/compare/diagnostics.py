@@ -153,8 +153,6 @@ def likelihood_decomposition(cfg, selected: dict, policy_dir: str, rewards, base
     """Per-sequence log-likelihoods of ``ll_sequences`` completions of the policy in
     ``policy_dir`` under exact, the T-step ELBO, the continuous ELBO and every arm's estimator
     (see the module docstring). Values are nats per sequence."""
-    from ..likelihood import estimate
-    from ..policy import EstimatorConfig
     from ..schedule import Stream, make_generator
 
     d = cfg.diagnostics

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
+from ..io import write_if_changed
 from .registry import RENDERINGS, TASKS, load_task
 
 
@@ -60,12 +60,6 @@ def task_pairs(task: str, split: str = "train", size: int = 1000, seed: int = 0,
     return [(r["prompt"], solution_text(task, r, rendering)) for r in ds]
 
 
-def _write_atomic(path: Path, content: str) -> None:
-    if path.exists() and path.read_text(encoding="utf-8") == content:
-        return
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(content, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def task_cache_dir(cache_dir: str | Path, kind: str, task: str, rendering: str, size: int, seed: int, test_size: int, source: str = "") -> Path:
@@ -85,7 +79,7 @@ def write_task_corpus(cache_dir: str | Path, task: str, rendering: str = "compac
     if not path.is_file():
         out.mkdir(parents=True, exist_ok=True)
         pairs = task_pairs(task, "train", size, seed, rendering, test_size, source)
-        _write_atomic(path, "".join(json.dumps({"text": f"{p} {s}"}) + "\n" for p, s in pairs))
+        write_if_changed(path, "".join(json.dumps({"text": f"{p} {s}"}) + "\n" for p, s in pairs))
     return out
 
 
@@ -100,7 +94,7 @@ def write_task_pairs(cache_dir: str | Path, task: str, rendering: str = "compact
             continue
         out.mkdir(parents=True, exist_ok=True)
         pairs = task_pairs(task, split, size, seed, rendering, test_size, source)
-        _write_atomic(path, "".join(json.dumps({"prompt": p, "completion": s}) + "\n" for p, s in pairs))
+        write_if_changed(path, "".join(json.dumps({"prompt": p, "completion": s}) + "\n" for p, s in pairs))
     return out
 
 

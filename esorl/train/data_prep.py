@@ -220,9 +220,9 @@ def prepare_data(cfg: DataConfig, seed: int = 0):
         train, ev = split_train_eval(train, cfg.eval_fraction, seed)
     out = {"train": train, "eval": ev}
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
-    torch.save(out, tmp)
-    tmp.replace(cache)
+    from ..io import atomic_save
+
+    atomic_save(cache, lambda tmp: torch.save(out, tmp))
     return tok, out
 
 

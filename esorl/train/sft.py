@@ -20,13 +20,13 @@ held-out completions, ``metrics.jsonl``, wandb, export of ``<output_dir>/model``
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..config import load_config
+from ..io import atomic_save, write_if_changed
 from ..lora import LoraArgs
 from ..objective import ObjectiveConfig
 from .common import LoggingConfig, OptimConfig
@@ -176,12 +176,7 @@ def write_synthetic_pairs(cfg: SFTDataConfig) -> Path:
             if len(words) > n:
                 lines.append(json.dumps({"prompt": " ".join(words[:n]), "completion": " ".join(words[n:])}) + "\n")
         content = "".join(lines)
-        path = out / f"{split}.jsonl"
-        if path.exists() and path.read_text(encoding="utf-8") == content:
-            continue
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(content, encoding="utf-8")
-        os.replace(tmp, path)
+        write_if_changed(out / f"{split}.jsonl", content)
     return out
 
 
@@ -313,9 +308,7 @@ def prepare_sft_data(cfg: SFTConfig, model_dir: str | None = None):
         train, ev = split_train_eval(train, d.eval_fraction, cfg.train.seed)
     data = {"train": train, "eval": ev}
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".tmp{os.getpid()}")
-    torch.save(data, tmp)
-    tmp.replace(cache)
+    atomic_save(cache, lambda tmp: torch.save(data, tmp))
     return tok, data
 
 

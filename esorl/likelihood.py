@@ -418,7 +418,8 @@ def step_merge(model, rollout: Rollout, segments: int = 2, kind: str = "model", 
                with_entropy: bool = False):
     """d2's StepMerge on an Eso-LM trajectory (Wang et al. 2025, "d2", kuleshov-group/d2
     ``d2StepMergeTrainer``): the rollout's ``K`` steps are cut into ``segments`` contiguous
-    segments (step ``i`` → segment ``⌊(i−1)·S/K⌋``), and every token revealed in a segment is
+    segments at d2's boundaries ``⌊s·K/S⌋`` (s = 1 … S−1; 1-based step ``i`` → segment
+    ``⌈i·S/K⌉ − 1``, so K = 5, S = 2 gives 2 + 3 steps), and every token revealed in a segment is
     scored given the prompt and the tokens revealed *before the segment*: the exact
     likelihood of the coarser trajectory with the same order and merged steps.
     ``segments = K`` is :func:`exact`; ``segments = 1`` scores every token given the prompt
@@ -429,7 +430,7 @@ def step_merge(model, rollout: Rollout, segments: int = 2, kind: str = "model", 
     one-step estimate; the conditioning here is exact)."""
     K = len(rollout.step_sizes)
     S = max(1, min(int(segments), K))
-    seg = torch.div(torch.arange(K, device=rollout.step_sizes.device) * S, K, rounding_mode="floor")  # step i (0-based) → segment
+    seg = torch.div((torch.arange(K, device=rollout.step_sizes.device) + 1) * S - 1, K, rounding_mode="floor")  # step i (0-based) → segment
     sizes = torch.zeros(S, dtype=rollout.step_sizes.dtype, device=rollout.step_sizes.device).scatter_add_(0, seg, rollout.step_sizes)
     steps = seg.to(rollout.steps.device)[rollout.steps - 1] + 1
     keep = sizes > 0

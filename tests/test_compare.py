@@ -150,7 +150,23 @@ def test_statistics_against_scipy():
     assert r["n"] == 10 and r["mean"] == pytest.approx(sum(d) / 10)
     lo, hi = stats.t.interval(0.95, 9, loc=sum(d) / 10, scale=stats.sem(d))
     assert r["ci"] == pytest.approx((lo, hi))
-    assert r["p_wilcoxon"] == pytest.approx(stats.wilcoxon(d).pvalue)
+    assert r["p_wilcoxon"] == pytest.approx(stats.wilcoxon(d, method=stats.PermutationMethod()).pvalue)
+    assert r["p_wilcoxon"] == pytest.approx(stats.wilcoxon(d, method="exact").pvalue)  # no ties: the classic exact test
+    # tied differences (rewards move in steps of 1/200): still the exact permutation p-value
+    tied = {s: 0.5 + [0.005, 0.005, 0.01, -0.005, 0.01, 0.005][s] for s in range(6)}
+    base = {s: 0.5 for s in range(6)}
+    dt = [tied[s] - 0.5 for s in range(6)]
+    import itertools as it
+
+    def stat(x):  # Wilcoxon's T+ with mid-ranks, by hand
+        ranks = stats.rankdata([abs(v) for v in x])
+        return sum(r for r, v in zip(ranks, x) if v > 0)
+
+    t_obs = stat(dt)
+    null = [stat([s * abs(v) for s, v in zip(signs, dt)]) for signs in it.product([1, -1], repeat=6)]
+    mu = sum(null) / len(null)
+    p_hand = sum(abs(t - mu) >= abs(t_obs - mu) - 1e-12 for t in null) / len(null)
+    assert paired_difference(tied, base)["p_wilcoxon"] == pytest.approx(p_hand)
     assert r["p_t"] == pytest.approx(stats.ttest_rel([arm[s] for s in range(10)], [ref[s] for s in range(10)]).pvalue)
     assert r["p_wilcoxon"] == pytest.approx(2 / 2**10)  # every difference positive
     # Holm against statsmodels and by hand; NaN does not count
@@ -166,6 +182,8 @@ def test_statistics_against_scipy():
     assert verdict(r, 0.2, 1).startswith("no difference detected")
     assert verdict(paired_difference({0: 1.0, 1: 2.0}, {0: 1.0, 1: 1.5}), 0.0, 1).startswith("not testable with 2 paired seed(s)")
     assert verdict(r, 0.001, 40).startswith("not testable")  # 10 seeds, 40 arms: Holm's first step is ≥ 40·2/2¹⁰ = 0.078
+    zeros = paired_difference({s: ref[s] + (0.01 if s < 2 else 0.0) for s in range(10)}, ref)
+    assert zeros["n_nonzero"] == 2 and verdict(zeros, 0.5, 1).startswith("not testable")  # 10 seeds, only 2 non-zero differences
     same = paired_difference(ref, dict(ref))
     assert same["p_wilcoxon"] == 1.0 and verdict(same, 1.0, 1).startswith("no difference: identical")
     # three arms against exact: Holm across them
@@ -174,6 +192,28 @@ def test_statistics_against_scipy():
     assert res["a"]["p_holm"] == pytest.approx(multipletests([res[k]["p_wilcoxon"] for k in "abc"], method="holm")[1][0])
     assert auc([0, 1, 3], [0.0, 1.0, 1.0]) == pytest.approx((0.5 + 2.0) / 3)
     assert value_at([0, 2, 4], [0.0, 1.0, 0.0], 3) == pytest.approx(0.5) and value_at([1, 2], [0, 1], 0.5) != value_at([1, 2], [0, 1], 0.5)
+
+
+def test_run_summary_counts_every_step_with_several_iterations(tmp_path):
+    """With μ = 2 only every other step logs a reward; the training time and the held-out
+    curve's times still count every step (a reviewer found the curve times stuck at the
+    generation steps' total)."""
+    from esorl.compare.report import run_summary
+
+    recs = [{"step": 0, "eval_reward": 0.5}]
+    for k in range(1, 5):
+        r = {"step": k, "loss": 0.0, "step_time": 1.0 + k}
+        if k % 2:
+            r.update(reward=0.1 * k, exact_kl=0.01 * k, **{"time/rollout": 0.5})
+        recs.append(r)
+        if k % 2 == 0:
+            recs.append({"step": k, "eval_reward": 0.5 + 0.1 * k})
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
+    s = run_summary(tmp_path)
+    assert s["train_time_s"] == pytest.approx(2 + 3 + 4 + 5)
+    assert s["curve_steps"] == [0, 2, 4] and s["curve_times"] == pytest.approx([0.0, 5.0, 14.0])
+    assert s["step_s"] == pytest.approx(14.0 / 4) and s["heldout_final"] == pytest.approx(0.9)
+    assert s["exact_kl_final"] == pytest.approx((0.01 + 0.03) / 2) and s["train_reward_final"] == pytest.approx((0.1 + 0.3) / 2)
 
 
 def test_gradient_quality_by_hand():
@@ -196,7 +236,15 @@ def test_gradient_quality_by_hand():
     assert q["norm_ratio"] == pytest.approx(sum(ratio) / 2)
     m = (A[0] + A[1]) / 2
     var = ((A[0] - m).pow(2).sum() + (A[1] - m).pow(2).sum()).item() / 1
-    assert q["snr"] == pytest.approx(m.pow(2).sum().item() / var)
+    assert q["snr"] == pytest.approx((m.pow(2).sum().item() - var / 2) / var)
+    rest = torch.stack(E[2:]).mean(0)  # exact's mean over the batches the arm was not measured on
+    assert q["cos_mean_to_true"] == pytest.approx(float(m @ rest / (m.norm() * rest.norm())))
+    # the SNR estimate is unbiased-ish: for pure noise around a known mean it is near the truth
+    g2 = torch.Generator().manual_seed(1)
+    mu_, sd = torch.tensor([1.0, 0.0, 0.0, 0.0]).double(), 2.0
+    many = [mu_ + sd * torch.randn(4, generator=g2, dtype=torch.float64) for _ in range(400)]
+    q2 = gradient_quality(many, many + many, list(range(400)))
+    assert q2["snr"] == pytest.approx(1.0 / (4 * sd**2), abs=0.02)
     # exact compared with itself leave-one-out: its cosine is below 1 (one batch is one noisy sample)
     qe = gradient_quality(E[:3], E, [0, 1, 2])
     assert qe["cos_to_true"] < 0.999

@@ -171,6 +171,13 @@ def test_step_merge_is_exact_on_the_merged_trajectory():
         assert torch.allclose(v1, exact(model, one)[0], atol=1e-12)
         assert (v1 - exact(model, r)[0]).abs().max() > 1e-3  # the conditioning matters
     assert REGISTRY["step_merge"].deterministic and not REGISTRY["step_merge"].equals_sampler
+    # K = 5 steps into S = 2 segments: d2's boundary ⌊1·5/2⌋ = 2, so steps 1-2 and 3-5
+    r5 = generate(model, pid, pm, 8, ScheduleConfig(alpha0=1.0, num_steps=5), generator=gen, backend="sdpa")
+    assert len(r5.step_sizes) == 5
+    s5 = r5.step_sizes
+    m5 = dataclasses.replace(r5, step_sizes=torch.stack([s5[:2].sum(), s5[2:].sum()]), steps=torch.where(r5.steps <= 2, 1, 2))
+    with torch.no_grad():
+        assert torch.allclose(step_merge(model, r5, segments=2)[0], exact(model, m5)[0], atol=1e-12)
 
 
 def test_espo_loss_by_hand():

@@ -71,8 +71,9 @@ def measure(cfg, arm_name: str, selected: dict) -> dict:
     recs = [r for r in read_metrics(scratch / "metrics.jsonl") if "loss" in r][1:]  # the warm-up step is not timed
 
     def mean(k):
-        v = [r[k] for r in recs if k in r]
-        return sum(v) / len(v) if v else float("nan")
+        # per optimizer step: with μ > 1 only the steps that generate log rollout and score
+        # times, so the phases are totals over the timed steps divided by their number
+        return sum(r.get(k, 0.0) for r in recs) / len(recs) if recs else float("nan")
 
     args = tr.args
     est = args.estimator()

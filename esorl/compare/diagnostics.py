@@ -95,8 +95,10 @@ def gradient_quality(g_arm: list[torch.Tensor], g_exact: list[torch.Tensor], idx
     """``g_arm[j]``: the arm's gradient on batch ``idx[j]``; ``g_exact``: exact's gradient on
     every batch. Each ``g_arm[j]`` is compared with the mean of ``g_exact`` without batch
     ``idx[j]``. Returns means (and standard errors) over the arm's batches of the cosine,
-    relative squared error and norm ratio, the SNR of the arm's gradients, and the cosine of
-    their mean to the full mean of exact (the direction's bias)."""
+    relative squared error and norm ratio; the SNR ``(‖mean g‖² − tr Cov/M) / tr Cov`` of the
+    arm's ``M`` gradients (the ``tr Cov/M`` term removes the bias of ``‖mean g‖²``); and the
+    cosine of their mean to exact's mean over the batches not in ``idx`` (the direction's
+    bias, with no shared batch)."""
     E = torch.stack(g_exact)
     total, K = E.sum(0), E.shape[0]
     cos, rel, ratio = [], [], []
@@ -106,8 +108,13 @@ def gradient_quality(g_arm: list[torch.Tensor], g_exact: list[torch.Tensor], idx
         rel.append(((g - true).pow(2).sum() / true.pow(2).sum().clamp(min=1e-300)).item())
         ratio.append((g.norm() / true.norm().clamp(min=1e-300)).item())
     G = torch.stack(g_arm)
+    M = len(g_arm)
     mean = G.mean(0)
-    var = ((G - mean) ** 2).sum(1).sum().item() / max(len(g_arm) - 1, 1)
+    var = ((G - mean) ** 2).sum(1).sum().item() / max(M - 1, 1)  # tr Cov of one batch's gradient
+    # ‖mean‖² overestimates ‖E g‖² by tr Cov / M: remove it (the SNR of RL gradients is small)
+    signal = mean.pow(2).sum().item() - (var / M if M > 1 else 0.0)
+    rest = [i for i in range(K) if i not in set(idx)]
+    true_rest = E[rest].mean(0) if rest else E.mean(0)  # exact's mean over batches the arm was not measured on
 
     def ms(v):
         n = len(v)
@@ -118,8 +125,8 @@ def gradient_quality(g_arm: list[torch.Tensor], g_exact: list[torch.Tensor], idx
     out = {}
     for name, v in (("cos_to_true", cos), ("rel_sq_error", rel), ("norm_ratio", ratio)):
         out[name], out[name + "_se"] = ms(v)
-    out["snr"] = mean.pow(2).sum().item() / var if var > 0 else float("inf")
-    out["cos_mean_to_true"] = torch.nn.functional.cosine_similarity(mean, E.mean(0), dim=0).item()
+    out["snr"] = signal / var if var > 0 else float("inf")
+    out["cos_mean_to_true"] = torch.nn.functional.cosine_similarity(mean, true_rest, dim=0).item()
     out["batches"] = len(g_arm)
     return out
 

@@ -19,29 +19,34 @@ from .stats import ALPHA, MIN_SEEDS, auc, compare_arms, min_wilcoxon_p, value_at
 
 #: the metrics the report tests, in order; the first is the pre-declared primary one
 METRICS = {"heldout_final": "held-out reward, last evaluation (primary)", "heldout_auc": "held-out reward, time-average over the run (AUC)",
-           "heldout_at_budget": "held-out reward at equal wall-clock", "exact_kl_final": "exact KL to the initial policy (nats/token)"}
+           "heldout_at_budget": "held-out reward at equal wall-clock", "exact_kl_final": "exact KL to the initial policy (nats/token, last 5 generation batches)"}
 
 
 def run_summary(run_dir: Path) -> dict:
-    """The numbers of one run from its ``metrics.jsonl`` (NaN where it logged none)."""
+    """The numbers of one run from its ``metrics.jsonl`` (NaN where it logged none).
+
+    Training time counts every optimizer step (with ``μ > 1`` only the steps that generate log
+    a ``reward``; every step logs ``loss`` and ``step_time``); the held-out curve's times are
+    the training time up to each evaluation's step."""
     recs = read_metrics(Path(run_dir) / "metrics.jsonl")
-    train = [r for r in recs if "loss" in r and "reward" in r]
+    steps_recs = [r for r in recs if "loss" in r and "step_time" in r]
+    gen = [r for r in steps_recs if "reward" in r]
     evals = [r for r in recs if "eval_reward" in r]
     t, cum = 0.0, {0: 0.0}
-    for r in train:
-        t += r.get("step_time", 0.0)
+    for r in steps_recs:
+        t += r["step_time"]
         cum[r["step"]] = t
     steps = [r["step"] for r in evals]
     vals = [r["eval_reward"] for r in evals]
     times = [cum.get(s, t) for s in steps]
-    kl = [r["exact_kl"] for r in train if "exact_kl" in r][-5:]
+    kl = [r["exact_kl"] for r in gen if "exact_kl" in r][-5:]
     nan = float("nan")
     return {"heldout_final": vals[-1] if vals else nan, "heldout_auc": auc(steps, vals) if vals else nan, "heldout_initial": vals[0] if vals else nan,
             "curve_steps": steps, "curve_times": times, "curve_values": vals, "train_time_s": t,
-            "exact_kl_final": sum(kl) / len(kl) if kl else nan, "exact_kl_curve": [(r["step"], r["exact_kl"]) for r in train if "exact_kl" in r],
-            "train_reward_final": sum(r["reward"] for r in train[-5:]) / len(train[-5:]) if train else nan,
-            "step_s": sum(r.get("step_time", 0.0) for r in train) / len(train) if train else nan,
-            "diverged": (Path(run_dir) / "DIVERGED").exists(), "steps": train[-1]["step"] if train else 0}
+            "exact_kl_final": sum(kl) / len(kl) if kl else nan, "exact_kl_curve": [(r["step"], r["exact_kl"]) for r in gen if "exact_kl" in r],
+            "train_reward_final": sum(r["reward"] for r in gen[-5:]) / len(gen[-5:]) if gen else nan,
+            "step_s": t / len(steps_recs) if steps_recs else nan,
+            "diverged": (Path(run_dir) / "DIVERGED").exists(), "steps": steps_recs[-1]["step"] if steps_recs else 0}
 
 
 def _ci_band(Y):
@@ -73,7 +78,8 @@ def write_report(cfg, out: Path, selected: dict, diag: dict, cost: dict) -> dict
     ref = cfg.reference_arm
     S = {n: {s: run_summary(run_dir(cfg, n, s)) for s in cfg.seeds} for n in names}
     S = {n: {s: v for s, v in d.items() if v["curve_values"]} for n, d in S.items()}  # runs that exist
-    budget = min((v["train_time_s"] for d in S.values() for v in d.values()), default=float("nan"))
+    # the shortest finished run's training time (a diverged run's early end is not a budget)
+    budget = min((v["train_time_s"] for d in S.values() for v in d.values() if not v["diverged"]), default=float("nan"))
     for d in S.values():
         for v in d.values():
             v["heldout_at_budget"] = value_at(v["curve_times"], v["curve_values"], budget)
@@ -146,8 +152,9 @@ def write_report(cfg, out: Path, selected: dict, diag: dict, cost: dict) -> dict
     # ------------------------------------------------------------------ report.md
     n_seeds = len(cfg.seeds)
     L = ["# Exact vs Monte Carlo likelihoods in GRPO: the paired study", ""]
-    L += [f"Recipe `{cfg.output_dir}`. Task / prompts: `{cfg.prompts.task or cfg.prompts.source}` ({cfg.prompts.eval_prompts} held-out prompts, "
-          f"evaluated every {g.eval_steps} steps). {g.max_steps} steps × {g.generation_batch_size} completions ({g.num_generations} per prompt), "
+    L += [f"Recipe `{cfg.output_dir}`. Task / prompts: `{cfg.prompts.task or cfg.prompts.source}` ({cfg.prompts.eval_prompts} held-out prompts × "
+          f"{g.num_generations_eval or g.num_generations} samples, evaluated every {g.eval_steps} steps"
+          f"{'; the sweep validated on the next ' + str(cfg.prompts.eval_prompts) + ' held-out prompts' if cfg.sweep.enabled else ''}). {g.max_steps} steps × {g.generation_batch_size} completions ({g.num_generations} per prompt), "
           f"N = {g.max_completion_length}, sampling α0 = {g.sampling_alpha0}, T = {g.diffusion_steps}, μ = {g.num_iterations}, loss `{g.loss_type}`. "
           f"Evaluation seeds: {list(cfg.seeds)} ({n_seeds}). Each seed fixes the prompts, the rollout noise, the estimator noise and the held-out "
           "evaluation noise for every arm, and every run starts from the same weights, so arms are compared seed by seed.", ""]
@@ -155,7 +162,10 @@ def write_report(cfg, out: Path, selected: dict, diag: dict, cost: dict) -> dict
     for n in names:
         a = args[n]
         obj = getattr(a, "objective", "grpo")
-        est = a.likelihood + {"mc_elbo": f"(n={a.mc_samples})", "one_step": f"(p_mask={a.p_mask})"}.get(a.likelihood, "")
+        est = a.likelihood + {"mc_elbo": f"(n={a.mc_samples})", "elbo_lowvar": f"(n={a.mc_samples})", "espo_elbo": f"(n={a.mc_samples})",
+                              "one_step": f"(p_mask={a.p_mask})", "step_merge": f"(S={a.merge_segments})"}.get(a.likelihood, "")
+        if obj == "spg":
+            est += f", EUBO β={a.spg_eubo_beta:g}, ω={a.spg_mix_weight:g}"
         how = f"sweep (`sweep/sweep.json`, by {cfg.sweep.select_by} on tuning seeds {cfg.sweep.seeds})" if cfg.sweep.enabled else "fixed in the recipe (see its comment)"
         L.append(f"| {n} | {est}, objective {obj}, IS level {a.importance_sampling_level} | lr {a.learning_rate:g}, β {a.beta:g}"
                  f"{', ' + ', '.join(f'{k} {v}' for k, v in selected.get(n, {}).items() if k not in ('learning_rate', 'beta')) if selected.get(n) else ''} | {how} |")
@@ -231,7 +241,10 @@ def write_report(cfg, out: Path, selected: dict, diag: dict, cost: dict) -> dict
                 x = gd["arms"][n]
                 L.append(f"| {n} | {x['cos_to_true']:.3f} ± {x['cos_to_true_se']:.3f} | {x['cos_mean_to_true']:.3f} | {x['rel_sq_error']:.3g} | {x['norm_ratio']:.3g} | {x['snr']:.3g} |")
         L += ["", "A single batch's exact gradient is itself one noisy REINFORCE sample, so exact's own per-batch cosine to the true gradient is far "
-              "below 1; the diagnostics compare every arm with the same true gradient instead of with exact's same-batch gradient."]
+              "below 1; the diagnostics compare every arm with the same true gradient instead of with exact's same-batch gradient. The gradients are "
+              "the policy-gradient part of each arm's loss: the reference of the measured trainer is the measured policy itself, so a KL term "
+              "contributes nothing. SNR is ‖mean g‖² / tr Cov g with the 1/M bias of ‖mean g‖² removed; `cos of mean to true` compares the "
+              "arm's mean gradient with exact's mean over the batches it was not measured on."]
     if cfg.sweep.enabled:
         import json
 
@@ -241,9 +254,12 @@ def write_report(cfg, out: Path, selected: dict, diag: dict, cost: dict) -> dict
             L += ["", f"## Phase 1: the sweep (select by {d['select_by']}, tuning seeds {d['seeds']})", "", "| arm | setting | per seed | mean | selected |", "|---|---|---|---|---|"]
             for n, t in d["arms"].items():
                 for sc in t["scores"]:
-                    L.append(f"| {n} | {sc['setting']} | {', '.join(f'{v:.3f}' for v in sc['per_seed'])} | {sc['mean']:.3f} | {'✓' if sc['setting'] == t['selected'] else ''} |")
+                    L.append(f"| {n} | {sc['setting']} | {', '.join(f'{v:.3f}' for v in sc['per_seed'])} | {sc['mean']:.3f}{' (a run diverged)' if sc.get('diverged') else ''} | {'✓' if sc['setting'] == t['selected'] else ''} |")
     L += ["", "## What this study cannot show", "",
           f"- Its size: {n_seeds} evaluation seeds, one task, one tiny model, {g.max_steps} steps; the verdicts hold for this set-up only.",
+          "- \"No difference detected\" is not equivalence: the 95 % intervals above bound the effects this study can exclude.",
+          "- An arm is a published method (estimator, objective and its paper's KL, each tuned the same way); a difference between arms is a "
+          "difference between methods, not of the likelihood estimate alone (mc_elbo and the low-variance ELBO against exact isolate the estimator).",
           "- The held-out reward of a run is measured on a fixed set of prompts with one sample each; its noise is shared by the arms of a seed (paired), not removed.",
           "- Wall-clock on a shared CPU is indicative; the equal-wall-clock metric inherits that noise."]
     if cfg.notes:

@@ -30,6 +30,7 @@ study continues where it stopped.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import json
 from dataclasses import dataclass, field
@@ -55,10 +56,13 @@ class ArmSpec:
         study's shared ``grpo`` section: the estimator (``likelihood`` and its parameters), the
         objective (``objective``, ``importance_sampling_level``, ``loss_type``) and, without a
         sweep, its tuned ``learning_rate`` / ``beta``.
+    sweep_grid: grid entries of this arm that replace or extend ``sweep.grid`` (e.g. ``beta:
+        [0.0, 0.04]`` for an arm whose paper uses a KL; an objective without a KL keeps β = 0).
     """
 
     name: str = "exact"
     grpo: dict = field(default_factory=dict, metadata={"config_class": _GRPO})
+    sweep_grid: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -183,21 +187,26 @@ class CompareConfig:
         if ref.grpo.get("likelihood", "exact") not in ("exact", "replay"):
             raise ValueError(f"compare.reference_arm {self.reference_arm!r} must use likelihood exact (or replay)")
         for a in self.arms:
-            for point in self.grid_points() or [{}]:
+            for k, v in a.sweep_grid.items():
+                if not isinstance(v, list) or not v:
+                    raise ValueError(f"compare.arms[{a.name}].sweep_grid.{k}: expected a non-empty list of values, got {v!r}")
+            for point in self.grid_points(a) or [{}]:
                 args = run_recipe(self, a, self.seeds[0], point).args()  # every arm's settings, before any run
-            if args.eval_strategy != "steps" or not args.eval_on_start or not self.prompts.eval_prompts:
-                raise ValueError(f"compare: the held-out reward needs grpo.eval_strategy: steps, grpo.eval_on_start: true and prompts.eval_prompts > 0 "
-                                 f"(arm {a.name}: {args.eval_strategy}, {args.eval_on_start}, {self.prompts.eval_prompts})")
+                if args.eval_strategy != "steps" or not args.eval_on_start or not self.prompts.eval_prompts:
+                    raise ValueError(f"compare: the held-out reward needs grpo.eval_strategy: steps, grpo.eval_on_start: true and prompts.eval_prompts > 0 "
+                                     f"(arm {a.name}: {args.eval_strategy}, {args.eval_on_start}, {self.prompts.eval_prompts})")
 
     def arm(self, name: str) -> ArmSpec:
         return next(a for a in self.arms if a.name == name)
 
-    def grid_points(self) -> list[dict]:
-        """Every combination of the sweep grid (``[]`` without a sweep)."""
+    def grid_points(self, arm: ArmSpec) -> list[dict]:
+        """Every combination of the sweep grid for ``arm`` (the shared grid with the arm's own
+        entries over it; ``[]`` without a sweep)."""
         if not self.sweep.enabled:
             return []
-        keys = list(self.sweep.grid)
-        return [dict(zip(keys, vals)) for vals in itertools.product(*(self.sweep.grid[k] for k in keys))]
+        grid = {**self.sweep.grid, **arm.sweep_grid}
+        keys = list(grid)
+        return [dict(zip(keys, vals)) for vals in itertools.product(*(grid[k] for k in keys))]
 
 
 def setting_tag(point: dict) -> str:
@@ -226,7 +235,10 @@ def run_recipe(cfg: CompareConfig, arm: ArmSpec, seed: int, point: dict | None =
         g.update(save_strategy="steps", save_steps=mid, save_only_model=True, save_total_limit=None)
     else:
         g.update(save_strategy="no")
-    return GRPORecipe(policy=cfg.policy, prompts=cfg.prompts, rewards=cfg.rewards, grpo=g, logging=copy.deepcopy(cfg.logging))
+    prompts = cfg.prompts
+    if point is not None:  # a sweep run validates on the next block of held-out prompts
+        prompts = dataclasses.replace(prompts, eval_offset=prompts.eval_offset + prompts.eval_prompts)
+    return GRPORecipe(policy=cfg.policy, prompts=prompts, rewards=cfg.rewards, grpo=g, logging=copy.deepcopy(cfg.logging))
 
 
 def run_compare(cfg: CompareConfig) -> dict:
@@ -273,17 +285,19 @@ def _run_compare(cfg: CompareConfig, out: Path) -> dict:
     runner = _Runner()
     selected = {a.name: {} for a in cfg.arms}
     if cfg.sweep.enabled:
-        points = cfg.grid_points()
-        jobs = [(a, p, s) for s in cfg.sweep.seeds for p in points for a in cfg.arms]
+        jobs = [(a, p, s) for s in cfg.sweep.seeds for a in cfg.arms for p in cfg.grid_points(a)]
         for a, p, s in tqdm(jobs, desc="phase 1: sweep", dynamic_ncols=True):
             runner(run_recipe(cfg, a, s, p))
         table = {}
         for a in cfg.arms:
-            scores = []
+            points, scores = cfg.grid_points(a), []
             for p in points:
-                vals = [run_summary(run_dir(cfg, a.name, s, p))[cfg.sweep.select_by] for s in cfg.sweep.seeds]
-                scores.append({"setting": p, "per_seed": vals, "mean": sum(vals) / len(vals)})
-            best = max(range(len(points)), key=lambda i: (scores[i]["mean"] == scores[i]["mean"], scores[i]["mean"], -i))
+                sums = [run_summary(run_dir(cfg, a.name, s, p)) for s in cfg.sweep.seeds]
+                vals = [x[cfg.sweep.select_by] for x in sums]
+                diverged = any(x["diverged"] for x in sums)
+                scores.append({"setting": p, "per_seed": vals, "mean": sum(vals) / len(vals), "diverged": diverged})
+            ok = lambda i: not scores[i]["diverged"] and scores[i]["mean"] == scores[i]["mean"]  # noqa: E731
+            best = max(range(len(points)), key=lambda i: (ok(i), scores[i]["mean"] if ok(i) else 0.0, -i))
             selected[a.name] = points[best]
             table[a.name] = {"scores": scores, "selected": points[best]}
         (out / "sweep").mkdir(parents=True, exist_ok=True)

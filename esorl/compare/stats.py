@@ -5,8 +5,10 @@ evaluation noise, so arms are compared with ``exact`` through **per-seed paired 
 ``d_s = metric(arm, s) − metric(exact, s)``:
 
 - effect size: the mean of ``d`` with its 95 % Student-t confidence interval (scipy);
-- primary test: the two-sided **Wilcoxon signed-rank** test of ``d`` (scipy, exact null
-  distribution for small ``n``), because per-seed RL outcomes are not normal;
+- primary test: the two-sided **Wilcoxon signed-rank** test of ``d`` (scipy, the exact
+  permutation distribution of the statistic, valid with tied differences, zero differences
+  dropped), because per-seed RL outcomes are not normal; its direction is the sign of the
+  Hodges–Lehmann estimate (the median of the Walsh averages);
 - multiplicity: **Holm**'s step-down correction across the arms compared with ``exact``
   (statsmodels), per metric;
 - a difference is stated only when the arm has at least :data:`MIN_SEEDS` paired seeds and the
@@ -54,7 +56,14 @@ def paired_difference(arm: dict, ref: dict) -> dict:
     if n == 0:
         return out
     nonzero = [x for x in d if x != 0.0]
-    out["p_wilcoxon"] = float(stats.wilcoxon(nonzero, alternative="two-sided").pvalue) if nonzero else 1.0
+    out["n_nonzero"] = len(nonzero)
+    # the exact permutation distribution of the signed-rank statistic (all 2^n sign flips up to
+    # n = 13, which is exact with ties too; a 9999-resample estimate beyond)
+    # (one non-zero difference: both sign flips are as extreme, p = 1; scipy needs two)
+    out["p_wilcoxon"] = float(stats.wilcoxon(nonzero, alternative="two-sided", method=stats.PermutationMethod()).pvalue) if len(nonzero) > 1 else 1.0
+    # Hodges–Lehmann: the median of the Walsh averages, the location Wilcoxon's test is about
+    walsh = [(d[i] + d[j]) / 2 for i in range(n) for j in range(i, n)]
+    out["hodges_lehmann"] = float(sorted(walsh)[len(walsh) // 2]) if len(walsh) % 2 else float(sum(sorted(walsh)[len(walsh) // 2 - 1 : len(walsh) // 2 + 1]) / 2)
     if n >= 2:
         sd = stats.tstd(d)
         if sd > 0:
@@ -106,12 +115,13 @@ def verdict(res: dict, p_adj: float, family: int = 1) -> str:
     ci = f"mean {res['mean']:+.3g}, 95% CI [{lo:+.3g}, {hi:+.3g}]"
     if n and all(d == 0.0 for d in res.get("diffs", [])):
         return f"no difference: identical on all {n} paired seed(s)"
-    floor = min_wilcoxon_p(n, family)
+    nz = res.get("n_nonzero", n)
+    floor = min_wilcoxon_p(nz, family)
     if n < MIN_SEEDS or floor >= ALPHA:
-        return (f"not testable with {n} paired seed(s) and {family} arm(s) compared: the smallest possible Holm-adjusted Wilcoxon p is "
-                f"{floor:.3g} (≥ {ALPHA}); {ci}")
+        return (f"not testable with {n} paired seed(s) ({nz} non-zero differences) and {family} arm(s) compared: the smallest possible "
+                f"Holm-adjusted Wilcoxon p is {floor:.3g} (≥ {ALPHA}); {ci}")
     if p_adj == p_adj and p_adj < ALPHA:
-        side = "higher" if res["mean"] > 0 else "lower"
+        side = "higher" if res.get("hodges_lehmann", res["mean"]) > 0 else "lower"
         return f"{side} than exact (Wilcoxon, Holm-adjusted p = {p_adj:.3g}, n = {n}; {ci})"
     return f"no difference detected (Wilcoxon, Holm-adjusted p = {p_adj:.3g}, n = {n}; {ci})"
 

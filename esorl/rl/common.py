@@ -43,6 +43,11 @@ class PromptArgs:
     prompt_template: format string applied to the prompt (``{prompt}``).
     columns: extra columns passed to reward functions (e.g. ``[answer]``).
     max_prompts / eval_prompts: how many training / held-out prompts to use (0 = all).
+    eval_offset: skip this many held-out prompts first (the held-out prompts are rows
+        ``[eval_offset, eval_offset + eval_prompts)`` of the held-out split): a study's sweep
+        validates on the block after the one its evaluation reports on. For a task, keep
+        ``eval_offset + eval_prompts`` within the pretraining/SFT stage's ``data.task_test_size``
+        (the questions it kept out of training).
     min_words: skip texts shorter than this when cutting prompts.
     synthetic_size / cache_dir: size of the embedded corpus (``source: synthetic``) and where
         generated corpora and reward models are cached.
@@ -67,6 +72,7 @@ class PromptArgs:
     columns: list[str] = field(default_factory=list)
     max_prompts: int = 0
     eval_prompts: int = 64
+    eval_offset: int = 0
     min_words: int = 5
     synthetic_size: int = 20000
     cache_dir: str = ".esorl_cache"
@@ -76,6 +82,8 @@ class PromptArgs:
     task_seed: int = 0
 
     def validate(self):
+        if self.eval_offset < 0 or self.eval_prompts < 0 or self.max_prompts < 0:
+            raise ValueError(f"prompts.eval_offset / eval_prompts / max_prompts must be >= 0, got {self.eval_offset}, {self.eval_prompts}, {self.max_prompts}")
         if self.task:
             from esorl.tasks import RENDERINGS, TASKS
 
@@ -166,17 +174,20 @@ def load_prompts(args: PromptArgs, split: str, limit: int, seed: int = 0) -> lis
         from esorl.tasks import load_task
 
         tsplit = "train" if split == args.split else "test"
+        off = args.eval_offset if tsplit == "test" else 0
         # the task's split seed is its own setting, not the run's seed: runs with different
         # seeds must see the same held-out questions, disjoint from the training questions a
         # pretraining/SFT stage used with the same task_seed
-        ds = load_task(args.task, tsplit, size=args.task_size if tsplit == "train" else (limit or 200), seed=args.task_seed,
-                       rendering=args.task_rendering, test_size=max(limit, 200), source="" if args.source == "synthetic" else args.source)
+        ds = load_task(args.task, tsplit, size=args.task_size if tsplit == "train" else off + (limit or 200), seed=args.task_seed,
+                       rendering=args.task_rendering, test_size=max(off + limit, 200), source="" if args.source == "synthetic" else args.source)
         rows = [{"prompt": args.prompt_template.format(prompt=r["prompt"]), "answer": r["answer"], "entry": r["entry"],
                  **{c: r[c] for c in args.columns if c in r}, SOURCE_ROW: i} for i, r in enumerate(ds)]
         if not rows:
             raise ValueError(f"prompts: task {args.task!r} split {tsplit!r} is empty")
         if tsplit == "train":  # the held-out questions stay the task's first ones, whatever the run's seed
             random.Random(seed).shuffle(rows)
+        else:
+            rows = rows[off:]
         return rows[:limit] if limit else rows
     src = resolve_source(DataConfig(source=args.source, synthetic_size=args.synthetic_size, cache_dir=args.cache_dir)) if args.source == "synthetic" else args.source
     rows: list[dict] = []
@@ -199,6 +210,8 @@ def load_prompts(args: PromptArgs, split: str, limit: int, seed: int = 0) -> lis
     if not rows:
         raise ValueError(f"prompts: no usable rows in {args.source!r} split {split!r}")
     random.Random(seed).shuffle(rows)
+    if split != args.split and args.eval_offset:
+        rows = rows[args.eval_offset:]
     return rows[:limit] if limit else rows
 
 

@@ -64,7 +64,6 @@ chat template (the policy is a plain LM: pass text prompts).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -352,6 +351,11 @@ class EsoGRPOTrainer(RecordsGradNorm, GRPOTrainer):
         est = self.estimator_cfg
         info = est.info()
         deterministic = info.deterministic
+        if self.args.objective in ("spg", "wd1"):
+            # ratio-free objectives without a KL read neither old nor reference log-probs
+            out.pop("old_per_token_logps", None)
+            out.pop("ref_per_token_logps", None)
+            return
         mu = self.num_iterations if mode == "train" else 1
         gen = self._generation_step() if mode == "train" else -1
         seeds = [self.estimator_seed(gen, it) for it in range(mu)]

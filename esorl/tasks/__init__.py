@@ -3,7 +3,8 @@ and reward functions in TRL's contract ``f(prompts, completions, **columns) -> l
 
 * ``countdown``, ``mini_sudoku`` (4×4), ``basic_arithmetic``: procedural, seeded generators
   and scorers of `reasoning-gym` (:mod:`esorl.tasks.procedural`); train and test splits are
-  drawn with different seeds and never share a question.
+  drawn with different seeds and never share a question (for arithmetic: never the same
+  expression up to redundant brackets, :func:`esorl.tasks.procedural.split_key`).
 * ``gsm8k``: a local JSONL copy (``question``/``answer``) or the hub's ``openai/gsm8k``,
   answers checked with `math-verify` (:mod:`esorl.tasks.gsm8k`).
 

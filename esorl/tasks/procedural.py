@@ -9,6 +9,7 @@ compact answer is turned back into the library's format before it is scored.
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 
@@ -48,6 +49,32 @@ def compact_prompt(name: str, e: dict) -> str:
     if name == "basic_arithmetic":
         return f"{m['expression']} ="
     raise KeyError(name)
+
+
+#: how the train/test split tells two questions apart, per task (default ``text``: the compact
+#: prompt). ``ast``: an arithmetic expression's canonical form (:func:`canonical_expression`),
+#: so that a held-out ``( 2 + -8 )`` is not trained on as ``2 + -8``.
+SPLIT_RULES = {"basic_arithmetic": "ast", "basic_arithmetic_1d": "ast"}
+
+
+def split_rule(name: str) -> str:
+    """``text`` or ``ast``: see :data:`SPLIT_RULES`."""
+    return SPLIT_RULES.get(name, "text")
+
+
+def canonical_expression(expr: str) -> str:
+    """An arithmetic expression's canonical form: the dump of its Python AST, which drops
+    redundant brackets (``( 2 + -8 )`` ≡ ``2 + -8``) but keeps what changes the expression
+    (``-( 7 - -6 )`` ≢ ``-7 - -6``). Raises ``SyntaxError`` for text that is no expression."""
+    return ast.dump(ast.parse(expr.strip(), mode="eval"))
+
+
+def split_key(name: str, e: dict) -> str:
+    """What the train/test split compares (:func:`esorl.tasks.load_task`): a training question
+    whose key equals a held-out question's is dropped from the train split."""
+    if split_rule(name) == "ast":
+        return canonical_expression(e["metadata"]["expression"])
+    return compact_prompt(name, e)
 
 
 def compact_answer(name: str, e: dict) -> str:

@@ -26,7 +26,10 @@ def load_task(name: str, split: str = "train", size: int = 1000, seed: int = 0, 
 
     Procedural tasks: ``split`` ``train`` (``size`` rows) or ``test`` (``test_size`` rows),
     drawn with different seeds; a training question that also appears in the test split is
-    dropped, so the splits never overlap. GSM8K: ``source`` is a local directory with
+    dropped, so the splits never overlap. "Appears" is the task's split rule
+    (:func:`esorl.tasks.procedural.split_key`): the same compact prompt, or for arithmetic
+    (``basic_arithmetic``, ``basic_arithmetic_1d``) the same expression up to redundant
+    brackets (the same canonical form, :func:`~esorl.tasks.procedural.canonical_expression`). GSM8K: ``source`` is a local directory with
     ``train.jsonl``/``test.jsonl`` or a hub name (default ``openai/gsm8k``); ``size`` caps
     the rows (0 = all). Raises ``ValueError`` for an unknown task, split or rendering."""
     import datasets
@@ -43,10 +46,10 @@ def load_task(name: str, split: str = "train", size: int = 1000, seed: int = 0, 
     if split == "test":
         recs = test
     else:
-        held = {_proc.compact_prompt(name, e) for e in test}
+        held = {_proc.split_key(name, e) for e in test}
         n_gen = size + len(held)
         for _ in range(8):  # small question spaces collide often: draw more until `size` remain
-            recs = [e for e in _proc.generate(name, n_gen, _split_seed(seed, "train")) if _proc.compact_prompt(name, e) not in held][:size]
+            recs = [e for e in _proc.generate(name, n_gen, _split_seed(seed, "train")) if _proc.split_key(name, e) not in held][:size]
             if len(recs) == size:
                 break
             n_gen *= 2

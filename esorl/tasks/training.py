@@ -8,7 +8,8 @@ procedural tasks) or the worked solution ending in ``#### <answer>`` (``natural`
 Splits: the text corpus holds the task's *train* split only; the SFT pairs hold ``train``
 (the train split) and ``dev`` (the test split, for the held-out completion NELBO; never
 trained on). The train split leaves out the first ``test_size`` questions of the test split
-(:func:`esorl.tasks.load_task`), so an evaluation on at most ``test_size`` test prompts of
+(:func:`esorl.tasks.load_task`; for arithmetic, every question with the same expression up to
+redundant brackets), so an evaluation on at most ``test_size`` test prompts of
 the same seed (``esorl eval --seed``, GRPO's ``eval_prompts`` with ``grpo.seed``) is
 held out.
 """
@@ -20,6 +21,7 @@ import json
 from pathlib import Path
 
 from ..io import write_if_changed
+from .procedural import split_rule
 from .registry import RENDERINGS, TASKS, load_task
 
 
@@ -63,9 +65,12 @@ def task_pairs(task: str, split: str = "train", size: int = 1000, seed: int = 0,
 
 
 def task_cache_dir(cache_dir: str | Path, kind: str, task: str, rendering: str, size: int, seed: int, test_size: int, source: str = "") -> Path:
-    """``<cache_dir>/task-<kind>-<task>-<rendering>-n<size>-s<seed>-t<test_size>[-<hash of source>]``."""
+    """``<cache_dir>/task-<kind>-<task>-<rendering>-n<size>-s<seed>-t<test_size>[-<split rule>][-<hash of source>]``
+    (the split rule where it is not the exact-text one, e.g. ``-ast``: a corpus split by
+    another rule is another corpus, never a stale cache)."""
     src = "" if source == "synthetic" else source
-    tail = f"-{hashlib.sha256(src.encode()).hexdigest()[:8]}" if src else ""
+    rule = split_rule(task)
+    tail = ("" if rule == "text" else f"-{rule}") + (f"-{hashlib.sha256(src.encode()).hexdigest()[:8]}" if src else "")
     return Path(cache_dir) / f"task-{kind}-{task}-{rendering}-n{size}-s{seed}-t{test_size}{tail}"
 
 

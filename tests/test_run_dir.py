@@ -227,3 +227,39 @@ def test_an_ignored_signal_stays_ignored():
             assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def test_a_signal_after_the_last_step_is_not_swallowed(tmp_path):
+    """A SIGTERM that arrives after the last step's check (during the final evaluation or save)
+    used to be dropped, so a study's loop went on to its next run: now the finished run
+    reports it and run_grpo raises RunInterrupted after exporting the model."""
+    from esorl.config import load_config
+    from esorl.rl.grpo import GRPORecipe, run_grpo
+    from esorl.train.callbacks import StopOnSignal
+    from esorl.train.run_dir import RunInterrupted
+
+    from rl_fixtures import EvenIdReward, make_tiny_policy, recipe_dict
+
+    cb = StopOnSignal()
+    cb.on_train_begin(None, None, None)
+    os.kill(os.getpid(), signal.SIGTERM)
+    cb.on_train_end(None, None, None)
+    assert cb.late == "SIGTERM" and cb.stopped == ""
+
+    import esorl.train.callbacks as cbs
+
+    real_end = cbs.StopOnSignal.on_train_end
+
+    def end_with_signal(self, *a, **k):  # the signal lands during the final save
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_end(self, *a, **k)
+
+    pol = make_tiny_policy(tmp_path)
+    rec = load_config(GRPORecipe, None, [], base=recipe_dict(pol, tmp_path / "run", tmp_path / "cache"))
+    cbs.StopOnSignal.on_train_end = end_with_signal
+    try:
+        with pytest.raises(RunInterrupted, match="received SIGTERM as it finished"):
+            run_grpo(rec, reward_funcs=[EvenIdReward(pol)], reward_weights=[1.0])
+    finally:
+        cbs.StopOnSignal.on_train_end = real_end
+    assert (tmp_path / "run" / "model" / "config.json").exists()

@@ -212,6 +212,10 @@ def run_grpo(recipe: GRPORecipe, resume=False, overwrite: bool = False, reward_f
 
             plot_reward_curve(out / "metrics.jsonl", out / "reward_curve.png", f"GRPO [{args.likelihood}] {out.name}")
         trainer.accelerator.print(f"[esorl] GRPO finished: metrics, checkpoints and model in {out}")
+        if stop.late:
+            # the signal came after the last step (during the final evaluation or save): the run
+            # is complete, but whoever sent it wants the process to stop (e.g. a study's loop)
+            raise RunInterrupted(f"grpo received {stop.late} as it finished; the run is complete in {out}")
         return {"output_dir": str(out), "model_dir": str(model_dir), "trainer": trainer}
     except BaseException:
         if not started and not existed:  # a set-up error leaves no run directory behind

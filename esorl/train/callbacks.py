@@ -134,6 +134,7 @@ class StopOnSignal(TrainerCallback):
     def __init__(self):
         self.stop = GracefulStop()
         self.stopped = ""
+        self.late = ""  # a signal that came after the last step's check (evaluation, the final save)
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.stop.__enter__()
@@ -145,4 +146,6 @@ class StopOnSignal(TrainerCallback):
             self.stopped = self.stop.signame or "a signal on another rank"
 
     def on_train_end(self, args, state, control, **kwargs):
+        if not self.stopped and self.stop.flag:
+            self.late = self.stop.signame
         self.stop.__exit__(None, None, None)

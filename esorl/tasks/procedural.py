@@ -19,7 +19,8 @@ CONFIGS = {
     "mini_sudoku": {"min_empty": 4, "max_empty": 8},
     "basic_arithmetic": {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2, "operators": ("+", "-", "*")},
     # a smaller question space for CPU-sized models: two 1-digit terms (-9..9, with the
-    # library's negations and brackets), + and - only: ~6000 distinct questions, 37 answers (-18..18)
+    # library's negations and brackets), + and - only: ~7600 distinct question texts, ~2600
+    # canonical forms (the split's unit, see SPLIT_RULES), 37 answers (-18..18)
     "basic_arithmetic_1d": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1, "operators": ("+", "-")},
 }
 #: esorl's task variants → the reasoning-gym dataset they draw from and are scored by (a

@@ -170,3 +170,26 @@ def test_task_cpu_recipes_load_and_agree(task):
         assert rl.policy.init_from == sft.train.output_dir + "/model"
     else:
         assert rl.policy.init_from == pre.train.output_dir + "/model" and rl.policy.pretrain_recipe == f"recipes/pretrain/{task}_cpu.yaml"
+
+
+def test_caches_are_keyed_by_the_split_rule(tmp_path):
+    """A tokenizer, a tokenized corpus or shards built on another train/test split rule are
+    never reused (a run once silently trained on the old split's cached tokens): the arithmetic
+    tasks' keys carry their rule, the exact-text tasks' keys are unchanged."""
+    from esorl.train import data_prep
+    from esorl.train.data_prep import DataConfig, _config_key, _task_key
+
+    a = DataConfig(task="basic_arithmetic_1d", cache_dir=str(tmp_path))
+    m = DataConfig(task="mini_sudoku", cache_dir=str(tmp_path))
+    assert _task_key(a)["task"][-1] == "ast" and _config_key(a)["split_rule"] == "ast"
+    assert _task_key(m) == {"task": ["mini_sudoku", "compact", m.task_size, m.task_seed, m.task_test_size]} and "split_rule" not in _config_key(m)
+    import esorl.tasks.procedural as proc
+
+    old = dict(proc.SPLIT_RULES)
+    try:
+        k_ast = data_prep._key(_config_key(a))
+        proc.SPLIT_RULES.pop("basic_arithmetic_1d")
+        assert data_prep._key(_config_key(a)) != k_ast
+    finally:
+        proc.SPLIT_RULES.clear()
+        proc.SPLIT_RULES.update(old)

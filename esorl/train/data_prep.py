@@ -109,8 +109,15 @@ TASK_FIELDS = ("task", "task_rendering", "task_size", "task_seed", "task_test_si
 
 
 def _task_key(cfg) -> dict:
-    """The task fields for a cache key (none without a task: the keys of other corpora stay as they were)."""
-    return {"task": [getattr(cfg, f) for f in TASK_FIELDS]} if cfg.task else {}
+    """The task fields for a cache key (none without a task: the keys of other corpora stay as
+    they were), with the task's train/test split rule where it is not the exact-text one (a
+    tokenizer or tokenized corpus built on another split's training questions must not be reused)."""
+    if not cfg.task:
+        return {}
+    from esorl.tasks.procedural import split_rule
+
+    rule = split_rule(cfg.task)
+    return {"task": [getattr(cfg, f) for f in TASK_FIELDS] + ([rule] if rule != "text" else [])}
 
 
 def _config_key(cfg: DataConfig) -> dict:
@@ -118,6 +125,8 @@ def _config_key(cfg: DataConfig) -> dict:
     if not cfg.task:
         for f in TASK_FIELDS:
             d.pop(f)
+    elif len(_task_key(cfg)["task"]) > len(TASK_FIELDS):  # a split rule other than exact text
+        d["split_rule"] = _task_key(cfg)["task"][-1]
     return d
 
 

@@ -90,7 +90,8 @@ def test_config_is_trls_with_the_eso_fields():
 
     assert issubclass(EsoGRPOConfig, GRPOConfig)
     eso = {f.name for f in dataclasses.fields(EsoGRPOConfig)} - {f.name for f in dataclasses.fields(GRPOConfig)}
-    assert eso == {"likelihood", "mc_samples", "p_mask", "sampling_alpha0", "diffusion_steps", "schedule_kind", "attention_backend"}
+    assert eso == {"likelihood", "mc_samples", "p_mask", "sampling_alpha0", "diffusion_steps", "schedule_kind", "attention_backend",
+                   "merge_segments", "objective", "spg_eubo_beta", "spg_mix_weight", "wd1_psi", "log_exact_kl"}
     c = EsoGRPOConfig(output_dir="x", scale_rewards=True, report_to="none")
     assert c.scale_rewards == "group" and not c.bf16  # TRL's booleans; bf16 only where CUDA has it
     assert EsoGRPOConfig(output_dir="x", scale_rewards=False, report_to="none").scale_rewards == "none"

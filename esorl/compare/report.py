@@ -167,8 +167,9 @@ def write_report(cfg, out: Path, selected: dict, diag: dict, cost: dict) -> dict
         if obj == "spg":
             est += f", EUBO β={a.spg_eubo_beta:g}, ω={a.spg_mix_weight:g}"
         how = f"sweep (`sweep/sweep.json`, by {cfg.sweep.select_by} on tuning seeds {cfg.sweep.seeds})" if cfg.sweep.enabled else "fixed in the recipe (see its comment)"
+        more = ", ".join(f"{k} {v}" for k, v in selected.get(n, {}).items() if k not in ("learning_rate", "beta"))
         L.append(f"| {n} | {est}, objective {obj}, IS level {a.importance_sampling_level} | lr {a.learning_rate:g}, β {a.beta:g}"
-                 f"{', ' + ', '.join(f'{k} {v}' for k, v in selected.get(n, {}).items() if k not in ('learning_rate', 'beta')) if selected.get(n) else ''} | {how} |")
+                 f"{', ' + more if more else ''} | {how} |")
     L += ["", "## Results (held-out reward; mean ± sd over seeds)", ""]
     hdr = "| arm | initial | last evaluation | AUC | at equal wall-clock (%.0f s) | exact KL (nats/token) | s / step | diverged |" % budget
     L += [hdr, "|---|---|---|---|---|---|---|---|"]
@@ -211,8 +212,8 @@ def write_report(cfg, out: Path, selected: dict, diag: dict, cost: dict) -> dict
                 L.append(f"| {n} | {c['step_s']:.3f} | {c['rollout_s']:.3f} | {c['score_s']:.3f} | {c['update_s']:.3f} | {c['token_forwards_per_completion']} | "
                          f"{c['peak_memory_mb']:.0f} | {c['device']} |")
         if cost and next(iter(cost.values()))["device"] == "cpu":
-            L += ["", "On CPU the peak memory is the growth of the process's peak resident set during the timed steps (`ru_maxrss`), above what building "
-                  "the trainer had already touched; wall-clock on a shared CPU is indicative only (ratios, not absolute times, carry over)."]
+            L += ["", "On CPU the peak memory is the peak resident set during the timed steps (sampled every 5 ms) minus the resident set before "
+                  "them; wall-clock on a shared CPU is indicative only (ratios, not absolute times, carry over)."]
     if diag:
         L += ["", "## Estimator diagnostics", ""]
         ll = diag.get("likelihoods_initial")
@@ -260,8 +261,15 @@ def write_report(cfg, out: Path, selected: dict, diag: dict, cost: dict) -> dict
           "- \"No difference detected\" is not equivalence: the 95 % intervals above bound the effects this study can exclude.",
           "- An arm is a published method (estimator, objective and its paper's KL, each tuned the same way); a difference between arms is a "
           "difference between methods, not of the likelihood estimate alone (mc_elbo and the low-variance ELBO against exact isolate the estimator).",
-          "- The held-out reward of a run is measured on a fixed set of prompts with one sample each; its noise is shared by the arms of a seed (paired), not removed.",
+          f"- The held-out reward of a run is measured on {cfg.prompts.eval_prompts} fixed prompts × {g.num_generations_eval or g.num_generations} samples; "
+          "its noise is shared by the arms of a seed (paired), not removed.",
           "- Wall-clock on a shared CPU is indicative; the equal-wall-clock metric inherits that noise."]
+    lr_ref = args[ref].learning_rate
+    other_lr = [n for n in names if args[n].learning_rate != lr_ref]
+    if other_lr:
+        L.append(f"- The selected learning rate differs from {ref}'s ({lr_ref:g}) for {', '.join(other_lr)}: the exact KL (and the pace of the "
+                 "reward curve) grows with the learning rate, so a KL difference between arms with different settings is a difference of the tuned "
+                 "methods, not of the estimator at one step size.")
     if cfg.notes:
         L.append(f"- {cfg.notes.strip()}")
     L += ["", "Plots: " + ", ".join(f"`{p}`" for p in plots), ""]

@@ -157,37 +157,30 @@ def mc_elbo(model, rollout: Rollout, n: int = 4, alpha0: float = 1.0, seed: int 
     """
     T = rollout.temperature if temperature is None else temperature
     B, N = rollout.completion_ids.shape
-    P = rollout.prompt_ids.shape[1]
     dev = rollout.completion_ids.device
     r, mu = _draws(rollout, seed, n, n * 3 * N)  # (B, n), (B, n·3N)
-    mu = mu.view(B, n, 3 * N)
-    total, ent_sum, ent_cnt = 0.0, 0.0, 0.0
-    for d0 in range(0, n, chunk):
-        d1 = min(n, d0 + chunk)
-        m = d1 - d0
-        rep = rollout.index(torch.arange(B).repeat_interleave(m))  # rows (b, draw)
-        strata = torch.arange(d0, d1, dtype=torch.float64)[None]
-        t = (((strata + r[:, d0:d1]) / n) * (1 - EPS) + EPS).reshape(-1)
-        a_t = alpha(t, alpha0).to(dev)
-        u = mu[:, d0:d1].reshape(B * m, 3 * N).to(dev)
-        u_mask, u_order, u_z0 = u[:, :N], u[:, N : 2 * N], u[:, 2 * N :]
-        masked_c = (u_mask >= a_t[:, None]) & rep.completion_mask
-        masked = torch.cat([torch.zeros_like(rep.prompt_mask, dtype=torch.bool), masked_c], 1)
-        key = torch.cat([torch.zeros(B * m, P, device=dev, dtype=u.dtype), u_order], 1).argsort(1).argsort(1)
-        lp = _masked_pass(model, rep, masked, key, T, backend, with_entropy)
-        if with_entropy:
-            lp, ent = lp[0][:, P:], lp[1][:, P:]
-            ent_sum = ent_sum + (ent * masked_c).view(B, m, N).sum(1)
-            ent_cnt = ent_cnt + masked_c.view(B, m, N).sum(1)
-        else:
-            lp = lp[:, P:]
-        w = (alpha0 * (1 - EPS) / (1 - a_t)).to(lp.dtype)
-        val = masked_c * w[:, None] * lp
-        if alpha0 < 1.0:
-            val = val + _ar_term(model, rep, u_z0 >= alpha0, u_order, T, backend)
-        total = total + val.view(B, m, N).sum(1)
+    mu = mu.view(B, n, 3 * N).to(dev)
+    strata = torch.arange(n, dtype=torch.float64)[None]
+    t = ((strata + r) / n) * (1 - EPS) + EPS  # (B, n), stratified per sample
+    a_t = alpha(t, alpha0).to(dev)
+    u_mask, u_order, u_z0 = mu[..., :N], mu[..., N : 2 * N], mu[..., 2 * N :]
+    masked = (u_mask >= a_t[..., None]) & rollout.completion_mask[:, None]  # (B, n, N)
+    # the MDM term: one forward per draw (layout (d)), the draws batched as masked_draws does
+    out = masked_draws(model, rollout, masked, u_order, T, backend, chunk=chunk, with_entropy=with_entropy)
+    lp, ents = out if with_entropy else (out, None)
+    w = (alpha0 * (1 - EPS) / (1 - a_t)).to(lp.dtype)  # (B, n)
+    vals = masked * w[..., None] * lp
+    if alpha0 < 1.0:  # plus the AR term on a fresh z0 per draw (layout (e))
+        for d0 in range(0, n, chunk):
+            d1 = min(n, d0 + chunk)
+            m = d1 - d0
+            rep = rollout.index(torch.arange(B, device=dev).repeat_interleave(m))  # rows (b, draw)
+            ar = _ar_term(model, rep, (u_z0[:, d0:d1] >= alpha0).reshape(B * m, N), u_order[:, d0:d1].reshape(B * m, N), T, backend)
+            vals[:, d0:d1] = vals[:, d0:d1] + ar.view(B, m, N)
+    total = vals.sum(1)
     if with_entropy:
-        return total / n, rollout.completion_mask, ent_sum / torch.as_tensor(ent_cnt).clamp(min=1)
+        cnt = masked.sum(1)
+        return total / n, rollout.completion_mask, (ents * masked).sum(1) / cnt.clamp(min=1)
     return total / n, rollout.completion_mask
 
 

@@ -21,7 +21,6 @@ discretisation, and an estimator's distance to its own expectation is its Monte 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from pathlib import Path
@@ -185,11 +184,7 @@ def likelihood_decomposition(cfg, selected: dict, policy_dir: str, rewards, base
         for j in range(d.ll_orders):
             g = make_generator(cfg.seeds[0], Stream.DIAG_TRAJ, bi, j)
             traj = sched.sample(ro.batch_size, ro.num_new, g)
-            order = traj.order.to(ro.order.device)
-            sizes = traj.step_sizes.to(ro.order.device)
-            ranks = torch.repeat_interleave(torch.arange(1, len(sizes) + 1, device=order.device), sizes)
-            steps = torch.empty_like(order).scatter_(1, order, ranks.expand_as(order).contiguous())
-            vals.append(seq(dataclasses.replace(ro, order=order, step_sizes=sizes, steps=steps), "exact"))
+            vals.append(seq(ro.with_trajectory(traj.order, traj.step_sizes), "exact"))
         tstep.append(torch.stack(vals).mean(0))
         cont.append(seq(ro, "mc_elbo", n=d.ll_elbo_n, alpha0=a0, seed=777))
         for a in cfg.arms:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from .schedule import validate_trajectory
+from .schedule import Trajectory, validate_trajectory
 
 
 @dataclass
@@ -66,7 +66,7 @@ class Rollout:
         if self.step_sizes.dim() != 1:
             raise ValueError(f"rollout.step_sizes must be one (K,) vector shared by the batch, got shape {tuple(self.step_sizes.shape)}")
         validate_trajectory(self.order, self.step_sizes, N)
-        bad = (self.steps != steps_of(self.order, self.step_sizes)).any(1)
+        bad = (self.steps != Trajectory(self.order, self.step_sizes.to(self.order.device)).steps_by_position()).any(1)
         if bad.any():
             raise ValueError(f"rollout.steps is inconsistent with rollout.order and rollout.step_sizes (row {int(bad.nonzero()[0])}): "
                              "steps[b, order[b, i]] must be the 1-based step that reveals the i-th position")
@@ -95,7 +95,7 @@ class Rollout:
         B, N = completion_ids.shape
         if tuple(order.shape) != (B, N):
             raise ValueError(f"trajectory.order has shape {tuple(order.shape)}, the completions {(B, N)}")
-        steps = steps_of(order, sizes)
+        steps = Trajectory(order, sizes).steps_by_position()
         cm = torch.ones_like(completion_ids, dtype=torch.bool) if completion_mask is None else completion_mask.bool()
         ro = cls(prompt_ids=prompt_ids, prompt_mask=prompt_mask.bool(), completion_ids=completion_ids, order=order, step_sizes=sizes,
                  steps=steps, completion_mask=cm, text_mask=first_eos_mask(completion_ids, eos_token_id) & cm, temperature=temperature,
@@ -105,12 +105,9 @@ class Rollout:
 
     def with_trajectory(self, order: torch.Tensor, step_sizes: torch.Tensor) -> "Rollout":
         """The same tokens scored along another trajectory (``order`` ``(B, N)``, ``step_sizes``
-        ``(K,)``): the steps follow from them (:func:`steps_of`)."""
-        import dataclasses
-
-        order = order.to(self.order.device)
-        sizes = step_sizes.to(self.order.device)
-        return dataclasses.replace(self, order=order, step_sizes=sizes, steps=steps_of(order, sizes))
+        ``(K,)``): the steps follow from them (``Trajectory.steps_by_position``)."""
+        traj = Trajectory(order.to(self.order.device), step_sizes.to(self.order.device))
+        return replace(self, order=traj.order, step_sizes=traj.step_sizes, steps=traj.steps_by_position())
 
     def to(self, device) -> "Rollout":
         return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)})
@@ -132,13 +129,6 @@ class Rollout:
                 toks = toks[:-1]
             out.append(tokenizer.decode(toks, skip_special_tokens=skip_special_tokens))
         return out
-
-
-def steps_of(order: torch.Tensor, step_sizes: torch.Tensor) -> torch.Tensor:
-    """``(B, N)`` 1-based step of each completion position: the positions ``order[b, i]`` are
-    revealed in blocks of ``step_sizes`` (``steps[b, order[b, i]]`` = the block of ``i``)."""
-    ranks = torch.repeat_interleave(torch.arange(1, len(step_sizes) + 1, device=order.device), step_sizes.to(order.device))
-    return torch.empty_like(order).scatter_(1, order, ranks.expand_as(order).contiguous())
 
 
 def check_left_padded(prompt_mask: torch.Tensor, name: str = "prompt_mask") -> None:

@@ -32,7 +32,9 @@ from common import (  # noqa: E402
 
 import torch  # noqa: E402
 
-ESTIMATORS = ("plain", "exact", "replay", "mc_elbo", "one_step", "coupled")  # the default set measured (plain + the registry's)
+from esorl.likelihood import REGISTRY  # noqa: E402
+
+ESTIMATORS = ("plain",) + tuple(REGISTRY)  # the default set measured: a plain forward and every registered estimator
 
 
 def make_rollout(model, B: int, P: int, N: int, T: int, alpha0: float, seed: int, device):

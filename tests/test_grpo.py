@@ -180,6 +180,7 @@ def test_python_api_and_trls_reward_contract(policy_dir, tmp_path):
         # (the tiny policy rarely emits EOS, so this mostly checks the uncut case; the cut
         # itself is checked in test_mask_truncated_completions_means_no_eos, where EOS is likely)
         assert 1 <= len(ids) <= 6 and (tok.eos_token_id not in ids[:-1])
+        assert ids[-1] == tok.eos_token_id or len(ids) == 6  # cut just after the first EOS, or uncut (all N tokens)
         assert tok.decode([i for i in ids if i != tok.eos_token_id], skip_special_tokens=True) == text
     recs = read_metrics(tmp_path / "out" / "metrics.jsonl")
     assert [r["step"] for r in recs if "loss" in r] == [1, 2]

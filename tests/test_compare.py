@@ -376,3 +376,25 @@ def test_fresh_clone_chain_pretrain_then_learned_reward(tmp_path, monkeypatch):
     run_compare(load_config(CompareConfig, None, [], base=main))
     assert (tmp_path / "runs" / "cmp" / "report.md").exists()
     assert (tmp_path / "runs" / "cmp" / "runs" / "one_step" / "s0" / "model" / "config.json").exists()
+
+
+def test_exact_kl_reuses_the_exact_reference_scoring(policy_dir, tmp_path):
+    """With an exact loss and β > 0 the reference has just been scored exactly: exact_kl reuses
+    those log-probs (no second reference forward), and they equal a fresh reference forward."""
+    rec = load_config(GRPORecipe, None, [], base=recipe_dict(policy_dir, tmp_path / "run", tmp_path / "cache", likelihood="exact", beta=0.1,
+                                                              log_exact_kl=True))
+    tr = build_grpo_trainer(rec, [EvenIdReward(policy_dir)], [1.0])
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(1)
+        for p in tr.model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    seen = {}
+    real_log, real_from = tr._log_exact_kl, tr._exact_kl_from
+    tr._log_exact_kl = lambda ro, ref=None: (seen.setdefault("reused", ref is not None), real_log(ro, ref))[1]
+    tr._exact_kl_from = lambda ro, ref: (seen.setdefault("ref", ref), real_from(ro, ref))[1]
+    out = tr.sample_batch(tr.rows_for(0), 0)
+    assert seen["reused"]
+    with torch.no_grad(), tr._reference() as ref_policy:
+        fresh = ref_policy.log_probs(out["rollout"], "exact")[0]
+    assert torch.allclose(seen["ref"].float(), fresh.float(), atol=1e-5)
+    assert ((out["rollout"].logp_model - fresh) * out["rollout"].completion_mask).abs().sum() > 1e-3  # the policies differ

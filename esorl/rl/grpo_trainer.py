@@ -333,7 +333,9 @@ class EsoGRPOTrainer(RecordsGradNorm, GRPOTrainer):
         self._score_old_and_ref(out, ro, mode)
         self._metrics[mode]["time/score"].append(time.perf_counter() - t0)
         if self.args.log_exact_kl and mode == "train":
-            self._log_exact_kl(ro)
+            # an exact-likelihood loss with a KL has just scored the reference exactly: reuse it
+            known = out[_REF][:, 0] if _REF in out and self.estimator_cfg.info().equals_sampler else None
+            self._log_exact_kl(ro, known)
         if self.args.objective == "wd1":
             from .objectives import wd1_weights
 
@@ -373,12 +375,16 @@ class EsoGRPOTrainer(RecordsGradNorm, GRPOTrainer):
             out[_REF] = torch.stack(lps, 1).expand(-1, mu, -1).clone() if deterministic else torch.stack(lps, 1)
 
     @torch.no_grad()
-    def _log_exact_kl(self, ro: Rollout) -> None:
+    def _log_exact_kl(self, ro: Rollout, ref: torch.Tensor | None = None) -> None:
         """``exact_kl``: ``E_y [log π(y, τ) − log π_ref(y, τ)] / N`` over the generation batch
         (nats per completion token), both terms the *exact* trajectory log-likelihoods
         (docs/ESOLM.md §4): the policy's are the sampler's recorded ones, the reference's one
         forward. An unbiased estimate of the trajectory KL per token (k1: a batch value can be
-        negative), identical in meaning for every estimator the loss uses."""
+        negative), identical in meaning for every estimator the loss uses. ``ref``: the
+        reference's exact log-probs ``[B, N]`` when already scored (no second forward)."""
+        if ref is not None:
+            self._exact_kl_from(ro, ref.to(ro.logp_model.device))
+            return
         if self._kl_ref_model is not None:
             if next(self._kl_ref_model.parameters()).device != self.accelerator.device:
                 self._kl_ref_model.to(self.accelerator.device)
@@ -390,6 +396,9 @@ class EsoGRPOTrainer(RecordsGradNorm, GRPOTrainer):
         with ctx as ref_policy:
             ref = torch.cat([ref_policy.log_probs(ro.index(torch.arange(i, min(i + mb, ro.batch_size), device=ro.order.device)), "exact")[0]
                              for i in range(0, ro.batch_size, mb)])
+        self._exact_kl_from(ro, ref)
+
+    def _exact_kl_from(self, ro: Rollout, ref: torch.Tensor) -> None:
         valid = ro.completion_mask.to(ref.dtype)
         diff = ((ro.logp_model.to(ref.dtype) - ref) * valid).sum()
         tot = self.accelerator.gather(torch.stack([diff, valid.sum()]).float()[None]).sum(0)

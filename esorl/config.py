@@ -2,7 +2,7 @@
 
 A config is a (nested) dataclass whose fields carry their documentation in
 ``field(metadata={"help": ...})`` or in the class docstring. ``load_config`` reads a YAML
-file, applies dotted overrides (``optim.lr=3e-4``), rejects unknown keys and ill-typed
+file, applies dotted overrides (``training.learning_rate=3e-4``), rejects unknown keys and ill-typed
 values naming the field, then calls the config's ``validate()`` if it has one.
 """
 
@@ -90,10 +90,34 @@ def _coerce(value: Any, tp, name: str):
     return value
 
 
+def renamed_fields(cls, data: dict) -> list[str]:
+    """``"old was renamed to new"`` for every field of ``data`` (a recipe mapping) that ``cls.RENAMED``
+    (``{old dotted name or section: what replaced it}``) lists: a recipe written for an
+    earlier esorl names each such field, all at once, before any work."""
+    table = getattr(cls, "RENAMED", {})
+    if not table or not isinstance(data, dict):
+        return []
+    flat: list[str] = []
+
+    def walk(d, pre):
+        for k, v in d.items():
+            flat.append(pre + str(k))
+            if isinstance(v, dict):
+                walk(v, f"{pre}{k}.")
+
+    walk(data, "")
+    return [f"{path} was renamed to {table[path]}" for path in flat if path in table]
+
+
 def from_dict(cls, data: dict, prefix: str = ""):
-    """Build ``cls`` from a mapping; unknown keys and bad types raise :class:`ConfigError`."""
+    """Build ``cls`` from a mapping; unknown keys and bad types raise :class:`ConfigError`,
+    and a field an earlier esorl called otherwise (``cls.RENAMED``) says what it is called now."""
     if not isinstance(data, dict):
         raise ConfigError(f"config {prefix or cls.__name__} expects a mapping, got {type(data).__name__}")
+    old = renamed_fields(cls, data)
+    if old:
+        raise ConfigError(f"{cls.__name__}: esorl now uses the Hugging Face TrainingArguments / TRL names: "
+                          + "; ".join(f"{prefix}{o}" for o in old) + ". Rename them in the recipe or override (esorl config lists every field).")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
@@ -206,9 +230,18 @@ def describe(cls, prefix: str = "") -> list[str]:
             lines += describe(typing.get_args(tp)[0], prefix + f.name + "[].")
             continue
         default = f.default if f.default is not dataclasses.MISSING else (f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
-        h = f.metadata.get("help")
+        h = f.metadata.get("help") or _inherited_help(cls, f.name)
         lines.append(f"{prefix}{f.name}: {getattr(tp, '__name__', str(tp))} = {default!r}" + (f"  # {h}" if h else ""))
     return lines
+
+
+def _inherited_help(cls, name: str) -> str | None:
+    """The help of a field a subclass redeclares only to change its default."""
+    for klass in cls.__mro__[1:]:
+        f = getattr(klass, "__dataclass_fields__", {}).get(name)
+        if f is not None and f.metadata.get("help"):
+            return f.metadata["help"]
+    return None
 
 
 def describe_fields(cls, prefix: str) -> list[str]:

@@ -43,7 +43,7 @@ def _peak_memory_mb(device) -> float:
 
 def evaluate_grid(policy, task: str, prompts: list[str], columns: dict, samples: int, grid: list[tuple[float, int, int]], seed: int = 0,
                   batch_size: int = 64, rendering: str = "compact", progress: bool = True) -> list[dict]:
-    """Score ``samples`` completions per prompt at every ``(alpha0, steps, max_new_tokens)``.
+    """Score ``samples`` completions per prompt at every ``(alpha0, steps, max_completion_length)``.
 
     ``columns``: the task dataset's columns for the reward (``entry``/``answer``), aligned with
     ``prompts``. Returns one record per grid point (see the module docstring)."""
@@ -78,7 +78,7 @@ def evaluate_grid(policy, task: str, prompts: list[str], columns: dict, samples:
         wall = time.time() - t0
         per_prompt = [sum(correct[i * samples : (i + 1) * samples]) for i in range(len(prompts))]
         passk = {str(k): sum(pass_at_k(samples, int(c), k) for c in per_prompt) / len(prompts) for k in range(1, samples + 1)}
-        out.append({"alpha0": alpha0, "steps": steps, "max_new_tokens": n_new, "accuracy": sum(correct) / len(correct),
+        out.append({"alpha0": alpha0, "steps": steps, "max_completion_length": n_new, "accuracy": sum(correct) / len(correct),
                     "pass_at_k": passk, "nfe": sum(nfes) / len(nfes), "seconds": wall,
                     "tokens_per_s": len(rep_prompts) * n_new / max(wall, 1e-9), "peak_memory_mb": _peak_memory_mb(dev),
                     "prompts": len(prompts), "samples": samples})
@@ -104,12 +104,12 @@ def write_outputs(records: list[dict], out: Path, meta: dict) -> dict:
              "NFEs = forward passes of the KV-cached sampler per batch (its steps).", "", head,
              "|" + "---|" * (8 + len(ks))]
     for r in records:
-        lines.append(f"| {r['alpha0']} | {r['steps']} | {r['max_new_tokens']} | {r['nfe']:.1f} | {r['accuracy']:.3f} | "
+        lines.append(f"| {r['alpha0']} | {r['steps']} | {r['max_completion_length']} | {r['nfe']:.1f} | {r['accuracy']:.3f} | "
                      + " | ".join(f"{r['pass_at_k'][k]:.3f}" for k in ks) + f" | {r['tokens_per_s']:.0f} | {r['seconds']:.1f} | {r['peak_memory_mb']:.0f} |")
     (out / "eval.md").write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(6, 4))
-    for n in sorted({r["max_new_tokens"] for r in records}):
-        pts = sorted(((r["nfe"], r["accuracy"], r) for r in records if r["max_new_tokens"] == n), key=lambda x: (x[0], x[1]))
+    for n in sorted({r["max_completion_length"] for r in records}):
+        pts = sorted(((r["nfe"], r["accuracy"], r) for r in records if r["max_completion_length"] == n), key=lambda x: (x[0], x[1]))
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"N = {n}")
         for x, y, r in pts:
             ax.annotate(f"α0={r['alpha0']}, T={r['steps']}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
@@ -132,7 +132,7 @@ def main(argv=None):
     p.add_argument("--samples", type=int, default=4, help="completions per prompt (pass@k for k = 1..samples)")
     p.add_argument("--alpha0", type=_floats, default=[1.0], help="comma list of sampling α0 values")
     p.add_argument("--steps", type=_ints, default=[8], help="comma list of diffusion step counts T")
-    p.add_argument("--max-new-tokens", type=_ints, default=[16], help="comma list of generation lengths N")
+    p.add_argument("--max-completion-length", type=_ints, default=[16], help="comma list of generation lengths N")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="task split seed and sampling seed")
     p.add_argument("--source", default="", help="GSM8K: a local directory with test.jsonl (default: the hub's openai/gsm8k)")
@@ -159,8 +159,8 @@ def main(argv=None):
         ds = ds.select(range(min(a.num_prompts, len(ds))))
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = EsoLMModel.from_pretrained(a.model).to(device).eval()
-    policy = EsoPolicy(model, load_tokenizer(a.model), SamplingConfig(a.max_new_tokens[0], temperature=a.temperature))
-    grid = [(x, t, n) for n in a.max_new_tokens for x in a.alpha0 for t in a.steps]
+    policy = EsoPolicy(model, load_tokenizer(a.model), SamplingConfig(a.max_completion_length[0], temperature=a.temperature))
+    grid = [(x, t, n) for n in a.max_completion_length for x in a.alpha0 for t in a.steps]
     recs = evaluate_grid(policy, a.task, list(ds["prompt"]), {"entry": list(ds["entry"]), "answer": list(ds["answer"])}, a.samples, grid,
                          a.seed, a.batch_size, a.rendering)
     meta = {"model": a.model, "task": a.task, "rendering": a.rendering, "split": a.split, "samples": a.samples, "seed": a.seed,

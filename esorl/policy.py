@@ -115,7 +115,7 @@ class EsoPolicy:
         sample ids. Runs in eval mode (dropout off)."""
         s = sampling or self.sampling
         pid, pm = self.encode_prompts(prompts)
-        N = s.max_new_tokens
+        N = s.max_completion_length
         # step sizes: one draw per (seed, step), shared by the whole global batch; orders: one
         # draw per (seed, step, sample) — the same rollout on any number of ranks
         rows = [make_generator(seed, Stream.TRAJ, step, int(i)) for i in sample_ids]

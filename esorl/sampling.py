@@ -34,12 +34,12 @@ from .static_sampling import static_decode
 class SamplingConfig:
     """How completions are generated.
 
-    max_new_tokens: completion length N (every position is generated; text stops at EOS).
+    max_completion_length: completion length N (every position is generated; text stops at EOS).
     schedule: the trajectory (unified ``(alpha0, num_steps)`` by default, docs/ESOLM.md §3).
     temperature / top_k / top_p: sampling distribution (RL recipes keep ``top_p = 1``).
     """
 
-    max_new_tokens: int = 32
+    max_completion_length: int = 32
     schedule: ScheduleConfig = None  # type: ignore[assignment]
     temperature: float = 1.0
     top_k: int = 0
@@ -50,8 +50,8 @@ class SamplingConfig:
             self.schedule = ScheduleConfig()
 
     def validate(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.max_completion_length < 1:
+            raise ValueError(f"sampling.max_completion_length must be >= 1, got {self.max_completion_length}")
         if self.temperature <= 0:
             raise ValueError(f"sampling.temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -77,7 +77,7 @@ def generate(
     model,
     prompt_ids: torch.Tensor,
     prompt_mask: torch.Tensor,
-    max_new_tokens: int,
+    max_completion_length: int,
     trajectory: Trajectory | ScheduleConfig | None = None,
     temperature: float = 1.0,
     top_k: int = 0,
@@ -91,7 +91,7 @@ def generate(
     teacher_tokens: torch.Tensor | None = None,
     cuda_graphs: bool | None = None,
 ) -> Rollout:
-    """Generate ``max_new_tokens`` tokens after each (left-padded) prompt.
+    """Generate ``max_completion_length`` tokens after each (left-padded) prompt.
 
     Args:
         trajectory: a :class:`Trajectory` (order per row, shared step sizes) or a
@@ -111,20 +111,20 @@ def generate(
     """
     device = prompt_ids.device
     B, P = prompt_ids.shape
-    N = max_new_tokens
+    N = max_completion_length
     cfg = model_config(model)
     if N < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {N}")
+        raise ValueError(f"max_completion_length must be >= 1, got {N}")
     if prompt_mask.shape != prompt_ids.shape:
         raise ValueError(f"prompt_mask {tuple(prompt_mask.shape)} must have the shape of prompt_ids {tuple(prompt_ids.shape)}")
     check_left_padded(prompt_mask)
     if teacher_tokens is not None and tuple(teacher_tokens.shape) != (B, N):
-        raise ValueError(f"teacher_tokens has shape {tuple(teacher_tokens.shape)}, expected (B, max_new_tokens) = {(B, N)}")
+        raise ValueError(f"teacher_tokens has shape {tuple(teacher_tokens.shape)}, expected (B, max_completion_length) = {(B, N)}")
     plen = int(prompt_mask.long().sum(1).max()) if P else 0
     if plen > cfg.max_seq_len:
         raise ValueError(f"prompt of {plen} tokens is longer than the model context max_seq_len={cfg.max_seq_len}")
     if plen + N > cfg.max_seq_len:
-        raise ValueError(f"max_new_tokens={N} does not fit: longest prompt {plen} + {N} > model context max_seq_len={cfg.max_seq_len}")
+        raise ValueError(f"max_completion_length={N} does not fit: longest prompt {plen} + {N} > model context max_seq_len={cfg.max_seq_len}")
     if trajectory is None:
         trajectory = ScheduleConfig()
     if isinstance(trajectory, ScheduleConfig):

@@ -48,8 +48,8 @@ def test_recipe_commands_need_a_config(tmp_path):
 
 
 @pytest.mark.parametrize("cmd,override,needle", [
-    ("pretrain", "train.max_stepz=3", "train.max_stepz"),
-    ("sft", "optim.lr=fast", "optim.lr"),
+    ("pretrain", "training.max_stepz=3", "training.max_stepz"),
+    ("sft", "training.learning_rate=fast", "training.learning_rate"),
     ("grpo", "grpo.num_generations=1", "at least 2 generations per prompt"),
     ("ppo", "ppo.learning_rat=1", "ppo.learning_rat"),
     ("compare", "seeds=[0]", "compare"),
@@ -73,8 +73,8 @@ def test_sample_and_score_errors(tmp_path):
     (tmp_path / "bert").mkdir()
     (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
     one_line_error(esorl("score", "--model", str(tmp_path / "bert"), cwd=tmp_path), "'bert' model, not an Eso-LM")
-    one_line_error(esorl("sample", "--model", "x", "--max-new-tokens", "-3", cwd=tmp_path), "--max-new-tokens: must be >= 1")
-    one_line_error(esorl("sample", "--model", "x", "--max-new-tokens", "0", cwd=tmp_path), "--max-new-tokens: must be >= 1")
+    one_line_error(esorl("sample", "--model", "x", "--max-completion-length", "-3", cwd=tmp_path), "--max-completion-length: must be >= 1")
+    one_line_error(esorl("sample", "--model", "x", "--max-completion-length", "0", cwd=tmp_path), "--max-completion-length: must be >= 1")
     one_line_error(esorl("score", "--model", "x", "--estimators", "exact,nope", cwd=tmp_path), "unknown ['nope']", "mc_elbo")
 
 

@@ -363,7 +363,7 @@ def test_fresh_clone_chain_pretrain_then_learned_reward(tmp_path, monkeypatch):
     pre["model"].update(hidden_size=32, n_layers=1, n_heads=2, cond_dim=16)
     pre["data"]["synthetic_size"] = 400
     pre["train"].update(max_steps=2, eval_every=2, eval_batches=1, save_every=2)
-    pre["logging"] = {"wandb_mode": "disabled", "log_every": 1}
+    pre["logging"] = {"wandb_mode": "disabled"}
     (tmp_path / "pre.yaml").write_text(yaml.safe_dump(pre))
     main = yaml.safe_load((REPO / "recipes" / "compare" / "synthetic_cpu.yaml").read_text())
     main["policy"] = {"init_from": "runs/pre/model", "pretrain_recipe": "pre.yaml"}

@@ -732,7 +732,7 @@ def _spliced_ckpt(path: Path, payload: bytes, where: str, fmt: str) -> Path:
     sd = {"backbone.vocab_embed.embedding": torch.randn(5, 4), "backbone.sigma_map.mlp.0.weight": torch.randn(4, 8)}
     ema = [torch.randn(5, 4), torch.randn(4, 8)]
     obj = {"state_dict": sd, "ema": {"decay": 0.9, "num_updates": 1, "shadow_params": ema}, "global_step": 1,
-           "hyper_parameters": {"config": {"lr": 1e-4}}}  # fmt: skip
+           "hyper_parameters": {"config": {"learning_rate": 1e-4}}}  # fmt: skip
     if where == "config":
         obj["hyper_parameters"]["config"]["evil"] = key
     elif where == "ema":

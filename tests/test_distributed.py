@@ -17,10 +17,10 @@ TINY = {
     "model": {"hidden_size": 32, "n_layers": 2, "n_heads": 2, "cond_dim": 16},
     "data": {"source": "synthetic", "synthetic_size": 400, "seq_len": 24, "truncate": True},
     "objective": {"alpha0": 0.25, "batch_split": 0.5},
-    "optim": {"lr": 3.0e-3, "warmup_steps": 2},
-    "train": {"max_steps": 2, "batch_size": 8, "micro_batch_size": 4, "eval_every": 0, "eval_batches": 2, "save_every": 0,
-              "mixed_precision": "no", "attention_backend": "sdpa", "ema_decay": 0.9},
-    "logging": {"wandb_mode": "disabled", "log_every": 1},
+    "training": {"learning_rate": 3.0e-3, "warmup_steps": 2,
+                 "max_steps": 2, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "per_device_eval_batch_size": 4, "eval_steps": 0, "eval_batches": 2, "save_steps": 0,
+              "bf16": False, "attention_backend": "sdpa", "logging_steps": 1, "ema_decay": 0.9},
+    "logging": {"wandb_mode": "disabled"},
 }
 
 

@@ -1,7 +1,7 @@
 """Every precision a user can select, on CPU: bf16 autocast (what every shipped GPU recipe
 sets), fp16 autocast, bf16 weights (DeepSpeed's bf16 casts the model), float64 (tests).
 
-Regression: ``grpo.mixed_precision=bf16`` crashed the first rollout (the static KV cache was
+Regression: ``bf16`` (then ``mixed_precision=bf16``) crashed the first rollout (the static KV cache was
 allocated in the parameters' float32 while autocast computes bf16 K/V). Each runner runs a
 few steps under bf16 autocast; each sampler and estimator runs under each precision, and
 its log-probs agree with the float32 ones to the precision's resolution.
@@ -89,7 +89,7 @@ def test_float64_sampler_equals_exact():
 
 
 def test_pretrain_and_sft_bf16(tmp_path):
-    run_pretrain(tiny_cfg(tmp_path, **{"train.mixed_precision": "bf16", "train.max_steps": 3}))
+    run_pretrain(tiny_cfg(tmp_path, **{"training.bf16": True, "training.max_steps": 3}))
     recs = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert all(math.isfinite(r["train/loss"]) for r in recs if "train/loss" in r)
     assert (tmp_path / "run" / "model" / "model.safetensors").exists()
@@ -101,10 +101,10 @@ def test_sft_bf16(tmp_path, policy_dir):
     cfg = load_config(SFTConfig, None, [], base={
         "model": {"init_from": str(policy_dir)},
         "data": {"source": "synthetic", "synthetic_size": 200, "seq_len": 32, "truncate": True, "cache_dir": str(tmp_path / "cache")},
-        "optim": {"lr": 3e-3},
-        "train": {"max_steps": 3, "batch_size": 8, "micro_batch_size": 8, "eval_every": 3, "eval_batches": 1, "save_every": 3,
-                  "output_dir": str(tmp_path / "run"), "mixed_precision": "bf16", "attention_backend": "sdpa"},
-        "logging": {"wandb_mode": "disabled", "log_every": 1}})
+        "training": {"learning_rate": 3e-3,
+                     "max_steps": 3, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "per_device_eval_batch_size": 8, "eval_steps": 3, "eval_batches": 1, "save_steps": 3,
+                  "output_dir": str(tmp_path / "run"), "bf16": True, "attention_backend": "sdpa", "logging_steps": 1},
+        "logging": {"wandb_mode": "disabled"}})
     run_sft(cfg)
     recs = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert len([r for r in recs if "train/loss" in r]) == 3 and all(math.isfinite(r.get("train/loss", 0)) for r in recs)
@@ -121,8 +121,8 @@ def test_grpo_bf16_every_estimator(policy_dir, tmp_path, likelihood):
 
 @pytest.mark.parametrize("likelihood", ["exact", "mc_elbo"])
 def test_ppo_bf16(policy_dir, tmp_path, likelihood):
-    rec = load_config(PPORecipe, None, [], base=ppo_recipe_dict(policy_dir, tmp_path / "run", tmp_path / "cache", mixed_precision="bf16",
-                                                                likelihood=likelihood, kl_coef=0.05, mc_samples=2, num_ppo_epochs=2))
+    rec = load_config(PPORecipe, None, [], base=ppo_recipe_dict(policy_dir, tmp_path / "run", tmp_path / "cache", bf16=True,
+                                                                likelihood=likelihood, kl_coef=0.05, mc_samples=2, num_iterations=2))
     EsoPPOTrainer(rec, reward_funcs=[EvenIdReward(policy_dir)], reward_weights=[1.0]).run()
     recs = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert len(recs) == 2 and all(math.isfinite(r["loss/total"]) and math.isfinite(r["value/mean"]) for r in recs)

@@ -29,8 +29,8 @@ def policy_dir(tmp_path_factory):
 
 
 def ppo_recipe_dict(policy_dir, out_dir, cache, **ppo) -> dict:
-    p = {"output_dir": str(out_dir), "learning_rate": 3e-3, "max_steps": 2, "per_device_train_batch_size": 8, "num_ppo_epochs": 1,
-         "num_mini_batches": 1, "response_length": 6, "diffusion_steps": 3, "sampling_alpha0": 1.0, "kl_coef": 0.0, "save_steps": 0,
+    p = {"output_dir": str(out_dir), "learning_rate": 3e-3, "max_steps": 2, "per_device_train_batch_size": 8, "num_iterations": 1,
+         "num_mini_batches": 1, "max_completion_length": 6, "diffusion_steps": 3, "sampling_alpha0": 1.0, "kl_coef": 0.0, "save_steps": 0,
          "eval_steps": 0, "attention_backend": "sdpa", "log_completions": False, "num_completions_to_print": 0}
     p.update(ppo)
     return {
@@ -50,15 +50,15 @@ def trainer(policy_dir, tmp_path, **ppo):
 # ----------------------------------------------------------------------------- pure pieces
 
 
-def test_config_keeps_trl_ppo_names():
+def test_config_keeps_trl_names():
     import dataclasses
 
     ours = {f.name for f in dataclasses.fields(EsoPPOConfig)}
-    trl_ppo = {"learning_rate", "num_ppo_epochs", "num_mini_batches", "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps",
-               "gamma", "lam", "cliprange", "cliprange_value", "vf_coef", "kl_coef", "kl_estimator", "whiten_rewards", "max_grad_norm", "seed",
-               "output_dir", "logging_steps", "save_steps", "eval_steps", "save_total_limit", "temperature", "response_length",
+    trl_ppo = {"learning_rate", "num_iterations", "num_mini_batches", "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps",
+               "gamma", "lam", "epsilon", "cliprange_value", "vf_coef", "kl_coef", "kl_estimator", "whiten_rewards", "max_grad_norm", "seed",
+               "output_dir", "logging_steps", "save_steps", "eval_steps", "save_total_limit", "temperature", "max_completion_length",
                "local_rollout_forward_batch_size", "missing_eos_penalty"}
-    eso = {"likelihood", "mc_samples", "p_mask", "sampling_alpha0", "diffusion_steps", "schedule_kind", "attention_backend", "mixed_precision"}
+    eso = {"likelihood", "mc_samples", "p_mask", "sampling_alpha0", "diffusion_steps", "schedule_kind", "attention_backend", "bf16", "fp16"}
     assert trl_ppo | eso <= ours, (trl_ppo | eso) - ours
     with pytest.raises(Exception, match="kl_estimator"):
         load_config(PPORecipe, None, ["ppo.kl_estimator=k2"])
@@ -127,7 +127,7 @@ def test_step_rewards_losses_and_whitening():
 
 
 def test_exact_pass_values_equal_clean_copies_forward(policy_dir, tmp_path):
-    tr = trainer(policy_dir, tmp_path, response_length=8, diffusion_steps=3)
+    tr = trainer(policy_dir, tmp_path, max_completion_length=8, diffusion_steps=3)
     # the trainer's own forward (float32, one pass) gives log-probs and per-step values
     lp32, _, v32 = tr.forward_mb(tr.rollout(0)["rollout"], 0)
     assert v32.shape == (8, 3) and lp32.shape == (8, 8) and lp32.requires_grad and v32.requires_grad
@@ -157,7 +157,7 @@ def test_exact_pass_values_equal_clean_copies_forward(policy_dir, tmp_path):
 
 
 def test_ppo_learns_a_trivial_reward(policy_dir, tmp_path):
-    tr = trainer(policy_dir, tmp_path, max_steps=20, learning_rate=1e-2, per_device_train_batch_size=16, num_ppo_epochs=2, num_mini_batches=1)
+    tr = trainer(policy_dir, tmp_path, max_steps=20, learning_rate=1e-2, per_device_train_batch_size=16, num_iterations=2, num_mini_batches=1)
     tr.run()
     rw = [r["reward"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
     assert sum(rw[-5:]) / 5 > sum(rw[:5]) / 5 + 0.15, rw
@@ -168,7 +168,7 @@ def test_end_to_end(policy_dir, tmp_path, est):
     # 2 epochs × 2 mini-batches × 2 micro-batches: exercises shuffling, accumulation and the
     # per-epoch old log-probs of the MC estimators
     tr = trainer(policy_dir, tmp_path, likelihood=est, max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                 num_mini_batches=2, num_ppo_epochs=2, mc_samples=2, whiten_rewards=est == "one_step")
+                 num_mini_batches=2, num_iterations=2, mc_samples=2, whiten_rewards=est == "one_step")
     assert tr.cfg.sequence_level == (est == "mc_elbo")
     out = tr.run()
     recs = read_metrics(tmp_path / "run" / "metrics.jsonl")
@@ -184,7 +184,7 @@ def test_end_to_end(policy_dir, tmp_path, est):
 
 
 def test_kl_reference_model_and_resume(policy_dir, tmp_path):
-    tr = trainer(policy_dir, tmp_path, kl_coef=0.1, kl_estimator="k3", max_steps=2, save_steps=1, num_ppo_epochs=2)
+    tr = trainer(policy_dir, tmp_path, kl_coef=0.1, kl_estimator="k3", max_steps=2, save_steps=1, num_iterations=2)
     assert tr.ref is not None  # reloaded from the policy's saved directory
     tr.run()
     recs = read_metrics(tmp_path / "run" / "metrics.jsonl")
@@ -192,7 +192,7 @@ def test_kl_reference_model_and_resume(policy_dir, tmp_path):
     assert recs[-1]["objective/non_score_reward"] < 0
     opt_state = {i: {k: v.clone() for k, v in s.items() if torch.is_tensor(v)} for i, s in tr.opt.state_dict()["state"].items()}
     head_w = tr.head.linear.weight.detach().clone()
-    tr2 = trainer(policy_dir, tmp_path, kl_coef=0.1, kl_estimator="k3", max_steps=3, save_steps=1, num_ppo_epochs=2)
+    tr2 = trainer(policy_dir, tmp_path, kl_coef=0.1, kl_estimator="k3", max_steps=3, save_steps=1, num_iterations=2)
     tr2.resume("latest")
     assert tr2.step == 2
     assert torch.equal(tr2.head.linear.weight, head_w)  # the value head is in the checkpoint

@@ -17,10 +17,11 @@ def tiny_cfg(tmp_path, **over):
         "model": {"hidden_size": 32, "n_layers": 2, "n_heads": 2, "cond_dim": 16},
         "data": {"source": "synthetic", "synthetic_size": 400, "seq_len": 24, "truncate": True, "cache_dir": str(tmp_path / "cache")},
         "objective": {"alpha0": 0.25, "batch_split": 0.5},
-        "optim": {"lr": 3e-3, "warmup_steps": 2},
-        "train": {"max_steps": 6, "batch_size": 8, "micro_batch_size": 4, "eval_every": 3, "eval_batches": 2, "save_every": 3,
-                  "output_dir": str(tmp_path / "run"), "mixed_precision": "no", "attention_backend": "sdpa"},
-        "logging": {"wandb_mode": "disabled", "log_every": 1},
+        "training": {"learning_rate": 3e-3, "warmup_steps": 2, "lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr_rate": 0.1},
+                     "max_steps": 6, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "per_device_eval_batch_size": 4,
+                     "eval_steps": 3, "eval_batches": 2, "save_steps": 3, "output_dir": str(tmp_path / "run"), "bf16": False,
+                     "attention_backend": "sdpa", "logging_steps": 1},
+        "logging": {"wandb_mode": "disabled"},
     }
     ov = [f"{k}={v}" for k, v in over.items()]
     return load_config(PretrainConfig, None, ov, base=base)
@@ -84,8 +85,9 @@ def test_nan_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
 
 def test_loss_falls_on_sst2(tmp_path):
     need_sst2()
-    cfg = tiny_cfg(tmp_path, **{"data.source": str(SST2), "data.seq_len": 32, "train.max_steps": 40, "train.save_every": 0,
-                                "train.eval_every": 0, "train.batch_size": 16, "train.micro_batch_size": 16, "model.hidden_size": 64})
+    cfg = tiny_cfg(tmp_path, **{"data.source": str(SST2), "data.seq_len": 32, "training.max_steps": 40, "training.save_steps": 0,
+                                "training.eval_steps": 0, "training.per_device_train_batch_size": 16, "training.gradient_accumulation_steps": 1,
+                                "training.per_device_eval_batch_size": 16, "model.hidden_size": 64})
     run_pretrain(cfg)
     recs = read_metrics(tmp_path / "run" / "metrics.jsonl")
     losses = [r["train/loss"] for r in recs if "train/loss" in r]
@@ -94,10 +96,10 @@ def test_loss_falls_on_sst2(tmp_path):
 
 
 def test_bad_inputs(tmp_path):
-    with pytest.raises(ConfigError, match="train.max_stepz"):
-        tiny_cfg(tmp_path, **{"train.max_stepz": 3})
-    with pytest.raises(ConfigError, match="optim.lr"):
-        tiny_cfg(tmp_path, **{"optim.lr": "fast"})
+    with pytest.raises(ConfigError, match="training.max_stepz"):
+        tiny_cfg(tmp_path, **{"training.max_stepz": 3})
+    with pytest.raises(ConfigError, match="training.learning_rate"):
+        tiny_cfg(tmp_path, **{"training.learning_rate": "fast"})
     with pytest.raises(FileNotFoundError, match="nope"):
         run_pretrain(tiny_cfg(tmp_path, **{"data.source": str(tmp_path / "nope.txt")}))
     empty = tmp_path / "empty.txt"
@@ -109,7 +111,7 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="seq_len"):
         run_pretrain(tiny_cfg(tmp_path, **{"data.source": str(longdoc), "data.eval_split": "", "data.truncate": False}))
     # a corrupted checkpoint
-    run_pretrain(tiny_cfg(tmp_path / "c", **{"train.max_steps": 3}))
+    run_pretrain(tiny_cfg(tmp_path / "c", **{"training.max_steps": 3}))
     ck = tmp_path / "c" / "run" / "checkpoints" / "step-0000003"
     for f in ck.rglob("*.safetensors"):
         f.write_bytes(b"garbage")
@@ -123,6 +125,6 @@ def test_gradient_checkpointing_keeps_the_gradient(tmp_path):
     """``train.gradient_checkpointing`` (pretraining and SFT): the same first-step gradient."""
     norms = []
     for gc in (False, True):
-        run_pretrain(tiny_cfg(tmp_path / str(gc), **{"train.max_steps": 1, "train.gradient_checkpointing": gc, "train.eval_every": 0}))
+        run_pretrain(tiny_cfg(tmp_path / str(gc), **{"training.max_steps": 1, "training.gradient_checkpointing": gc, "training.eval_steps": 0}))
         norms.append(read_metrics(tmp_path / str(gc) / "run" / "metrics.jsonl")[0]["train/grad_norm"])
     assert norms[1] == pytest.approx(norms[0], rel=1e-5)

@@ -23,13 +23,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_a_second_run_into_a_used_directory_is_refused_before_work(tmp_path):
-    run_pretrain(tiny_cfg(tmp_path, **{"train.max_steps": 2}))
+    run_pretrain(tiny_cfg(tmp_path, **{"training.max_steps": 2}))
     before = (tmp_path / "run" / "metrics.jsonl").read_text()
     with pytest.raises(RunDirError, match=r"already holds a run \(metrics.jsonl, 1 checkpoint\(s\), model/\).*--resume.*--overwrite"):
-        run_pretrain(tiny_cfg(tmp_path, **{"train.max_steps": 2, "train.seed": 1}))
+        run_pretrain(tiny_cfg(tmp_path, **{"training.max_steps": 2, "training.seed": 1}))
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == before  # untouched
     # --overwrite starts over: one history, steps once
-    run_pretrain(tiny_cfg(tmp_path, **{"train.max_steps": 3, "train.seed": 1}), overwrite=True)
+    run_pretrain(tiny_cfg(tmp_path, **{"training.max_steps": 3, "training.seed": 1}), overwrite=True)
     assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "train/loss" in r] == [1, 2, 3]
 
 
@@ -42,12 +42,12 @@ def test_a_live_owner_blocks_and_a_stale_lock_is_taken_over(tmp_path):
 
         (out / LOCK).write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname(), "started": "now", "command": "esorl pretrain ..."}))
         with pytest.raises(RunDirError, match=rf"in use by another esorl run \(pid {sleeper.pid}"):
-            run_pretrain(tiny_cfg(tmp_path, **{"train.max_steps": 1}))
+            run_pretrain(tiny_cfg(tmp_path, **{"training.max_steps": 1}))
     finally:
         sleeper.kill()
         sleeper.wait()
     # its process is gone (as after kill -9): the lock is stale and taken over
-    run_pretrain(tiny_cfg(tmp_path, **{"train.max_steps": 1}))
+    run_pretrain(tiny_cfg(tmp_path, **{"training.max_steps": 1}))
     assert not (out / LOCK).exists()  # released at the end
 
 
@@ -60,7 +60,7 @@ def test_two_concurrent_cli_runs_into_one_directory(tmp_path):
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(lambda: (tmp_path / "run" / LOCK).exists(), first)
-        second = subprocess.run([sys.executable, "-m", "esorl.cli", "pretrain", "--config", str(cfg), "train.seed=1"], cwd=tmp_path,
+        second = subprocess.run([sys.executable, "-m", "esorl.cli", "pretrain", "--config", str(cfg), "training.seed=1"], cwd=tmp_path,
                                 env=env, capture_output=True, text=True, timeout=120)
         assert second.returncode == 1 and "in use by another esorl run" in second.stderr and "Traceback" not in second.stderr, second.stderr
     finally:
@@ -69,7 +69,7 @@ def test_two_concurrent_cli_runs_into_one_directory(tmp_path):
 
 
 def _recipe(tmp_path, **train):
-    cfg = tiny_cfg(tmp_path, **{f"train.{k}": v for k, v in train.items()})
+    cfg = tiny_cfg(tmp_path, **{f"training.{k}": v for k, v in train.items()})
     from dataclasses import asdict
 
     f = tmp_path / "recipe.yaml"
@@ -109,7 +109,7 @@ def test_interrupt_saves_a_checkpoint_and_prints_the_resume_command(tmp_path, si
     cmd = line.split("Resume with: ")[1]
     assert cmd == f"esorl pretrain --config {cfg} --resume"
     # the printed command resumes (shortened so the test is quick) and the history is contiguous
-    res = subprocess.run([sys.executable, "-m", "esorl.cli", *cmd.split()[1:], f"train.max_steps={stopped + 2}"], cwd=tmp_path, env=env,
+    res = subprocess.run([sys.executable, "-m", "esorl.cli", *cmd.split()[1:], f"training.max_steps={stopped + 2}"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert _steps(tmp_path / "run" / "metrics.jsonl") == list(range(1, stopped + 3))
@@ -133,7 +133,7 @@ def test_resumed_run_continues_its_wandb_run_without_repeated_steps(tmp_path, mo
 
     monkeypatch.setattr(wandb, "init", lambda **kw: FakeRun(**kw))
     monkeypatch.setenv("WANDB_MODE", "offline")
-    over = {"logging.wandb_mode": "offline", "train.max_steps": 5, "train.save_every": 2, "train.eval_every": 0}
+    over = {"logging.wandb_mode": "offline", "training.max_steps": 5, "training.save_steps": 2, "training.eval_steps": 0}
     run_pretrain(tiny_cfg(tmp_path, **over))
     # as if it had died after logging step 5 but before its final checkpoint
     import shutil

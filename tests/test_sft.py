@@ -164,10 +164,10 @@ def test_esorl_sft_end_to_end(tmp_path):
         "model": {"init_from": str(policy)},
         "data": {"source": "synthetic", "synthetic_size": 400, "seq_len": 32, "truncate": True, "cache_dir": str(cache)},
         "objective": {"alpha0": 0.25, "batch_split": 0.5},
-        "optim": {"lr": 3e-3, "warmup_steps": 2},
-        "train": {"max_steps": 40, "batch_size": 16, "micro_batch_size": 16, "eval_every": 20, "eval_batches": 2, "save_every": 20,
-                  "output_dir": str(run), "mixed_precision": "no", "attention_backend": "sdpa", "ema_decay": 0.9},
-        "logging": {"wandb_mode": "disabled", "log_every": 1},
+        "training": {"learning_rate": 3e-3, "warmup_steps": 2,
+                     "max_steps": 40, "per_device_train_batch_size": 16, "gradient_accumulation_steps": 1, "per_device_eval_batch_size": 16, "eval_steps": 20, "eval_batches": 2, "save_steps": 20,
+                  "output_dir": str(run), "bf16": False, "attention_backend": "sdpa", "logging_steps": 1, "ema_decay": 0.9},
+        "logging": {"wandb_mode": "disabled"},
     }
     path = tmp_path / "sft.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -184,7 +184,7 @@ def test_esorl_sft_end_to_end(tmp_path):
     assert m.config.vocab_size == EsoLMModel.from_pretrained(str(policy)).config.vocab_size
     assert (run / "model" / "tokenizer.json").exists() and (run / "config.yaml").exists()
     # resume continues at step 40 with a longer schedule
-    assert cli(["sft", "--config", str(path), "--resume", "train.max_steps=43", "train.eval_every=0"]) == 0
+    assert cli(["sft", "--config", str(path), "--resume", "training.max_steps=43", "training.eval_steps=0"]) == 0
     steps = [r["step"] for r in read_metrics(run / "metrics.jsonl") if "train/loss" in r]
     assert steps == list(range(1, 44))
 
@@ -217,10 +217,10 @@ def test_sft_with_lora_trains_adapters_and_exports_merged(tmp_path):
     run = tmp_path / "run"
     d = {"model": {"init_from": str(policy)},
          "data": {"source": "synthetic", "synthetic_size": 400, "seq_len": 32, "truncate": True, "cache_dir": str(tmp_path / "cache")},
-         "objective": {"alpha0": 0.25, "batch_split": 0.5}, "optim": {"lr": 1e-2, "warmup_steps": 0},
-         "train": {"max_steps": 3, "batch_size": 8, "micro_batch_size": 8, "eval_every": 0, "save_every": 3, "output_dir": str(run),
-                   "mixed_precision": "no", "attention_backend": "sdpa", "ema_decay": 0.0},
-         "lora": {"enabled": True, "r": 4, "lora_alpha": 8}, "logging": {"wandb_mode": "disabled", "log_every": 1}}
+         "objective": {"alpha0": 0.25, "batch_split": 0.5}, "training": {"learning_rate": 1e-2, "warmup_steps": 0,
+                      "max_steps": 3, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "per_device_eval_batch_size": 8, "eval_steps": 0, "save_steps": 3, "output_dir": str(run),
+                   "bf16": False, "attention_backend": "sdpa", "logging_steps": 1, "ema_decay": 0.0},
+         "lora": {"enabled": True, "r": 4, "lora_alpha": 8}, "logging": {"wandb_mode": "disabled"}}
     res = run_sft(load_config(SFTConfig, None, [], base=d))
     base = dict(EsoLMModel.from_pretrained(str(policy)).named_parameters())
     out = EsoLMModel.from_pretrained(res["model_dir"])

@@ -165,10 +165,10 @@ def test_batches_identical_for_one_and_two_ranks():
 
 
 def test_pretraining_on_shards_resumes_exactly(tmp_path):
-    over = {"data.storage": "shards", "data.mode": "wrap", "train.max_steps": 6, "train.save_every": 3, "train.eval_every": 3}
+    over = {"data.storage": "shards", "data.mode": "wrap", "training.max_steps": 6, "training.save_steps": 3, "training.eval_steps": 3}
     run_pretrain(tiny_cfg(tmp_path / "a", **over))
     full = {r["step"]: r for r in read_metrics(tmp_path / "a" / "run" / "metrics.jsonl")}
-    run_pretrain(tiny_cfg(tmp_path / "b", **{**over, "train.max_steps": 3}))
+    run_pretrain(tiny_cfg(tmp_path / "b", **{**over, "training.max_steps": 3}))
     run_pretrain(tiny_cfg(tmp_path / "b", **over), resume="latest")
     resumed = {r["step"]: r for r in read_metrics(tmp_path / "b" / "run" / "metrics.jsonl")}
     for s in range(1, 7):
@@ -208,8 +208,8 @@ def test_owt_recipe_runs_end_to_end_on_a_local_slice(tmp_path):
     (src / "train.jsonl").write_text("".join(_json.dumps({"text": d}) + "\n" for d in docs))
     over = ["data.source=" + str(src), "data.tokenizer=train:bpe", "data.tokenizer_vocab_size=2000", "data.eval_fraction=0.05",
             f"data.cache_dir={tmp_path / 'cache'}", "data.num_proc=1", "model.hidden_size=64", "model.n_layers=2", "model.n_heads=2",
-            "model.cond_dim=32", "train.batch_size=2", "train.micro_batch_size=2", "train.max_steps=2", "train.eval_every=2",
-            "train.eval_batches=1", "train.save_every=2", f"train.output_dir={tmp_path / 'run'}", "logging.wandb_mode=disabled"]
+            "model.cond_dim=32", "training.per_device_train_batch_size=2", "training.gradient_accumulation_steps=1", "training.per_device_eval_batch_size=2", "training.max_steps=2", "training.eval_steps=2",
+            "training.eval_batches=1", "training.save_steps=2", f"training.output_dir={tmp_path / 'run'}", "logging.wandb_mode=disabled"]
     res = subprocess.run([sys.executable, "-m", "esorl.cli", "pretrain", "--config", str(REPO / "recipes/pretrain/owt_small_esolmb.yaml"), *over],
                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]

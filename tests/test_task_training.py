@@ -27,10 +27,10 @@ def _pretrain_cfg(tmp_path, task="basic_arithmetic", **over):
         "data": {"task": task, "task_size": 120, "task_test_size": 30, "eval_split": "", "eval_fraction": 0.1, "seq_len": 24,
                  "add_bos": True, "cache_dir": str(tmp_path / "cache")},
         "objective": {"alpha0": 0.25, "batch_split": 0.5},
-        "optim": {"lr": 3e-3, "warmup_steps": 2},
-        "train": {"max_steps": 3, "batch_size": 8, "micro_batch_size": 8, "eval_every": 0, "eval_batches": 1, "save_every": 0,
-                  "output_dir": str(tmp_path / "pre"), "mixed_precision": "no", "attention_backend": "sdpa"},
-        "logging": {"wandb_mode": "disabled", "log_every": 1},
+        "training": {"learning_rate": 3e-3, "warmup_steps": 2,
+                     "max_steps": 3, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "per_device_eval_batch_size": 8, "eval_steps": 0, "eval_batches": 1, "save_steps": 0,
+                  "output_dir": str(tmp_path / "pre"), "bf16": False, "attention_backend": "sdpa", "logging_steps": 1},
+        "logging": {"wandb_mode": "disabled"},
     }
     return load_config(PretrainConfig, None, [f"{k}={v}" for k, v in over.items()], base=base)
 
@@ -75,7 +75,7 @@ def test_corpus_is_the_train_split_and_tokenizes_whole(tmp_path, name):
 
         held = {canonical_expression(p[: -len(" =")]) for p in test_prompts}
         assert not any(canonical_expression(line.rsplit(" =", 1)[0]) in held for line in lines)
-    tok, data = prepare_data(cfg.data, cfg.train.seed)
+    tok, data = prepare_data(cfg.data, cfg.training.seed)
     # word-level: every whitespace word is one token, none unknown, and the text round-trips
     for line in lines:
         ids = tok(line, add_special_tokens=False)["input_ids"]
@@ -140,9 +140,9 @@ def test_task_pretrain_then_sft_end_to_end(tmp_path):
 
     recipe = {"model": {"init_from": str(model)},
               "data": {"task": "mini_sudoku", "task_size": 120, "task_test_size": 30, "seq_len": 16, "cache_dir": str(tmp_path / "cache")},
-              "train": {"max_steps": 2, "batch_size": 8, "micro_batch_size": 8, "eval_every": 0, "eval_batches": 1, "save_every": 0,
-                        "output_dir": str(tmp_path / "sft"), "mixed_precision": "no", "attention_backend": "sdpa"},
-              "logging": {"wandb_mode": "disabled", "log_every": 1}}
+              "training": {"max_steps": 2, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "per_device_eval_batch_size": 8, "eval_steps": 0, "eval_batches": 1, "save_steps": 0,
+                        "output_dir": str(tmp_path / "sft"), "bf16": False, "attention_backend": "sdpa", "logging_steps": 1},
+              "logging": {"wandb_mode": "disabled"}}
     path = tmp_path / "sft.yaml"
     path.write_text(yaml.safe_dump(recipe))
     assert cli(["sft", "--config", str(path)]) == 0
@@ -167,9 +167,9 @@ def test_task_cpu_recipes_load_and_agree(task):
         sft = load_config(SFTConfig, f"recipes/sft/{task}_cpu.yaml")
         assert (sft.data.task, sft.data.task_rendering, sft.data.seq_len) == (task, "compact", pre.data.seq_len)
         assert (pre.data.task_size, pre.data.task_seed, pre.data.task_test_size) == (sft.data.task_size, sft.data.task_seed, sft.data.task_test_size)
-        assert rl.policy.init_from == sft.train.output_dir + "/model"
+        assert rl.policy.init_from == sft.training.output_dir + "/model"
     else:
-        assert rl.policy.init_from == pre.train.output_dir + "/model" and rl.policy.pretrain_recipe == f"recipes/pretrain/{task}_cpu.yaml"
+        assert rl.policy.init_from == pre.training.output_dir + "/model" and rl.policy.pretrain_recipe == f"recipes/pretrain/{task}_cpu.yaml"
 
 
 def test_caches_are_keyed_by_the_split_rule(tmp_path):

@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 from esorl.config import load_config
 from esorl.rl.grpo import GRPORecipe, build_grpo_trainer, run_grpo
 from esorl.rl.ppo import EsoPPOTrainer, PPORecipe
-from esorl.train.common import MAX_CONSECUTIVE_SKIPPED, CheckpointError, TrainingDiverged, lr_factor, read_metrics
+from esorl.train.arguments import lr_factor
+from esorl.train.common import MAX_CONSECUTIVE_SKIPPED, CheckpointError, TrainingDiverged, read_metrics
 from esorl.train.pretrain import run_pretrain
 
 from rl_fixtures import EvenIdReward, make_tiny_policy, recipe_dict
@@ -171,17 +172,17 @@ def test_rl_nan_gradient_is_skipped_not_applied_or_checkpointed(policy_dir, tmp_
     tr = make(policy_dir, tmp_path, max_steps=3, save_steps=1)
     params = [p for p in tr.model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
-    real_step_once = tr.step_once
+    real_train_step = tr.train_step
     snapshots = []
 
-    def step_once(t0):
+    def train_step():
         if tr.step == 0:
             poison_grad_once(params[0])
-        out = real_step_once(t0)
+        out = real_train_step()
         snapshots.append([p.detach().clone() for p in params])
         return out
 
-    tr.step_once = step_once
+    tr.train_step = train_step
     tr.run()
     # step 1's update was dropped: weights equal the initial ones; step 2 updated again
     assert all(torch.equal(a, b) for a, b in zip(before, snapshots[0]))
@@ -213,7 +214,7 @@ def test_pretrain_nan_gradient_is_skipped(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pt, "hybrid_loss", poisoned)
     # one micro-batch per step, so the poisoned gradient is the step's whole gradient
-    run_pretrain(tiny_cfg(tmp_path, **{"train.micro_batch_size": 8, "train.save_every": 1}))
+    run_pretrain(tiny_cfg(tmp_path, **{"training.per_device_train_batch_size": 8, "training.gradient_accumulation_steps": 1, "training.save_steps": 1}))
     assert all(torch.equal(a, b) for a, b in zip(snapshots["before"], snapshots["after"]))
     recs = read_metrics(tmp_path / "run" / "metrics.jsonl")
     skipped = {r["step"]: r["train/skipped_updates"] for r in recs if "train/skipped_updates" in r}
@@ -225,17 +226,20 @@ def test_pretrain_nan_gradient_is_skipped(tmp_path, monkeypatch):
 
 
 def test_lr_factor_warmup_and_cosine():
-    assert [lr_factor(s, 4, "constant", 5) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
-    cos = [lr_factor(s, 0, "cosine", 4) for s in range(4)]
+    """transformers' schedules as pure functions of the update (the first warm-up update at 0,
+    as Trainer's LambdaLR; cosine_with_min_lr floors at min_lr_rate)."""
+    assert [lr_factor(s, "constant_with_warmup", 4, 5) for s in range(5)] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert [lr_factor(s, "constant", 4, 5) for s in range(5)] == [1.0] * 5  # transformers' constant has no warm-up
+    cos = [lr_factor(s, "cosine", 0, 4) for s in range(4)]
     assert cos[0] == 1.0 and all(a > b > 0 for a, b in zip(cos, cos[1:]))
-    assert lr_factor(3, 0, "cosine", 4, 0.1) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 3 / 4)))
-    with pytest.raises(ValueError, match="linear"):
-        lr_factor(0, 0, "linear", 4)
+    assert lr_factor(3, "cosine_with_min_lr", 0, 4, {"min_lr_rate": 0.1}) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 3 / 4)))
+    with pytest.raises(ValueError, match="reduce_lr_on_plateau"):
+        lr_factor(0, "reduce_lr_on_plateau", 0, 4)
 
 
 def test_ppo_warmup_lr_at_each_optimizer_step(policy_dir, tmp_path, lr_log):
-    ppo(policy_dir, tmp_path, learning_rate=1e-3, warmup_steps=4, max_steps=5).run()
-    assert lr_log == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+    ppo(policy_dir, tmp_path, learning_rate=1e-3, warmup_steps=4, max_steps=5, lr_scheduler_type="constant_with_warmup").run()
+    assert lr_log == pytest.approx([0.0, 2.5e-4, 5e-4, 7.5e-4, 1e-3])  # transformers' warm-up, as GRPO's
 
 
 def test_grpo_lr_is_transformers_schedule_over_optimizer_updates(policy_dir, tmp_path, lr_log):
@@ -266,26 +270,26 @@ def test_rl_resume_with_a_longer_cosine_schedule(policy_dir, tmp_path, lr_log, a
 
 
 def test_pretrain_resume_honours_a_new_schedule_and_batch_size(tmp_path, lr_log):
-    run_pretrain(tiny_cfg(tmp_path, **{"train.max_steps": 3, "optim.warmup_steps": 0, "optim.lr_schedule": "cosine"}))
+    run_pretrain(tiny_cfg(tmp_path, **{"training.max_steps": 3, "training.warmup_steps": 0, "training.lr_scheduler_type": "cosine_with_min_lr"}))
     first = list(lr_log)
     assert first[0] == pytest.approx(3e-3)
     lr_log.clear()
     # longer schedule, larger LR, larger batch: every change is honoured from the first resumed step
-    cfg = tiny_cfg(tmp_path, **{"train.max_steps": 5, "optim.warmup_steps": 0, "optim.lr_schedule": "cosine", "optim.lr": 6e-3,
-                                "train.batch_size": 16, "train.micro_batch_size": 8})
+    cfg = tiny_cfg(tmp_path, **{"training.max_steps": 5, "training.warmup_steps": 0, "training.lr_scheduler_type": "cosine_with_min_lr", "training.learning_rate": 6e-3,
+                                "training.per_device_train_batch_size": 8, "training.gradient_accumulation_steps": 2})
     run_pretrain(cfg, resume="latest")
-    expected = [6e-3 * lr_factor(s, 0, "cosine", 5, 0.1) for s in (3, 4)]
+    expected = [6e-3 * lr_factor(s, "cosine_with_min_lr", 0, 5, {"min_lr_rate": 0.1}) for s in (3, 4)]
     assert lr_log == pytest.approx(expected)
     state = json.loads((tmp_path / "run" / "checkpoints" / "step-0000005" / "trainer_state.json").read_text())
     assert state["data_position"] == 3 * 8 + 2 * 16  # rows consumed, carried across the batch-size change
 
 
 def test_resume_refuses_what_it_cannot_honour_before_any_work(policy_dir, tmp_path):
-    run_pretrain(tiny_cfg(tmp_path, **{"train.max_steps": 3}))
-    with pytest.raises(CheckpointError, match=r"train\.seed 0 → 1.*data order"):
-        run_pretrain(tiny_cfg(tmp_path, **{"train.max_steps": 5, "train.seed": 1}), resume="latest")
+    run_pretrain(tiny_cfg(tmp_path, **{"training.max_steps": 3}))
+    with pytest.raises(CheckpointError, match=r"training\.seed 0 → 1.*data order"):
+        run_pretrain(tiny_cfg(tmp_path, **{"training.max_steps": 5, "training.seed": 1}), resume="latest")
     with pytest.raises(CheckpointError, match=r"model\.hidden_size 32 → 64"):
-        run_pretrain(tiny_cfg(tmp_path, **{"train.max_steps": 5, "model.hidden_size": 64}), resume="latest")
+        run_pretrain(tiny_cfg(tmp_path, **{"training.max_steps": 5, "model.hidden_size": 64}), resume="latest")
     grpo_run(policy_dir, tmp_path / "g", max_steps=1, save_steps=1)
     with pytest.raises(CheckpointError, match=r"grpo\.seed 42 → 3"):
         grpo_run(policy_dir, tmp_path / "g", resume="latest", max_steps=2, seed=3, save_steps=1)
@@ -299,7 +303,7 @@ def test_gradient_does_not_depend_on_micro_batching(tmp_path):
     accelerate accumulation count divided it by the number of micro-batches)."""
     norms = []
     for micro in (8, 4, 2):
-        run_pretrain(tiny_cfg(tmp_path / str(micro), **{"train.max_steps": 1, "train.micro_batch_size": micro, "train.eval_every": 0}))
+        run_pretrain(tiny_cfg(tmp_path / str(micro), **{"training.max_steps": 1, "training.per_device_train_batch_size": micro, "training.gradient_accumulation_steps": 8 // micro, "training.eval_steps": 0}))
         norms.append(read_metrics(tmp_path / str(micro) / "run" / "metrics.jsonl")[0]["train/grad_norm"])
     assert norms[1] == pytest.approx(norms[0], rel=1e-5) and norms[2] == pytest.approx(norms[0], rel=1e-5), norms
 
@@ -307,23 +311,23 @@ def test_gradient_does_not_depend_on_micro_batching(tmp_path):
 def test_checkpoints_of_the_previous_version_resume(tmp_path):
     """A checkpoint as the previous version wrote it (the LR scheduler saved as accelerate's
     custom object, no recorded settings) resumes."""
-    run_pretrain(tiny_cfg(tmp_path, **{"train.max_steps": 3}))
+    run_pretrain(tiny_cfg(tmp_path, **{"training.max_steps": 3}))
     ck = tmp_path / "run" / "checkpoints" / "step-0000003"
     torch.save({"base_lrs": [3e-3], "last_epoch": 3, "_step_count": 4}, ck / "custom_checkpoint_0.pkl")
     st = json.loads((ck / "trainer_state.json").read_text())
     for k in ("config", "zero_stage", "verified_finite", "skipped_updates"):
         st.pop(k, None)
     (ck / "trainer_state.json").write_text(json.dumps(st))
-    run_pretrain(tiny_cfg(tmp_path, **{"train.max_steps": 5}), resume="latest")
+    run_pretrain(tiny_cfg(tmp_path, **{"training.max_steps": 5}), resume="latest")
     assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "train/loss" in r] == [1, 2, 3, 4, 5]
 
 
 def test_a_refused_resume_writes_nothing(policy_dir, tmp_path):
-    run_pretrain(tiny_cfg(tmp_path, **{"train.max_steps": 2}))
+    run_pretrain(tiny_cfg(tmp_path, **{"training.max_steps": 2}))
     run = tmp_path / "run"
     before = {f: (run / f).read_bytes() for f in ("config.yaml", "metrics.jsonl")}
-    with pytest.raises(CheckpointError, match="train.seed"):
-        run_pretrain(tiny_cfg(tmp_path, **{"train.max_steps": 4, "train.seed": 7}), resume="latest")
+    with pytest.raises(CheckpointError, match="training.seed"):
+        run_pretrain(tiny_cfg(tmp_path, **{"training.max_steps": 4, "training.seed": 7}), resume="latest")
     assert {f: (run / f).read_bytes() for f in before} == before
     grpo_run(policy_dir, tmp_path / "g", max_steps=1, save_steps=1)
     g = tmp_path / "g" / "run"
@@ -334,13 +338,13 @@ def test_a_refused_resume_writes_nothing(policy_dir, tmp_path):
 
 
 def test_resume_with_nothing_saved_starts_from_step_zero(tmp_path, policy_dir):
-    run_pretrain(tiny_cfg(tmp_path, **{"train.max_steps": 2}), resume="latest")
+    run_pretrain(tiny_cfg(tmp_path, **{"training.max_steps": 2}), resume="latest")
     assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "train/loss" in r] == [1, 2]
     grpo_run(policy_dir, tmp_path / "g", resume="latest", max_steps=1)
     assert [r["step"] for r in read_metrics(tmp_path / "g" / "run" / "metrics.jsonl") if "loss" in r] == [1]
 
 
 def test_resume_honours_moved_data_and_cache_dirs(tmp_path):
-    run_pretrain(tiny_cfg(tmp_path, **{"train.max_steps": 2}))
-    run_pretrain(tiny_cfg(tmp_path, **{"train.max_steps": 3, "data.cache_dir": str(tmp_path / "moved_cache")}), resume="latest")
+    run_pretrain(tiny_cfg(tmp_path, **{"training.max_steps": 2}))
+    run_pretrain(tiny_cfg(tmp_path, **{"training.max_steps": 3, "data.cache_dir": str(tmp_path / "moved_cache")}), resume="latest")
     assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "train/loss" in r] == [1, 2, 3]

@@ -20,7 +20,7 @@ class PolicyArgs:
     init_from: a ``save_pretrained`` directory (esorl pretraining writes ``<run>/model``, the
         EMA weights; ``esorl convert-official`` writes one for the released checkpoints).
     pretrain_recipe: if ``init_from`` does not exist yet, run this pretraining recipe first
-        (with ``train.output_dir`` set to ``init_from``'s parent) – the CPU recipes chain
+        (with ``training.output_dir`` set to ``init_from``'s parent) – the CPU recipes chain
         pretraining → RL this way; leave empty to require an existing model.
     pretrain_overrides: ``key=value`` overrides for that pretraining run.
     tokenizer: tokenizer directory or hub name (default: ``init_from``).

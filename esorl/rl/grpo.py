@@ -42,6 +42,9 @@ class GRPORecipe:
     lora: LoraArgs = field(default_factory=LoraArgs)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
+    # fields of earlier esorl versions: old → new (a recipe that uses one fails before any work)
+    RENAMED = {"logging.log_every": "grpo.logging_steps", "logging.run_name": "grpo.run_name"}
+
     def validate(self):
         self.args()  # every TRL and Eso-LM check, before any work
 
@@ -50,8 +53,6 @@ class GRPORecipe:
         from .grpo_trainer import config_from_dict
 
         values = {**RECIPE_DEFAULTS, "report_to": "none" if self.logging.wandb_mode == "disabled" else "wandb", **self.grpo, **overrides}
-        if self.logging.run_name and "run_name" not in values:
-            values["run_name"] = self.logging.run_name
         return config_from_dict(values)
 
 
@@ -91,7 +92,7 @@ def start_wandb(logging: LoggingConfig, args, resume: bool):
 
     run_id = id_file.read_text().strip() if resume and id_file.is_file() else secrets.token_hex(4)
     id_file.write_text(run_id)
-    return wandb.init(project=logging.wandb_project, name=logging.run_name or out.name, mode=mode, id=run_id, resume="allow", dir=str(out),
+    return wandb.init(project=logging.wandb_project, name=args.run_name or out.name, mode=mode, id=run_id, resume="allow", dir=str(out),
                       reinit="finish_previous")
 
 
@@ -230,26 +231,11 @@ def run_grpo(recipe: GRPORecipe, resume=False, overwrite: bool = False, reward_f
 
 def export_policy(trainer, out_dir: Path) -> Path:
     """Write the trained policy as a plain Eso-LM directory (safetensors + tokenizer),
-    atomically; LoRA adapters are merged into the weights."""
-    import shutil
+    atomically; LoRA adapters are merged into the weights (:func:`esorl.train.loop.export_model`,
+    the export of every esorl run)."""
+    from ..train.loop import export_model
 
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    if hasattr(model, "peft_config"):
-        from ..lora import merge_and_export
-
-        if trainer.accelerator.is_main_process:
-            merge_and_export(model, tmp)
-    else:
-        trainer.save_model(str(tmp))
-    if trainer.accelerator.is_main_process:
-        trainer.processing_class.save_pretrained(str(tmp))
-        for junk in ("training_args.bin",):
-            (tmp / junk).unlink(missing_ok=True)
-        from ..io import replace_dir
-
-        replace_dir(tmp, out_dir)
-    trainer.accelerator.wait_for_everyone()
+    export_model(trainer.accelerator, trainer.model_wrapped, trainer.processing_class, out_dir)
     return out_dir
 
 

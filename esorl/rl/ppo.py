@@ -1,9 +1,11 @@
 """``esorl ppo``: PPO for Eso-LMs over **denoising steps** (docs/ESOLM.md §8), on ``accelerate``
-(DDP, DeepSpeed ZeRO-2/3). TRL has no PPO any more; the configuration keeps the names and
-semantics of TRL's former ``PPOConfig`` / ``OnPolicyConfig`` (``num_ppo_epochs``,
-``num_mini_batches``, ``gamma``, ``lam``, ``cliprange``, ``cliprange_value``, ``vf_coef``,
-``kl_coef``, ``kl_estimator``, ``whiten_rewards``, ``response_length``,
-``local_rollout_forward_batch_size``, ``missing_eos_penalty``, ...).
+(DDP, DeepSpeed ZeRO-2/3), on the loop pretraining and SFT run on
+(:class:`esorl.train.loop.TrainLoop`). TRL has no PPO any more; a setting GRPO also has keeps
+``trl.GRPOConfig``'s name (``max_completion_length``, ``num_iterations``, ``epsilon``, ...),
+the PPO-only ones the names and semantics of TRL's former ``PPOConfig`` / ``OnPolicyConfig``
+(``num_mini_batches``, ``gamma``, ``lam``, ``cliprange_value``, ``vf_coef``, ``kl_coef``,
+``kl_estimator``, ``whiten_rewards``, ``local_rollout_forward_batch_size``,
+``missing_eos_penalty``).
 
 The MDP
 -------
@@ -54,7 +56,7 @@ policy's saved directory.
 Batches (TRL's semantics): ``per_device_train_batch_size`` rollouts per micro-batch;
 ``gradient_accumulation_steps`` micro-batches per optimizer step (a mini-batch); the rollout
 batch of a step is ``per_device_train_batch_size × gradient_accumulation_steps ×
-num_mini_batches`` per rank; each step runs ``num_ppo_epochs × num_mini_batches`` optimizer
+num_mini_batches`` per rank; each step runs ``num_iterations × num_mini_batches`` optimizer
 steps over it (shuffled per epoch).
 
 The value head is trained jointly with the policy (shared trunk, one optimizer) inside one
@@ -81,87 +83,111 @@ from ..modeling_esolm import EsoLMModel, model_config
 from ..policy import EsoPolicy
 from ..rollout import Rollout
 from ..schedule import Stream, make_generator
-from ..train.common import LoggingConfig, all_reduce_sum, check_finite, configure_deepspeed
-from .base import EsoRLArgs, RLTrainerBase
+from ..sampling import SamplingConfig
+from ..schedule import ScheduleConfig
+from ..policy import EstimatorConfig
+from ..train.arguments import TrainingArgs, _help
+from ..train.common import LoggingConfig, all_reduce_sum, check_finite
+from .base import RLTrainerBase
 from .common import LOG_RATIO_CLAMP, PolicyArgs, PromptArgs, RewardSpec, all_gather_cat, peak_memory_mb
 
 
 
 @dataclass
-class EsoPPOConfig(EsoRLArgs):
-    """PPO settings; names and meanings follow TRL's former ``PPOConfig`` (TRL ≤ 0.12,
-    ``trl.experimental.ppo`` until 1.12), plus the Eso-LM fields at the end.
+class EsoPPOConfig(TrainingArgs):
+    """PPO settings. The loop's fields are ``transformers.TrainingArguments``' (as everywhere in
+    esorl: :class:`~esorl.train.arguments.TrainingArgs`; ``warmup_steps`` and the schedule count
+    optimizer updates, ``num_iterations × num_mini_batches`` per step); a setting GRPO also has
+    carries ``trl.GRPOConfig``'s name (``max_completion_length``, ``num_iterations``,
+    ``epsilon``, ``temperature``, ``reward_weights``, ``likelihood``, ...); the PPO-only ones keep
+    the names of TRL's former ``PPOConfig`` (``num_mini_batches``, ``gamma``, ``lam``,
+    ``cliprange_value``, ``vf_coef``, ``kl_coef``, ``kl_estimator``, ``whiten_rewards``,
+    ``local_rollout_forward_batch_size``, ``missing_eos_penalty``). Batches follow TRL's
+    semantics: ``per_device_train_batch_size`` rollouts per micro-batch,
+    ``gradient_accumulation_steps`` micro-batches per optimizer step (a mini-batch),
+    ``num_mini_batches`` mini-batches per rollout batch."""
 
-    learning_rate, adam_beta1, adam_beta2, adam_epsilon, weight_decay, max_grad_norm, warmup_steps,
-    lr_scheduler_type (``constant`` | ``cosine``): the optimizer (policy + value head).
-    max_steps: rollout steps (each = sample a batch, then num_ppo_epochs × num_mini_batches
-        optimizer steps over it).
-    per_device_train_batch_size: rollouts per rank per micro-batch (TRL's meaning).
-    gradient_accumulation_steps: micro-batches per optimizer step (one mini-batch).
-    num_mini_batches: mini-batches per rollout batch. The rollout batch per rank is
-        per_device_train_batch_size × gradient_accumulation_steps × num_mini_batches (with
-        the defaults 1 and 1: per_device_train_batch_size rollouts per rank per step).
-    num_ppo_epochs: passes over each rollout batch.
-    local_rollout_forward_batch_size: chunk size of the no-grad passes (old / reference
-        log-probs, rollout-time values).
-    response_length: N, the completion length. temperature / top_p / top_k: sampling (RL
-        default top_p = 1, docs/ESOLM.md §7).
-    missing_eos_penalty: subtracted from the reward of completions without EOS (None: off).
-    gamma / lam: discount and GAE λ over denoising steps.
-    cliprange / cliprange_value: policy ratio and value clipping. vf_coef: value loss weight.
-    kl_coef: KL penalty to the reference in the per-step rewards (0 = no reference model).
-    kl_estimator: ``k1`` (log π − log π_ref) or ``k3`` (as GRPO's β term).
-    whiten_rewards: whiten the scalar rewards over the global batch before GAE.
-    reward_weights: weights of the reward functions (default: the recipe's weights).
-    seed, logging_steps, save_steps, save_total_limit, eval_steps, output_dir.
-    log_completions / num_completions_to_print: sample completions in the log.
-    likelihood / mc_samples / p_mask: the estimator (docs/ESOLM.md §6; mc_elbo and coupled run
-        sequence-level PPO). sampling_alpha0 / diffusion_steps / schedule_kind: the sampling
-        schedule. attention_backend, mixed_precision: as in pretraining.
-    value_head_init_std: std of the value head's initial weights (bias 0).
-    """
+    section = "ppo"
 
     output_dir: str = "runs/ppo"
-    num_mini_batches: int = 1
-    num_ppo_epochs: int = 4
-    local_rollout_forward_batch_size: int = 64
-    response_length: int = 16
-    missing_eos_penalty: float | None = None
-    gamma: float = 1.0
-    lam: float = 0.95
-    cliprange: float = 0.2
-    cliprange_value: float = 0.2
-    vf_coef: float = 0.1
-    kl_coef: float = 0.05
-    kl_estimator: str = "k1"
-    whiten_rewards: bool = False
-    value_head_init_std: float = 1e-3
-
-    completion_length_field = "response_length"
+    learning_rate: float = 1e-5
+    lr_scheduler_type: str = "constant"
+    max_steps: int = 100
+    per_device_train_batch_size: int = 16
+    logging_steps: int = 1
+    save_steps: int = 50
+    # --- shared with GRPO (trl.GRPOConfig's names) ---
+    max_completion_length: int = _help("N, the completion length (every position is generated; the text stops at EOS).", 16)
+    num_iterations: int = _help("Passes over each rollout batch (PPO's epochs; GRPO's μ).", 4)
+    epsilon: float = _help("Clip range of the policy ratio (TRL's former cliprange).", 0.2)
+    temperature: float = _help("Sampling temperature.", 1.0)
+    top_p: float = _help("Nucleus sampling threshold (RL default 1 = off, docs/ESOLM.md §7).", 1.0)
+    top_k: int = _help("Top-k sampling (0 = off).", 0)
+    reward_weights: list[float] = _help("Weights of the reward functions (default: the recipe's weights).", factory=list)
+    log_completions: bool = _help("Append sample completions to completions.jsonl at each logging step.", True)
+    num_completions_to_print: int = _help("Completions printed every max(logging_steps, 10) steps.", 2)
+    likelihood: str = _help("Likelihood estimator of the loss (esorl.likelihood.REGISTRY; docs/ESOLM.md §6); estimators without "
+                            "per-step log-probs (mc_elbo, coupled, ...) run sequence-level PPO.", "exact")
+    mc_samples: int = _help("Monte Carlo draws n of the ELBO estimators.", 4)
+    p_mask: float = _help("one_step: prompt mask rate (d1: 0.15).", 0.15)
+    merge_segments: int = _help("step_merge: segments the trajectory's steps are merged into (d2's StepMerge).", 2)
+    sampling_alpha0: float = _help("Sampling schedule α0: the share of the completion revealed by diffusion steps.", 1.0)
+    diffusion_steps: int = _help("Sampling schedule T: denoising steps of the diffusion part.", 8)
+    schedule_kind: str = _help("Step-size schedule: unified (the paper's) | uniform | ...", "unified")
+    # --- PPO only (TRL's former PPOConfig names) ---
+    num_mini_batches: int = _help("Mini-batches per rollout batch; the rollout batch per rank is per_device_train_batch_size × "
+                                  "gradient_accumulation_steps × num_mini_batches.", 1)
+    local_rollout_forward_batch_size: int = _help("Chunk size of the no-grad passes (old / reference log-probs, rollout-time values).", 64)
+    missing_eos_penalty: float | None = _help("Subtracted from the reward of completions without EOS (unset: off).", None)
+    gamma: float = _help("Discount over denoising steps.", 1.0)
+    lam: float = _help("GAE λ over denoising steps.", 0.95)
+    cliprange_value: float = _help("Clip range of the value update.", 0.2)
+    vf_coef: float = _help("Weight of the value loss.", 0.1)
+    kl_coef: float = _help("KL penalty to the reference in the per-step rewards (0 = no reference model).", 0.05)
+    kl_estimator: str = _help("k1 (log π − log π_ref) or k3 (as GRPO's β term).", "k1")
+    whiten_rewards: bool = _help("Whiten the scalar rewards over the global batch before GAE.", False)
+    value_head_init_std: float = _help("Std of the value head's initial weights (bias 0).", 1e-3)
 
     def validate(self):
+        super().validate()
         if self.kl_estimator not in ("k1", "k3"):
             raise ConfigError(f"ppo.kl_estimator must be k1 or k3, got {self.kl_estimator!r}")
         if self.kl_coef < 0 or self.vf_coef < 0:
             raise ConfigError("ppo.kl_coef and ppo.vf_coef must be >= 0")
         if not (0.0 <= self.gamma <= 1.0 and 0.0 <= self.lam <= 1.0):
             raise ConfigError(f"ppo.gamma and ppo.lam must be in [0, 1], got {self.gamma}, {self.lam}")
-        if self.cliprange <= 0 or self.cliprange_value <= 0:
-            raise ConfigError("ppo.cliprange and ppo.cliprange_value must be > 0")
-        for name in ("max_steps", "num_ppo_epochs", "num_mini_batches", "per_device_train_batch_size", "gradient_accumulation_steps", "local_rollout_forward_batch_size"):
+        if self.epsilon <= 0 or self.cliprange_value <= 0:
+            raise ConfigError("ppo.epsilon and ppo.cliprange_value must be > 0")
+        for name in ("num_iterations", "num_mini_batches", "local_rollout_forward_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"ppo.{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr_scheduler_type not in ("constant", "cosine"):
-            raise ConfigError("ppo.lr_scheduler_type must be constant or cosine")
         self.estimator().validate()
         self.sampling().validate()
 
+    def estimator(self) -> EstimatorConfig:
+        """The estimator settings (:class:`esorl.policy.EstimatorConfig`)."""
+        return EstimatorConfig(self.likelihood, self.mc_samples, self.p_mask, merge_segments=self.merge_segments)
 
+    def sampling(self) -> SamplingConfig:
+        """The sampler settings: ``max_completion_length`` tokens along the ``(α0, T)`` schedule."""
+        return SamplingConfig(self.max_completion_length, ScheduleConfig(kind=self.schedule_kind, alpha0=self.sampling_alpha0, num_steps=self.diffusion_steps),
+                              self.temperature, self.top_k, self.top_p)
 
     @property
     def sequence_level(self) -> bool:
-        """mc_elbo / coupled have no per-step log-probs: one advantage per sequence."""
+        """Estimators without per-step log-probs (mc_elbo, coupled, ...): one advantage per sequence."""
         return not self.estimator().per_token
+
+
+# fields of earlier esorl versions: old → new (a recipe that uses one fails before any work)
+RENAMED = {
+    "ppo.response_length": "ppo.max_completion_length",
+    "ppo.num_ppo_epochs": "ppo.num_iterations",
+    "ppo.cliprange": "ppo.epsilon",
+    "ppo.mixed_precision": "ppo.bf16 / ppo.fp16 (true or false; bf16 unset = on for a GPU that supports it)",
+    "logging.log_every": "ppo.logging_steps",
+    "logging.run_name": "ppo.run_name",
+}
 
 
 @dataclass
@@ -169,6 +195,8 @@ class PPORecipe:
     """A PPO recipe: starting policy, prompts, rewards (functions and reward models), PPO
     settings, ``lora`` (train LoRA adapters and the value head only; the exported policy has
     the adapters merged; a ``kl_coef > 0`` reference is the frozen starting model), logging."""
+
+    RENAMED = RENAMED
 
     policy: PolicyArgs = field(default_factory=PolicyArgs)
     prompts: PromptArgs = field(default_factory=PromptArgs)
@@ -344,11 +372,8 @@ class EsoPPOTrainer(RLTrainerBase):
         lm = recipe.lora.apply(lm)
         head = ValueHead(lm.config.hidden_size, c.value_head_init_std)
         container = EsoLMWithValueHead(lm, head)
-        self.opt = torch.optim.AdamW([p for p in container.parameters() if p.requires_grad], lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_epsilon, weight_decay=c.weight_decay)
-        configure_deepspeed(acc, c.per_device_train_batch_size, c.gradient_accumulation_steps, c.max_grad_norm)
-        self.model, self.opt = acc.prepare(container, self.opt)
-        self.updates_per_step = c.num_ppo_epochs * c.num_mini_batches
-        self.make_guard()
+        self.prepare_model(container)  # fused AdamW over the trainable parameters and the head, accelerate, the guard
+        self.updates_per_step = c.num_iterations * c.num_mini_batches
         self.head: ValueHead = acc.unwrap_model(self.model).value_head
         self.is_ds = getattr(acc.state, "deepspeed_plugin", None) is not None
         self.ref = None
@@ -406,7 +431,7 @@ class EsoPPOTrainer(RLTrainerBase):
 
     def needs_old(self) -> bool:
         c = self.cfg
-        return not c.estimator().info().equals_sampler and (c.num_ppo_epochs * c.num_mini_batches > 1 or c.kl_coef > 0)
+        return not c.estimator().info().equals_sampler and (c.num_iterations * c.num_mini_batches > 1 or c.kl_coef > 0)
 
     @torch.no_grad()
     def prepare(self, batch: dict) -> dict:
@@ -417,7 +442,7 @@ class EsoPPOTrainer(RLTrainerBase):
         ro: Rollout = batch["rollout"].to(acc.device)
         self.model.eval()
         t0 = time.time()
-        E = c.num_ppo_epochs
+        E = c.num_iterations
         if c.estimator().info().equals_sampler:  # the sampler's log-probs: no forward
             old = [ro.logp_model.to(acc.device)] * E  # the sampler's = exact's (docs/ESOLM.md §6)
         elif self.needs_old():
@@ -448,10 +473,8 @@ class EsoPPOTrainer(RLTrainerBase):
                 "scores": scores, "t_prepare": time.time() - t0}
 
     # ------------------------------------------------------------------ update
-    def _backward(self, loss: torch.Tensor, sync: bool):
-        self.guard.backward(loss, sync, self.world)
-
-    def train_step(self, data: dict) -> dict:
+    def optimize(self, data: dict) -> dict:
+        """The ``num_iterations × num_mini_batches`` updates over a prepared rollout batch."""
         c = self.cfg
         acc = self.accelerator
         ro: Rollout = data["rollout"]
@@ -461,7 +484,7 @@ class EsoPPOTrainer(RLTrainerBase):
         st = {k: 0.0 for k in ("pg_loss", "vf_loss", "pg_clip", "vf_clip", "approx_kl", "ratio", "n_tok", "n_val")}
         grad_norms = []
         t0 = time.time()
-        for e in range(c.num_ppo_epochs):
+        for e in range(c.num_iterations):
             seed = self.estimator_seed(self.step, e)
             perm = torch.randperm(self.local_batch, generator=make_generator(c.seed, Stream.SHUFFLE, self.step, e)).to(mask.device)
             old_e = data["old"][e]
@@ -474,12 +497,12 @@ class EsoPPOTrainer(RLTrainerBase):
                     sub = ro.index(idx)
                     lp, m, v = self.forward_mb(sub, seed)
                     old_mb = lp.detach() if old_e is None else old_e[idx]
-                    pg_tok, pg_clip, ratio = ppo_policy_loss(lp, old_mb, data["adv_tok"][idx], m, c.cliprange)
+                    pg_tok, pg_clip, ratio = ppo_policy_loss(lp, old_mb, data["adv_tok"][idx], m, c.epsilon)
                     vf, vf_clip = ppo_value_loss(v, data["values"][idx], data["returns"][idx], c.cliprange_value)
                     pg = pg_tok.sum() / max(n_tok, 1.0)
                     vl = vf.sum() / n_val
                     loss = (pg + c.vf_coef * vl) * self.world
-                    self._backward(loss, j == len(micro) - 1)
+                    self.backward(loss, j == len(micro) - 1)
                     mf = m.float()
                     st["pg_loss"] += pg.item()
                     st["vf_loss"] += vl.item()
@@ -492,7 +515,7 @@ class EsoPPOTrainer(RLTrainerBase):
                 gn, _ = self.update(e * c.num_mini_batches + mb)
                 grad_norms.append(gn)
         t_update = time.time() - t0
-        n_updates = c.num_ppo_epochs * c.num_mini_batches
+        n_updates = c.num_iterations * c.num_mini_batches
         tot = all_reduce_sum(torch.tensor([st[k] for k in ("pg_loss", "vf_loss", "pg_clip", "vf_clip", "approx_kl", "ratio", "n_tok", "n_val")], device=acc.device, dtype=torch.float64))
         pg_loss, vf_loss = tot[0].item() / n_updates, tot[1].item() / n_updates  # sums over ranks of per-rank shares
         loss = pg_loss + c.vf_coef * vf_loss
@@ -519,7 +542,7 @@ class EsoPPOTrainer(RLTrainerBase):
              "value/explained_variance": explained_variance(data["values"], data["returns"]),
              "num_steps": len(ro.step_sizes), "sequence_level": int(c.sequence_level), "lr": self.opt.param_groups[0]["lr"],
              "time/step": t_step, "time/sample": batch["t_sample"], "time/reward": batch["t_reward"], "time/rollout": batch["t_sample"] + batch["t_reward"],
-             "time/prepare": data["t_prepare"], "tokens_per_s": self.gen_batch * c.response_length / max(t_step, 1e-9),
+             "time/prepare": data["t_prepare"], "tokens_per_s": self.gen_batch * c.max_completion_length / max(t_step, 1e-9),
              "memory/peak_mb": peak_memory_mb(dev), **st}
         if data["kl_tok"] is not None:
             m["kl"] = g(data["kl_tok"].sum(1)).mean().item()  # Σ over tokens, mean over sequences (TRL's objective/kl)
@@ -531,12 +554,15 @@ class EsoPPOTrainer(RLTrainerBase):
         return m
 
     # ------------------------------------------------------------------ loop
-    def step_once(self, t0: float) -> tuple[dict, dict]:
+    def train_step(self) -> dict:
+        """One PPO step: rollout and rewards, old/reference log-probs, values and advantages,
+        then the updates; returns the step's metrics."""
+        t0 = time.time()
         batch = self.rollout(self.step)
         data = self.prepare(batch)
-        st = self.train_step(data)
-        self.step += 1
-        return batch, self.log_step(batch, data, st, time.time() - t0)
+        st = self.optimize(data)
+        self._batch = batch
+        return self.log_step(batch, data, st, time.time() - t0)
 
     def progress_desc(self) -> str:
         return f"ppo[{self.cfg.likelihood},{'seq' if self.cfg.sequence_level else 'step'}]"
@@ -544,36 +570,22 @@ class EsoPPOTrainer(RLTrainerBase):
     def postfix(self, m: dict) -> dict:
         return {"reward": f"{m['reward']:.3f}", "vf": f"{m['loss/value']:.3f}"}
 
-    def export_all(self) -> dict:
-        self.export(self.out)
-        return {"model_dir": str(self.out / "model"), "value_head": str(self.out / "value_head.safetensors")}
-
-    def export(self, out: Path):
-        """``<out>/model`` (the policy, ``save_pretrained`` + tokenizer) and
-        ``<out>/value_head.safetensors`` (load with :func:`load_value_head`)."""
+    def export(self) -> dict:
+        """``<output_dir>/model`` (the policy, ``save_pretrained`` + tokenizer) and
+        ``<output_dir>/value_head.safetensors`` (load with :func:`load_value_head`)."""
         from safetensors.torch import save_file
 
-        acc = self.accelerator
-        sd = acc.get_state_dict(self.model)
-        if acc.is_main_process:
-            pol = {k[len("module.") :]: v for k, v in sd.items() if k.startswith("module.")}
+        from ..train.loop import export_model
+
+        sd = export_model(self.accelerator, self.model, self.tokenizer, self.out / "model", submodule="module")
+        if self.accelerator.is_main_process:
             vh = {k[len("value_head.") :]: v.detach().cpu().contiguous() for k, v in sd.items() if k.startswith("value_head.")}
-            out_dir = out / "model"
-            tmp = out_dir.with_name(out_dir.name + ".tmp")
-            policy = acc.unwrap_model(self.model).module
-            if hasattr(policy, "peft_config"):  # LoRA: the adapters merged into a plain Eso-LM
-                from ..lora import merge_and_export
+            from ..io import atomic_save
 
-                merge_and_export(policy, tmp)
-            else:
-                policy.save_pretrained(str(tmp), state_dict=pol, safe_serialization=True)
-            self.tokenizer.save_pretrained(str(tmp))
-            from ..io import replace_dir
-
-            replace_dir(tmp, out_dir)
-            save_file(vh, str(out / "value_head.safetensors"),
-                      metadata={"read_out": "final hidden state of the last clean copy with s < i (table slot P + c_{i-1} - 1)", "hidden_size": str(vh["linear.weight"].shape[1])})
-        acc.wait_for_everyone()
+            atomic_save(self.out / "value_head.safetensors", lambda tmp: save_file(vh, str(tmp), metadata={
+                "read_out": "final hidden state of the last clean copy with s < i (table slot P + c_{i-1} - 1)", "hidden_size": str(vh["linear.weight"].shape[1])}))
+        self.accelerator.wait_for_everyone()
+        return {"model_dir": str(self.out / "model"), "value_head": str(self.out / "value_head.safetensors")}
 
 
 def main(argv=None):

@@ -1,5 +1,6 @@
-"""Pieces every training loop shares: accelerator set-up, EMA, LR schedule, atomic
-checkpoints with exact resume, metrics logging (JSONL + wandb), NaN guard."""
+"""Pieces every training loop shares (:mod:`esorl.train.loop`, and GRPO's callbacks):
+accelerator set-up, the non-finite guard, EMA, atomic checkpoints with exact resume,
+metrics logging (JSONL + wandb)."""
 
 from __future__ import annotations
 
@@ -26,93 +27,19 @@ class CheckpointError(RuntimeError):
 
 
 @dataclass
-class OptimConfig:
-    """AdamW and its schedule.
-
-    lr: peak learning rate. weight_decay: AdamW decay. beta1/beta2/eps: AdamW.
-    warmup_steps: linear warm-up steps. lr_schedule: ``cosine`` (to ``min_lr_ratio·lr`` at
-    ``max_steps``) or ``constant`` (after warm-up). grad_clip: max global grad norm (0 = off).
-    """
-
-    lr: float = 3e-4
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    warmup_steps: int = 0
-    lr_schedule: str = "cosine"
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
-
-    def factor(self, step: int, max_steps: int) -> float:
-        """The learning-rate multiplier at optimizer step ``step`` (0-based)."""
-        return lr_factor(step, self.warmup_steps, self.lr_schedule, max_steps, self.min_lr_ratio)
-
-    def validate(self):
-        if self.lr <= 0:
-            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
-        if self.lr_schedule not in ("cosine", "constant"):
-            raise ValueError(f"optim.lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
-        if self.warmup_steps < 0:
-            raise ValueError("optim.warmup_steps must be >= 0")
-
-
-@dataclass
 class LoggingConfig:
-    """wandb_project / run_name (default: the output directory's name).
-    wandb_mode: ``offline`` (default: runs sync later with ``wandb sync``), ``online``
-    (needs ``WANDB_API_KEY``) or ``disabled``. The local ``metrics.jsonl`` is always written.
-    log_every: steps between metric records."""
+    """Where metrics go besides the local ``metrics.jsonl`` (always written). How often and
+    under which run name are the training section's ``logging_steps`` and ``run_name``.
+
+    wandb_project: the wandb project. wandb_mode: ``offline`` (default: runs sync later with
+    ``wandb sync``), ``online`` (needs ``WANDB_API_KEY``) or ``disabled``."""
 
     wandb_project: str = "esorl"
     wandb_mode: str = "offline"
-    run_name: str = ""
-    log_every: int = 10
 
     def validate(self):
         if self.wandb_mode not in ("offline", "online", "disabled"):
             raise ValueError(f"logging.wandb_mode must be offline, online or disabled, got {self.wandb_mode!r}")
-        if self.log_every < 1:
-            raise ValueError("logging.log_every must be >= 1")
-
-
-def lr_factor(step: int, warmup_steps: int, schedule: str, max_steps: int, min_lr_ratio: float = 0.0) -> float:
-    """Multiplier of the peak learning rate at optimizer step ``step`` (0-based: the first
-    update is step 0), a pure function of the step and the *current* settings, so a resumed
-    run follows its new schedule from its first step.
-
-    Linear warm-up ``(step + 1) / warmup_steps`` (the first update already moves), then
-    ``constant`` (1) or ``cosine`` from 1 at the first update after warm-up towards
-    ``min_lr_ratio`` at ``max_steps`` (``transformers.get_cosine_schedule_with_warmup``'s
-    decay with a floor; no update is ever taken at the floor's end point)."""
-    if warmup_steps and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    if schedule != "cosine":
-        raise ValueError(f"unknown learning-rate schedule {schedule!r}: use constant or cosine")
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def set_learning_rate(optimizer, lr: float, **hparams) -> None:
-    """Write the learning rate (and optionally ``betas``, ``eps``, ``weight_decay``) into every
-    parameter group. Called before each update with values from the current config: loading
-    an optimizer state restores the *saved* hyper-parameters, which would silently override a
-    change the user made between a run and its resume."""
-    for g in optimizer.param_groups:
-        g["lr"] = lr
-        for k, v in hparams.items():
-            if k in g:
-                g[k] = v
-
-
-def make_optimizer(params, cfg: OptimConfig, device=None):
-    """AdamW (the fused CUDA kernel when training on a GPU). The learning rate is set before
-    every update by :func:`set_learning_rate` with :func:`lr_factor` (no scheduler state: a
-    resumed run follows its current config)."""
-    fused = True if device is not None and torch.device(device).type == "cuda" else None
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fused)
 
 
 # ----------------------------------------------------------------------------- updates
@@ -584,7 +511,7 @@ class RunLogger:
     ``<output_dir>/.wandb_run_id``), and :meth:`truncate_after` makes it skip the steps the
     interrupted run had already sent, so that a synced history has each step once."""
 
-    def __init__(self, output_dir: str | Path, cfg: LoggingConfig, config_dict: dict, enabled: bool = True, resume: bool = False):
+    def __init__(self, output_dir: str | Path, cfg: LoggingConfig, config_dict: dict, enabled: bool = True, resume: bool = False, run_name: str = ""):
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
         self.wandb = None
@@ -608,7 +535,7 @@ class RunLogger:
                 else:
                     self.wandb_after = max((r.get("step", 0) for r in read_metrics(self.path)), default=-1)
                 self.wandb = wandb.init(
-                    project=cfg.wandb_project, name=cfg.run_name or Path(output_dir).name, mode=mode, id=run_id, resume="allow",
+                    project=cfg.wandb_project, name=run_name or Path(output_dir).name, mode=mode, id=run_id, resume="allow",
                     dir=str(output_dir), config=config_dict, reinit="finish_previous",
                 )
             except Exception as e:  # noqa: BLE001 - logging must never kill a run

@@ -246,7 +246,7 @@ def main(argv=None):
     from esorl.train.pretrain import PretrainConfig
 
     p = argparse.ArgumentParser(prog="esorl prepare-data", description="tokenize a pretraining recipe's corpus into memory-mapped shards")
-    p.add_argument("--config", required=True, help="a pretraining recipe (its data section; train.seed picks the held-out documents)")
+    p.add_argument("--config", required=True, help="a pretraining recipe (its data section; training.seed picks the held-out documents)")
     p.add_argument("--num-proc", type=int, default=None, help="tokenizer processes (default: data.num_proc)")
     p.add_argument("--rebuild", action="store_true", help="tokenize again even if shards of other inputs are there")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.shards_dir=/scratch/owt")
@@ -255,7 +255,7 @@ def main(argv=None):
     cfg.data.storage = "shards"
     if a.num_proc:
         cfg.data.num_proc = a.num_proc
-    tok, splits = prepare_shard_data(cfg.data, cfg.train.seed, rebuild=a.rebuild)
+    tok, splits = prepare_shard_data(cfg.data, cfg.training.seed, rebuild=a.rebuild)
     root = splits["train"].shards.root
     idx = json.loads((root / "index.json").read_text())
     size = sum(f.stat().st_size for f in root.glob("*.bin"))

@@ -77,7 +77,7 @@ def _lock_holder(out: Path) -> dict | None:
     return info
 
 
-def precheck(out: str | Path, resume, overwrite: bool, what: str = "train.output_dir") -> None:
+def precheck(out: str | Path, resume, overwrite: bool, what: str = "training.output_dir") -> None:
     """The checks of :func:`claim` without taking the directory: called by the command line
     before any set-up work (loading models, building rewards), so that a used or busy
     directory is refused at once. :func:`claim` checks again when the run starts."""
@@ -101,7 +101,7 @@ def _used(out: Path, found: list[str], what: str) -> str:
             f"or pass --overwrite to delete its artefacts and start over.")
 
 
-def claim(out: str | Path, resume, overwrite: bool, accelerator=None, what: str = "train.output_dir") -> "RunLock":
+def claim(out: str | Path, resume, overwrite: bool, accelerator=None, what: str = "training.output_dir") -> "RunLock":
     """Check and take ownership of ``out`` before any work (call on every rank; without an
     ``accelerator``, only the process with ``RANK`` 0 takes the lock).
 

@@ -9,7 +9,8 @@ normalised by the number of completion tokens (:func:`esorl.objective.hybrid_los
 (:meth:`esorl.policy.EsoPolicy.encode_prompts`: the tokenizer's BOS, then the prompt), so an
 SFT model sees at RL time the context it was fine-tuned on.
 
-The training loop is the pretraining one (:func:`esorl.train.pretrain.run_pretrain`:
+The training loop is the pretraining one (:class:`esorl.train.pretrain.PretrainLoop` on
+:class:`esorl.train.loop.TrainLoop`:
 accelerate, DDP / DeepSpeed, checkpoints and exact ``--resume``, EMA, evaluation NELBO on the
 held-out completions, ``metrics.jsonl``, wandb, export of ``<output_dir>/model``)::
 
@@ -29,8 +30,8 @@ from ..config import load_config
 from ..io import atomic_save, write_if_changed
 from ..lora import LoraArgs
 from ..objective import ObjectiveConfig
-from .common import LoggingConfig, OptimConfig
-from .pretrain import TrainArgs, run_pretrain
+from .common import LoggingConfig
+from .pretrain import RENAMED, PretrainArgs, run_pretrain
 
 _TOKENIZE_BATCH = 1000
 
@@ -43,7 +44,7 @@ class SFTModelArgs:
         released checkpoint converted with ``esorl convert-official``. Its architecture and
         dropout are used as saved.
     pretrain_recipe: if ``init_from`` does not exist yet, run this pretraining recipe first
-        (with ``train.output_dir`` set to ``init_from``'s parent); empty = require the model.
+        (with ``training.output_dir`` set to ``init_from``'s parent); empty = require the model.
     pretrain_overrides: ``key=value`` overrides for that pretraining run.
     """
 
@@ -135,22 +136,24 @@ class SFTDataConfig:
 
 
 @dataclass
-class SFTTrainArgs(TrainArgs):
-    __doc__ = TrainArgs.__doc__
+class SFTArgs(PretrainArgs):
+    __doc__ = PretrainArgs.__doc__
     output_dir: str = "runs/sft"
 
 
 @dataclass
 class SFTConfig:
     """An SFT recipe: the model to start from, prompt/completion data, the hybrid objective
-    on completion tokens (prompt clean at step 0), optimizer, loop, ``lora`` (train adapters
-    only; the exported model has them merged), logging."""
+    on completion tokens (prompt clean at step 0), ``training`` (the loop:
+    ``transformers.TrainingArguments`` names), ``lora`` (train adapters only; the exported
+    model has them merged), ``logging`` (wandb)."""
+
+    RENAMED = RENAMED
 
     model: SFTModelArgs = field(default_factory=SFTModelArgs)
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: SFTTrainArgs = field(default_factory=SFTTrainArgs)
+    training: SFTArgs = field(default_factory=SFTArgs)
     lora: LoraArgs = field(default_factory=LoraArgs)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -289,7 +292,7 @@ def prepare_sft_data(cfg: SFTConfig, model_dir: str | None = None):
     _check_tokenizer(tok, model_dir)
     src = resolve_sft_source(d)
     key = _key({**asdict(d), "cache_dir": None, "tok": [str(tok_spec), len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id],
-                "seed": cfg.train.seed, "stamp": _source_stamp(src), "v": 1})
+                "seed": cfg.training.seed, "stamp": _source_stamp(src), "v": 1})
     cache = Path(d.cache_dir) / f"sft-tokens-{key}.pt"
     if cache.exists():
         return tok, torch.load(cache, weights_only=True)
@@ -305,7 +308,7 @@ def prepare_sft_data(cfg: SFTConfig, model_dir: str | None = None):
     if d.eval_split:
         ev = enc(d.eval_split)
     else:
-        train, ev = split_train_eval(train, d.eval_fraction, cfg.train.seed)
+        train, ev = split_train_eval(train, d.eval_fraction, cfg.training.seed)
     data = {"train": train, "eval": ev}
     cache.parent.mkdir(parents=True, exist_ok=True)
     atomic_save(cache, lambda tmp: torch.save(data, tmp))
@@ -338,7 +341,7 @@ def ensure_model(args: SFTModelArgs) -> Path:
 
 def run_sft(cfg: SFTConfig, resume: str | bool = False, overwrite: bool = False) -> dict:
     """Fine-tune; returns ``{"output_dir", "model_dir", "metrics"}``. Writes
-    ``<train.output_dir>/{metrics.jsonl, config.yaml, checkpoints/, model/}`` like pretraining.
+    ``<training.output_dir>/{metrics.jsonl, config.yaml, checkpoints/, model/}`` like pretraining.
     ``train/loss`` and ``val/nelbo`` are per completion token (the prompt is never scored)."""
     model_dir = ensure_model(cfg.model)
     if str(model_dir) != cfg.model.init_from:
@@ -349,7 +352,7 @@ def run_sft(cfg: SFTConfig, resume: str | bool = False, overwrite: bool = False)
 def main(argv=None):
     from ..config import parse_recipe_args, recipe_argparser
 
-    a = parse_recipe_args(recipe_argparser("esorl sft", __doc__.split("\n")[0], "optim.lr=1e-4"), argv)
+    a = parse_recipe_args(recipe_argparser("esorl sft", __doc__.split("\n")[0], "training.learning_rate=1e-4"), argv)
     cfg = load_config(SFTConfig, a.config, a.overrides)
     res = run_sft(cfg, a.resume, a.overwrite)
     print(f"[esorl] model written to {res['model_dir']}")

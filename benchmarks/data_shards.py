@@ -64,9 +64,10 @@ def base_recipe(corpus_dir: Path, work: Path, storage: str, seq_len: int, batch:
                  "seq_len": seq_len, "mode": "wrap", "storage": storage, "cache_dir": str(work / "cache"),
                  "shards_dir": str(work / f"shards-{corpus_dir.name}") if storage == "shards" else ""},
         "objective": {"alpha0": 0.25, "batch_split": 0.5},
-        "train": {"max_steps": steps, "batch_size": batch, "micro_batch_size": batch, "eval_every": 0, "save_every": 0,
-                  "output_dir": str(work / f"run-{corpus_dir.name}-{storage}"), "mixed_precision": "no", "attention_backend": "sdpa", "ema_decay": 0.0},
-        "logging": {"wandb_mode": "disabled", "log_every": 10},
+        "training": {"max_steps": steps, "per_device_train_batch_size": batch, "per_device_eval_batch_size": batch, "eval_steps": 0, "save_steps": 0,
+                     "output_dir": str(work / f"run-{corpus_dir.name}-{storage}"), "bf16": False, "attention_backend": "sdpa", "ema_decay": 0.0,
+                     "logging_steps": 10},
+        "logging": {"wandb_mode": "disabled"},
     }
 
 

@@ -2,7 +2,7 @@
 lengths, estimator, μ, β, sampling schedule), on a machine without a network.
 
 Why: the micro-benchmarks of ``gpu.py`` cast the weights to bf16 and never went through a
-recipe's ``mixed_precision: bf16`` path, which crashed every GPU RL run at its first rollout.
+recipe's ``bf16: true`` path, which crashed every GPU RL run at its first rollout.
 This script exercises that path end to end.
 
 What it changes in each recipe, and only that (everything else is the shipped file):
@@ -40,7 +40,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 
-#: name → (command, recipe file); the recipes that ship with ``mixed_precision: bf16``
+#: name → (command, recipe file); the recipes that ship with ``bf16: true``
 RECIPES = {
     "grpo_owt_sentiment": ("grpo", "recipes/rl/grpo_owt_sentiment.yaml"),
     "grpo_gsm8k": ("grpo", "recipes/rl/grpo_gsm8k.yaml"),
@@ -109,8 +109,8 @@ def patch(name: str, cmd: str, rec: dict, out: Path, policy: Path, smoke: bool) 
             g.update(per_device_train_batch_size=8, gradient_accumulation_steps=1, num_generations=4, max_completion_length=16, diffusion_steps=4)
     else:  # sft / pretrain
         r.setdefault("model", {})
-        t = r.setdefault("train", {})
-        t.update(max_steps=2, save_every=1, eval_every=2, eval_batches=1, output_dir=run)
+        t = r.setdefault("training", {})
+        t.update(max_steps=2, save_steps=1, eval_steps=2, eval_batches=1, output_dir=run)
         d = r.setdefault("data", {})
         if cmd == "sft":
             r["model"]["init_from"] = str(policy)
@@ -121,7 +121,7 @@ def patch(name: str, cmd: str, rec: dict, out: Path, policy: Path, smoke: bool) 
             if smoke:
                 r["model"].update(hidden_size=64, n_layers=2, n_heads=2, cond_dim=32)
         if smoke:
-            t.update(batch_size=4, micro_batch_size=4)
+            t.update(per_device_train_batch_size=4, gradient_accumulation_steps=1, per_device_eval_batch_size=4)
             if cmd == "pretrain":
                 d["seq_len"] = 64
     return r
@@ -164,8 +164,8 @@ def main(argv=None) -> int:
         dt = time.time() - t0
         ok = proc.returncode == 0
         err = "" if ok else (proc.stderr.strip().splitlines() or ["(no output)"])[-1][:400]
-        sec = rec.get("grpo") or rec.get("train") or {}
-        precision = "bf16" if sec.get("bf16") else sec.get("mixed_precision")  # GRPO: TRL's bf16 flag
+        sec = rec.get("grpo") or rec.get("training") or rec.get("ppo") or {}
+        precision = "bf16" if sec.get("bf16") else "fp16" if sec.get("fp16") else "no"
         results[name] = {"ok": ok, "seconds": round(dt, 1), "error": err, "recipe": path, "mixed_precision": precision}
         print(f"{'OK  ' if ok else 'FAIL'} {name:<28} {dt:7.1f} s  {err}", flush=True)
     res_path = Path(a.json or REPO / "benchmarks" / "results" / f"gpu-recipes-{datetime.date.today()}-{device.replace(' ', '-').lower()}.json")

@@ -150,10 +150,10 @@ def run_train_variants(model, x, valid, variants: list[str], device, autocast_dt
     from esorl.train.common import EMA
 
     model.train()
-    from esorl.train.common import OptimConfig, make_optimizer
+    from esorl.train.arguments import TrainingArgs, make_optimizer
 
     # as ``esorl pretrain`` on one process (fused AdamW on a GPU)
-    opt = make_optimizer(model.parameters(), OptimConfig(lr=1e-4, weight_decay=0.0), device=device)
+    opt = make_optimizer(model.parameters(), TrainingArgs(learning_rate=1e-4, weight_decay=0.0), device=device)
     ema = EMA(model.parameters(), 0.9999)
     B, L = x.shape
     counter = TokenCounter(model)

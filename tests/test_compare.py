@@ -362,7 +362,7 @@ def test_fresh_clone_chain_pretrain_then_learned_reward(tmp_path, monkeypatch):
     pre = yaml.safe_load((REPO / "recipes" / "pretrain" / "synthetic_cpu.yaml").read_text())
     pre["model"].update(hidden_size=32, n_layers=1, n_heads=2, cond_dim=16)
     pre["data"]["synthetic_size"] = 400
-    pre["train"].update(max_steps=2, eval_every=2, eval_batches=1, save_every=2)
+    pre["training"].update(max_steps=2, eval_steps=2, eval_batches=1, save_steps=2)
     pre["logging"] = {"wandb_mode": "disabled"}
     (tmp_path / "pre.yaml").write_text(yaml.safe_dump(pre))
     main = yaml.safe_load((REPO / "recipes" / "compare" / "synthetic_cpu.yaml").read_text())

@@ -1,6 +1,7 @@
 """Pretraining under 2-process CPU DDP and DeepSpeed ZeRO-2 / ZeRO-3 (gloo) gives the
-single-process losses: all randomness is keyed by the global sample index, κ and the
-normalisation apply to the global batch."""
+single-process losses for the same global batch (per_device_train_batch_size ×
+gradient_accumulation_steps × ranks: 4 × 2 × 1 = 4 × 1 × 2): all randomness is keyed by the
+global sample index, κ and the normalisation apply to the global batch."""
 
 import json
 import os
@@ -17,9 +18,9 @@ TINY = {
     "model": {"hidden_size": 32, "n_layers": 2, "n_heads": 2, "cond_dim": 16},
     "data": {"source": "synthetic", "synthetic_size": 400, "seq_len": 24, "truncate": True},
     "objective": {"alpha0": 0.25, "batch_split": 0.5},
-    "training": {"learning_rate": 3.0e-3, "warmup_steps": 2,
-                 "max_steps": 2, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "per_device_eval_batch_size": 4, "eval_steps": 0, "eval_batches": 2, "save_steps": 0,
-              "bf16": False, "attention_backend": "sdpa", "logging_steps": 1, "ema_decay": 0.9},
+    "training": {"learning_rate": 3.0e-3, "warmup_steps": 2, "max_steps": 2, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,
+                 "per_device_eval_batch_size": 4, "eval_steps": 0, "eval_batches": 2, "save_steps": 0, "bf16": False, "attention_backend": "sdpa",
+                 "logging_steps": 1, "ema_decay": 0.9},
     "logging": {"wandb_mode": "disabled"},
 }
 
@@ -28,7 +29,9 @@ def _run(tmp_path, name, launcher, **data):
     cfg = json.loads(json.dumps(TINY))
     cfg["data"].update(data)
     cfg["data"]["cache_dir"] = str(tmp_path / "cache")
-    cfg["train"]["output_dir"] = str(tmp_path / name)
+    cfg["training"]["output_dir"] = str(tmp_path / name)
+    if len(launcher) > 1:  # 2 ranks: the same global batch with half the accumulation
+        cfg["training"]["gradient_accumulation_steps"] = 1
     f = tmp_path / f"{name}.yaml"
     f.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}

@@ -93,7 +93,7 @@ def _steps(path):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_saves_a_checkpoint_and_prints_the_resume_command(tmp_path, sig):
-    cfg = _recipe(tmp_path, max_steps=400, save_every=100, eval_every=0)
+    cfg = _recipe(tmp_path, max_steps=400, save_steps=100, eval_steps=0)
     env = {**os.environ, "WANDB_MODE": "disabled"}
     proc = subprocess.Popen([sys.executable, "-m", "esorl.cli", "pretrain", "--config", str(cfg)], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -227,6 +227,6 @@ def test_sft_with_lora_trains_adapters_and_exports_merged(tmp_path):
     changed = {n for n, p in out.named_parameters() if not torch.equal(p, base[n])}
     assert changed and all(n.startswith("blocks.") and ("attn" in n or "mlp" in n) for n in changed), changed
     d["lora"]["enabled"] = False
-    d["train"]["max_steps"] = 5
+    d["training"]["max_steps"] = 5
     with pytest.raises(CheckpointError, match="lora"):
         run_sft(load_config(SFTConfig, None, [], base=d), resume="latest")

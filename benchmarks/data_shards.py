@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     import torch
 
     from esorl.config import load_config
-    from esorl.train.data_prep import prepare_shard_data
+    from esorl.data.corpus import prepare_shard_data
     from esorl.train.pretrain import PretrainConfig, global_batch_rows
 
     torch.set_num_threads(1)

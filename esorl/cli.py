@@ -12,7 +12,7 @@ import sys
 
 # name -> (module[:function], one-line description)
 COMMANDS = {
-    "prepare-data": ("esorl.train.data_prep", "tokenize a pretraining corpus into memory-mapped shards (data.storage: shards)"),
+    "prepare-data": ("esorl.train.pretrain:prepare_data_main", "tokenize a pretraining corpus into memory-mapped shards (data.storage: shards)"),
     "pretrain": ("esorl.train.pretrain", "train an Eso-LM with the hybrid AR + MDM objective (recipes/pretrain/)"),
     "sft": ("esorl.train.sft", "supervised fine-tuning on prompt/completion pairs (recipes/sft/)"),
     "grpo": ("esorl.rl.grpo", "GRPO with exact or Monte Carlo likelihoods (recipes/rl/grpo_*.yaml)"),

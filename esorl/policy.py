@@ -73,8 +73,9 @@ class EstimatorConfig:
 def gathered_for_generation(model, accelerator=None):
     """Gather ZeRO-3 partitioned parameters for the many small sampler forwards (as TRL's
     ``unwrap_model_for_generation``); a no-op otherwise. Yields the bare EsoLMModel."""
-    ds = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None) if accelerator is not None else None
-    if ds is not None and ds.zero_stage == 3:
+    from .distributed import zero_stage
+
+    if zero_stage(accelerator) == 3:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(model.parameters())):

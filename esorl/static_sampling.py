@@ -125,7 +125,9 @@ def static_decode(model, table, sizes: list[int], P: int, N: int, u_sigma: torch
     st = _State(table, sizes, P, N, u_sigma, forced_sigma, cfg.mask_token_id, cache)
     # DeepSpeed ZeRO-3 keeps forward hooks on the modules (parameter fetch/release, possibly
     # collectives): they must run on every forward, which a replayed graph would skip
-    zero3 = any(hasattr(p, "ds_id") for p in model.parameters())
+    from .distributed import is_partitioned
+
+    zero3 = is_partitioned(model)
     use_graphs = (dev.type == "cuda" and not zero3) if cuda_graphs is None else cuda_graphs
     if use_graphs and dev.type != "cuda":
         raise ValueError("cuda_graphs=True needs the model on a CUDA device")

@@ -295,7 +295,7 @@ def test_load_errors(tmp_path):
 def test_pack_wrap(word_tok):
     texts = ["the pasta was good .", "", "the staff were rude ."]
     n_tokens = 5 + 1 + 5 + 1  # two non-empty documents, EOS after each; "" is skipped
-    out = tokenize_and_pack(texts, word_tok, seq_len=4)
+    out = tokenize_and_pack(texts, word_tok, max_length=4)
     assert out["input_ids"].shape == (n_tokens // 4, 4) and out["input_ids"].dtype == torch.long
     assert out["valid"].dtype == torch.bool and out["valid"].all()
     stream = out["input_ids"].flatten().tolist()
@@ -303,16 +303,16 @@ def test_pack_wrap(word_tok):
     assert stream[5] == eos and stream[11] == eos and stream.count(eos) == 2
     assert word_tok.decode(stream[:5]) == texts[0]
     # BOS before each document.
-    out = tokenize_and_pack(texts, word_tok, seq_len=7, add_bos=True)
+    out = tokenize_and_pack(texts, word_tok, max_length=7, add_bos=True)
     assert out["input_ids"].flatten().tolist()[:7] == [1] + stream[:6]
     # Corpus shorter than one window.
     with pytest.raises(ValueError, match="shorter than one window"):
-        tokenize_and_pack(texts, word_tok, seq_len=100)
+        tokenize_and_pack(texts, word_tok, max_length=100)
 
 
 def test_pack_pad(word_tok):
     texts = ["the pasta was good .", "i loved this film ! really", "bad ."]
-    out = tokenize_and_pack(texts, word_tok, seq_len=8, mode="pad")
+    out = tokenize_and_pack(texts, word_tok, max_length=8, mode="pad")
     ids, valid = out["input_ids"], out["valid"]
     assert ids.shape == valid.shape == (3, 8)
     assert valid.sum(1).tolist() == [6, 7, 3]
@@ -321,16 +321,16 @@ def test_pack_pad(word_tok):
         n = len(t.split())
         assert ids[i, n] == eos and word_tok.decode(ids[i, :n].tolist()) == t
         assert (ids[i, n + 1 :] == pad).all() and not valid[i, n + 1 :].any()
-    no_eos = tokenize_and_pack(texts, word_tok, seq_len=8, mode="pad", add_eos=False, add_bos=True)
+    no_eos = tokenize_and_pack(texts, word_tok, max_length=8, mode="pad", add_eos=False, add_bos=True)
     assert no_eos["valid"].sum(1).tolist() == [6, 7, 3] and (no_eos["input_ids"][:, 0] == 1).all()
     assert eos not in no_eos["input_ids"].tolist()[0]
 
 
 def test_pack_pad_too_long(word_tok):
     texts = ["good .", "the pasta was really very good ."]
-    with pytest.raises(ValueError, match=r"document 1 is 8 tokens.*seq_len=6"):
-        tokenize_and_pack(texts, word_tok, seq_len=6, mode="pad")
-    out = tokenize_and_pack(texts, word_tok, seq_len=6, mode="pad", truncate=True)
+    with pytest.raises(ValueError, match=r"document 1 is 8 tokens.*max_length=6"):
+        tokenize_and_pack(texts, word_tok, max_length=6, mode="pad")
+    out = tokenize_and_pack(texts, word_tok, max_length=6, mode="pad", truncate=True)
     assert out["valid"][1].all() and word_tok.eos_token_id not in out["input_ids"][1].tolist()
     assert word_tok.decode(out["input_ids"][1].tolist()) == "the pasta was really very good"
 
@@ -338,13 +338,13 @@ def test_pack_pad_too_long(word_tok):
 def test_pack_dataset_and_bpe(bpe_tok, tmp_path):
     write_synthetic_corpus(tmp_path, n_train=200, n_dev=10, n_test=10)
     ds = load_text_dataset(str(tmp_path), "train")
-    out = tokenize_and_pack(ds, bpe_tok, seq_len=32)
+    out = tokenize_and_pack(ds, bpe_tok, max_length=32)
     assert out["input_ids"].shape[1] == 32 and out["input_ids"].shape[0] > 10
     assert int(out["input_ids"].max()) < len(bpe_tok)
-    padded = tokenize_and_pack(ds, bpe_tok, seq_len=64, mode="pad")
+    padded = tokenize_and_pack(ds, bpe_tok, max_length=64, mode="pad")
     assert padded["input_ids"].shape == (200, 64)  # row i is document i
     with pytest.raises(ValueError, match="mode"):
-        tokenize_and_pack(ds, bpe_tok, seq_len=32, mode="chunk")
+        tokenize_and_pack(ds, bpe_tok, max_length=32, mode="chunk")
 
 
 def test_split_train_eval():

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 TINY = {
     "model": {"hidden_size": 32, "n_layers": 2, "n_heads": 2, "cond_dim": 16},
-    "data": {"source": "synthetic", "synthetic_size": 400, "seq_len": 24, "truncate": True},
+    "data": {"source": "synthetic", "synthetic_size": 400, "max_length": 24, "truncate": True},
     "objective": {"alpha0": 0.25, "batch_split": 0.5},
     "training": {"learning_rate": 3.0e-3, "warmup_steps": 2, "max_steps": 2, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,
                  "per_device_eval_batch_size": 4, "eval_steps": 0, "eval_batches": 2, "save_steps": 0, "bf16": False, "attention_backend": "sdpa",

@@ -100,7 +100,7 @@ def test_sft_bf16(tmp_path, policy_dir):
 
     cfg = load_config(SFTConfig, None, [], base={
         "model": {"init_from": str(policy_dir)},
-        "data": {"source": "synthetic", "synthetic_size": 200, "seq_len": 32, "truncate": True, "cache_dir": str(tmp_path / "cache")},
+        "data": {"source": "synthetic", "synthetic_size": 200, "max_length": 32, "truncate": True, "cache_dir": str(tmp_path / "cache")},
         "training": {"learning_rate": 3e-3,
                      "max_steps": 3, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "per_device_eval_batch_size": 8, "eval_steps": 3, "eval_batches": 1, "save_steps": 3,
                   "output_dir": str(tmp_path / "run"), "bf16": True, "attention_backend": "sdpa", "logging_steps": 1},

@@ -140,7 +140,7 @@ def test_encode_pairs_rows_and_errors():
     assert dropped == 0
     assert out["input_ids"][0].tolist() == [1, 11, 12, 12, 11, 2, 0, 0] and out["input_ids"][1].tolist() == [1, 13, 11, 2, 0, 0, 0, 0]
     assert out["prompt_mask"][0].tolist() == [True] * 3 + [False] * 5 and out["valid"][1].tolist() == [True] * 4 + [False] * 4
-    with pytest.raises(ValueError, match="row 1 .*seq_len=5"):
+    with pytest.raises(ValueError, match="row 1 .*max_length=5"):
         encode_pairs(["a", "b c d"], ["e", "f g"], _WordTok(), 5)
     out, dropped = encode_pairs(["a", "b c d e f"], ["e f g h i", "g"], _WordTok(), 5, truncate=True)
     assert dropped == 1 and out["input_ids"].tolist() == [[1, 11, 11, 11, 11]] and out["prompt_mask"][0].sum() == 2
@@ -162,7 +162,7 @@ def test_esorl_sft_end_to_end(tmp_path):
     cache, run = tmp_path / "cache", tmp_path / "run"
     recipe = {
         "model": {"init_from": str(policy)},
-        "data": {"source": "synthetic", "synthetic_size": 400, "seq_len": 32, "truncate": True, "cache_dir": str(cache)},
+        "data": {"source": "synthetic", "synthetic_size": 400, "max_length": 32, "truncate": True, "cache_dir": str(cache)},
         "objective": {"alpha0": 0.25, "batch_split": 0.5},
         "training": {"learning_rate": 3e-3, "warmup_steps": 2,
                      "max_steps": 40, "per_device_train_batch_size": 16, "gradient_accumulation_steps": 1, "per_device_eval_batch_size": 16, "eval_steps": 20, "eval_batches": 2, "save_steps": 20,
@@ -200,7 +200,7 @@ def test_sft_config_errors(tmp_path):
     cfg = load_config(SFTConfig, "recipes/sft/synthetic_prompt_cpu.yaml", [])
     assert cfg.model.init_from == "runs/pretrain_synthetic_cpu/model" and cfg.data.source == "synthetic"
     gsm = load_config(SFTConfig, "recipes/sft/gsm8k_owt.yaml", [])
-    assert gsm.data.seq_len == 512 and gsm.data.prompt_field == "question" and gsm.data.completion_field == "answer"
+    assert gsm.data.max_length == 512 and gsm.data.prompt_field == "question" and gsm.data.completion_field == "answer"
 
 
 def test_sft_with_lora_trains_adapters_and_exports_merged(tmp_path):
@@ -216,7 +216,7 @@ def test_sft_with_lora_trains_adapters_and_exports_merged(tmp_path):
     policy = make_tiny_policy(tmp_path)
     run = tmp_path / "run"
     d = {"model": {"init_from": str(policy)},
-         "data": {"source": "synthetic", "synthetic_size": 400, "seq_len": 32, "truncate": True, "cache_dir": str(tmp_path / "cache")},
+         "data": {"source": "synthetic", "synthetic_size": 400, "max_length": 32, "truncate": True, "cache_dir": str(tmp_path / "cache")},
          "objective": {"alpha0": 0.25, "batch_split": 0.5}, "training": {"learning_rate": 1e-2, "warmup_steps": 0,
                       "max_steps": 3, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "per_device_eval_batch_size": 8, "eval_steps": 0, "save_steps": 3, "output_dir": str(run),
                    "bf16": False, "attention_backend": "sdpa", "logging_steps": 1, "ema_decay": 0.0},

@@ -149,7 +149,7 @@ def test_windows_read_the_stream_across_shards_and_pad_rows(corpus, tmp_path):
     doc = shards.document(3)
     n = min(64, len(doc))
     assert r["input_ids"][0, :n].tolist() == doc[:n].tolist() and r["valid"][0].sum() == n
-    with pytest.raises(ShardError, match="longer than data.seq_len=4"):
+    with pytest.raises(ShardError, match="longer than data.max_length=4"):
         ShardedSplit(shards, 4, "pad")
 
 

@@ -11,7 +11,7 @@ import pytest
 from esorl.config import ConfigError, load_config
 from esorl.tasks import RENDERINGS, TASKS, load_task, task_rewards
 from esorl.tasks.training import task_pairs, write_task_corpus, write_task_pairs
-from esorl.train.data_prep import DataConfig, prepare_data, resolve_source
+from esorl.data.corpus import DataConfig, prepare_data, resolve_source
 from esorl.train.pretrain import PretrainConfig, run_pretrain
 from esorl.train.sft import SFTConfig, prepare_sft_data
 
@@ -24,7 +24,7 @@ GSM8K = SHARED / "data" / "gsm8k"
 def _pretrain_cfg(tmp_path, task="basic_arithmetic", **over):
     base = {
         "model": {"hidden_size": 32, "n_layers": 2, "n_heads": 2, "cond_dim": 16},
-        "data": {"task": task, "task_size": 120, "task_test_size": 30, "eval_split": "", "eval_fraction": 0.1, "seq_len": 24,
+        "data": {"task": task, "task_size": 120, "task_test_size": 30, "eval_split": "", "eval_fraction": 0.1, "max_length": 24,
                  "add_bos": True, "cache_dir": str(tmp_path / "cache")},
         "objective": {"alpha0": 0.25, "batch_split": 0.5},
         "training": {"learning_rate": 3e-3, "warmup_steps": 2,
@@ -93,7 +93,7 @@ def test_sft_pairs_train_and_dev_from_the_test_split(tmp_path):
     tok_dir = next((tmp_path / "cache").glob("tokenizer-word-*"))
     cfg = load_config(SFTConfig, None, [], base={
         "model": {"init_from": str(tmp_path / "absent")},
-        "data": {"task": "basic_arithmetic", "task_size": 120, "task_test_size": 30, "seq_len": 24, "tokenizer": str(tok_dir),
+        "data": {"task": "basic_arithmetic", "task_size": 120, "task_test_size": 30, "max_length": 24, "tokenizer": str(tok_dir),
                  "cache_dir": str(tmp_path / "cache")}})
     _, data = prepare_sft_data(cfg, str(tmp_path / "absent"))
     d = write_task_pairs(tmp_path / "cache", "basic_arithmetic", size=120, test_size=30)
@@ -133,13 +133,13 @@ def test_task_pretrain_then_sft_end_to_end(tmp_path):
     from esorl import EsoLMModel
     from esorl.cli import main as cli
 
-    res = run_pretrain(_pretrain_cfg(tmp_path, "mini_sudoku", **{"data.seq_len": 16}))
+    res = run_pretrain(_pretrain_cfg(tmp_path, "mini_sudoku", **{"data.max_length": 16}))
     model = res["model_dir"]
     assert EsoLMModel.from_pretrained(model).config.max_seq_len == 16
     import yaml
 
     recipe = {"model": {"init_from": str(model)},
-              "data": {"task": "mini_sudoku", "task_size": 120, "task_test_size": 30, "seq_len": 16, "cache_dir": str(tmp_path / "cache")},
+              "data": {"task": "mini_sudoku", "task_size": 120, "task_test_size": 30, "max_length": 16, "cache_dir": str(tmp_path / "cache")},
               "training": {"max_steps": 2, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "per_device_eval_batch_size": 8, "eval_steps": 0, "eval_batches": 1, "save_steps": 0,
                         "output_dir": str(tmp_path / "sft"), "bf16": False, "attention_backend": "sdpa", "logging_steps": 1},
               "logging": {"wandb_mode": "disabled"}}
@@ -161,11 +161,11 @@ def test_task_cpu_recipes_load_and_agree(task):
     pre = load_config(PretrainConfig, f"recipes/pretrain/{task}_cpu.yaml")
     rl = load_config(GRPORecipe, f"recipes/rl/grpo_{task}_cpu.yaml")
     assert pre.data.task == rl.prompts.task == task and pre.data.task_rendering == rl.prompts.task_rendering == "compact"
-    assert rl.args().max_completion_length < pre.data.seq_len and rl.prompts.eval_prompts <= pre.data.task_test_size
+    assert rl.args().max_completion_length < pre.data.max_length and rl.prompts.eval_prompts <= pre.data.task_test_size
     assert rl.rewards[0].name == "task" and rl.args().eval_strategy == "steps" and rl.prompts.task_seed == pre.data.task_seed
     if Path(f"recipes/sft/{task}_cpu.yaml").exists():
         sft = load_config(SFTConfig, f"recipes/sft/{task}_cpu.yaml")
-        assert (sft.data.task, sft.data.task_rendering, sft.data.seq_len) == (task, "compact", pre.data.seq_len)
+        assert (sft.data.task, sft.data.task_rendering, sft.data.max_length) == (task, "compact", pre.data.max_length)
         assert (pre.data.task_size, pre.data.task_seed, pre.data.task_test_size) == (sft.data.task_size, sft.data.task_seed, sft.data.task_test_size)
         assert rl.policy.init_from == sft.training.output_dir + "/model"
     else:
@@ -176,8 +176,8 @@ def test_caches_are_keyed_by_the_split_rule(tmp_path):
     """A tokenizer, a tokenized corpus or shards built on another train/test split rule are
     never reused (a run once silently trained on the old split's cached tokens): the arithmetic
     tasks' keys carry their rule, the exact-text tasks' keys are unchanged."""
-    from esorl.train import data_prep
-    from esorl.train.data_prep import DataConfig, _config_key, _task_key
+    from esorl.data import corpus as data_prep
+    from esorl.data.corpus import DataConfig, _config_key, _task_key
 
     a = DataConfig(task="basic_arithmetic_1d", cache_dir=str(tmp_path))
     m = DataConfig(task="mini_sudoku", cache_dir=str(tmp_path))

@@ -327,7 +327,7 @@ def _special_id(tokenizer, name: str, why: str) -> int:
 def tokenize_and_pack(
     texts,
     tokenizer,
-    seq_len: int,
+    max_length: int,
     mode: str = "wrap",
     add_eos: bool = True,
     add_bos: bool = False,
@@ -339,20 +339,20 @@ def tokenize_and_pack(
     Each document becomes ``[BOS]? tokens [EOS]?`` (``add_bos`` / ``add_eos``).
 
     * ``mode="wrap"``: all documents are concatenated into one stream (EOS separates them
-      when ``add_eos``) and cut into ``N = len(stream) // seq_len`` full windows; the tail
+      when ``add_eos``) and cut into ``N = len(stream) // max_length`` full windows; the tail
       is dropped and every position is valid. Empty documents are skipped.
     * ``mode="pad"``: one row per document, in input order (row ``i`` is ``texts[i]``, so
       labels stay aligned), right-padded with the pad id. A document longer than
-      ``seq_len`` is a ``ValueError`` unless ``truncate=True`` (then it is cut to
-      ``seq_len`` tokens and its EOS is lost, truthfully: the document did not end there).
+      ``max_length`` is a ``ValueError`` unless ``truncate=True`` (then it is cut to
+      ``max_length`` tokens and its EOS is lost, truthfully: the document did not end there).
 
-    Returns ``{"input_ids": (N, seq_len) long, "valid": (N, seq_len) bool}`` where ``valid``
+    Returns ``{"input_ids": (N, max_length) long, "valid": (N, max_length) bool}`` where ``valid``
     is False exactly on padding. Raises ``ValueError`` when no row can be produced.
     """
     if mode not in ("wrap", "pad"):
         raise ValueError(f"unknown packing mode {mode!r}; expected 'wrap' or 'pad'")
-    if seq_len < 1:
-        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
     docs = _texts_of(texts)
     if not docs:
         raise ValueError("tokenize_and_pack got no documents")
@@ -367,27 +367,27 @@ def tokenize_and_pack(
                 stream.extend(prefix)
                 stream.extend(toks)
                 stream.extend(suffix)
-        n_rows = len(stream) // seq_len
+        n_rows = len(stream) // max_length
         if n_rows == 0:
             raise ValueError(
                 f"wrap packing produced no rows: the corpus is {len(stream)} tokens long "
-                f"({len(docs)} documents, special tokens included), shorter than one window of seq_len={seq_len}"
+                f"({len(docs)} documents, special tokens included), shorter than one window of max_length={max_length}"
             )
-        input_ids = torch.tensor(stream[: n_rows * seq_len], dtype=torch.long).view(n_rows, seq_len)
-        return {"input_ids": input_ids, "valid": torch.ones(n_rows, seq_len, dtype=torch.bool)}
+        input_ids = torch.tensor(stream[: n_rows * max_length], dtype=torch.long).view(n_rows, max_length)
+        return {"input_ids": input_ids, "valid": torch.ones(n_rows, max_length, dtype=torch.bool)}
 
     pad_id = _special_id(tokenizer, "pad", "for mode='pad'")
-    input_ids = torch.full((len(encoded), seq_len), pad_id, dtype=torch.long)
-    valid = torch.zeros(len(encoded), seq_len, dtype=torch.bool)
+    input_ids = torch.full((len(encoded), max_length), pad_id, dtype=torch.long)
+    valid = torch.zeros(len(encoded), max_length, dtype=torch.bool)
     for i, toks in enumerate(encoded):
         row = prefix + toks + suffix
-        if len(row) > seq_len:
+        if len(row) > max_length:
             if not truncate:
                 raise ValueError(
                     f"document {i} is {len(row)} tokens long (special tokens included), "
-                    f"longer than seq_len={seq_len}; raise seq_len or pass truncate=True"
+                    f"longer than max_length={max_length}; raise max_length or pass truncate=True"
                 )
-            row = row[:seq_len]
+            row = row[:max_length]
         input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
         valid[i, : len(row)] = True
     return {"input_ids": input_ids, "valid": valid}

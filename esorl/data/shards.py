@@ -332,7 +332,7 @@ class ShardedSplit:
                     if lens.size and lens.max() > seq_len:
                         i = int(lens.argmax())
                         raise ShardError(f"document {int(shards.doc_offsets[s]) + i} (shard {shards.maps[s].filename if hasattr(shards.maps[s], 'filename') else s}) "
-                                         f"has {int(lens.max())} tokens, longer than data.seq_len={seq_len}; set data.truncate=true or data.mode=wrap")
+                                         f"has {int(lens.max())} tokens, longer than data.max_length={seq_len}; set data.truncate=true or data.mode=wrap")
         else:
             raise ValueError(f"data.mode must be 'wrap' or 'pad', got {mode!r}")
         self._cache = (None, None)

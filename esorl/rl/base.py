@@ -15,9 +15,9 @@ from ..configuration_esolm import EsoLMConfig
 from ..modeling_esolm import EsoLMModel
 from ..policy import EsoPolicy
 from ..schedule import Stream, make_generator
-from ..train.common import all_reduce_sum
+from ..distributed import all_gather_cat, all_reduce_sum
 from ..train.loop import TrainLoop
-from .common import (all_gather_cat, build_rewards, check_prompt_lengths, ensure_policy, resolve_callable, load_prompts, load_tokenizer_for, prepare_reference,
+from .common import (build_rewards, check_prompt_lengths, ensure_policy, resolve_callable, load_prompts, load_tokenizer_for, prepare_reference,
                      score_rewards)
 
 

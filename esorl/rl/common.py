@@ -168,7 +168,7 @@ def resolve_callable(spec: str):
 def load_prompts(args: PromptArgs, split: str, limit: int, seed: int = 0) -> list[dict]:
     """Rows ``{"prompt": str, <columns>...}``."""
     from esorl.data import load_prompt_completion_dataset, load_text_dataset
-    from esorl.train.data_prep import DataConfig, resolve_source
+    from esorl.data.corpus import DataConfig, resolve_source
 
     if args.task:
         from esorl.tasks import load_task
@@ -331,17 +331,6 @@ def load_tokenizer_for(args: PolicyArgs, model_dir: Path):
     return load_tokenizer(args.tokenizer or str(model_dir))
 
 
-def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate a tensor's rank copies along dim 0 (identity on one process)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return t
-    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, t.contiguous())
-    return torch.cat(out)
-
-
 def peak_memory_mb(device) -> float:
     if torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -358,12 +347,13 @@ def prepare_reference(ref, accelerator):
     checkpoints, and under DeepSpeed ``save_state`` then fails on a module that is no engine)."""
     import copy
 
-    ds = getattr(accelerator.state, "deepspeed_plugin", None)
-    if ds is None or ds.zero_stage != 3:
+    from ..distributed import zero_stage
+
+    if zero_stage(accelerator) != 3:
         return ref.to(accelerator.device)
     import deepspeed
 
-    cfg = copy.deepcopy(ds.deepspeed_config)
+    cfg = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
     d = ref.config.hidden_size
     zo = cfg.setdefault("zero_optimization", {})
     zo.update({"reduce_bucket_size": d * d, "stage3_param_persistence_threshold": 10 * d, "stage3_prefetch_bucket_size": int(0.9 * d * d)})

@@ -87,9 +87,10 @@ from ..sampling import SamplingConfig
 from ..schedule import ScheduleConfig
 from ..policy import EstimatorConfig
 from ..train.arguments import TrainingArgs, _help
-from ..train.common import LoggingConfig, all_reduce_sum, check_finite
+from ..distributed import all_gather_cat, all_reduce_sum
+from ..train.common import LoggingConfig, check_finite
 from .base import RLTrainerBase
-from .common import LOG_RATIO_CLAMP, PolicyArgs, PromptArgs, RewardSpec, all_gather_cat, peak_memory_mb
+from .common import LOG_RATIO_CLAMP, PolicyArgs, PromptArgs, RewardSpec, peak_memory_mb
 
 
 
@@ -375,7 +376,6 @@ class EsoPPOTrainer(RLTrainerBase):
         self.prepare_model(container)  # fused AdamW over the trainable parameters and the head, accelerate, the guard
         self.updates_per_step = c.num_iterations * c.num_mini_batches
         self.head: ValueHead = acc.unwrap_model(self.model).value_head
-        self.is_ds = getattr(acc.state, "deepspeed_plugin", None) is not None
         self.ref = None
         self.policy = EsoPolicy(self.model, self.tokenizer, c.sampling(), acc, c.attention_backend)
         self.ref_policy = self.make_reference(c.kl_coef > 0)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from ..distributed import all_reduce_sum, local_data, uses_deepspeed, zero_stage
+
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf; the run stopped and the last good checkpoint was kept."""
@@ -68,7 +70,7 @@ class NonFiniteGuard:
         self.acc, self.model, self.opt, self.ckpt = accelerator, model, optimizer, checkpointer
         self.skipped_updates = 0
         self.consecutive = 0
-        self.is_ds = getattr(accelerator.state, "deepspeed_plugin", None) is not None
+        self.is_ds = uses_deepspeed(accelerator)
 
     def backward(self, loss: torch.Tensor, sync: bool, world: int) -> None:
         """Backward of one micro-batch whose loss is already normalised over the whole
@@ -163,7 +165,7 @@ def parameters_finite(model, optimizer=None) -> bool:
     bad = torch.zeros((), dtype=torch.float32)
     dev = None
     for p in model.parameters():
-        t = p.ds_tensor if hasattr(p, "ds_tensor") else p.data
+        t = local_data(p)
         dev = t.device
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             bad += 1
@@ -206,25 +208,13 @@ def make_accelerator(mixed_precision: str = "auto", gradient_accumulation_steps:
     return acc
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks (a copy); identity without a process group. (accelerate's ``reduce``
-    is a no-op for some CPU launch modes, so the toolkit calls torch.distributed itself.)"""
-    import torch.distributed as dist
-
-    t = t.clone()
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
 def configure_deepspeed(accelerator, micro_batch_size: int, accumulation: int, max_grad_norm: float | None = None) -> None:
     """Fill the batch fields DeepSpeed needs before ``prepare`` (esorl feeds tensors, not a
     DataLoader, so accelerate cannot infer them), and the recipe's gradient clipping (the
     engine clips inside its step; one setting, the recipe's, wins over the launch config's)."""
-    ds = getattr(accelerator.state, "deepspeed_plugin", None)
-    if ds is None:
+    if not uses_deepspeed(accelerator):
         return
-    cfg = ds.deepspeed_config
+    cfg = accelerator.state.deepspeed_plugin.deepspeed_config
     cfg["train_micro_batch_size_per_gpu"] = micro_batch_size
     cfg["gradient_accumulation_steps"] = accumulation
     cfg["train_batch_size"] = micro_batch_size * accumulation * accelerator.num_processes
@@ -247,9 +237,7 @@ class EMA:
         self.shadow = [self._data(p).detach().float().clone() for p in self.params]
         self.num_updates = 0
 
-    @staticmethod
-    def _data(p):
-        return p.ds_tensor if hasattr(p, "ds_tensor") else p.data
+    _data = staticmethod(local_data)
 
     @torch.no_grad()
     def update(self):
@@ -408,7 +396,7 @@ class Checkpointer:
         out = {}
         for name in extras:
             f = path / f"{name}.rank{accelerator.process_index}.pt"
-            if not f.is_file() and getattr(accelerator.state, "deepspeed_plugin", None) is None and (path / f"{name}.rank0.pt").is_file():
+            if not f.is_file() and not uses_deepspeed(accelerator) and (path / f"{name}.rank0.pt").is_file():
                 f = path / f"{name}.rank0.pt"  # replicated state (DDP): a run resumed on more ranks reads rank 0's copy
             if not f.is_file():
                 raise CheckpointError(f"checkpoint {path} has no {f.name}")
@@ -439,8 +427,7 @@ def flat_config(cfg) -> dict:
 def distributed_layout(accelerator) -> dict:
     """What a checkpoint's *format* depends on: the number of ranks and the DeepSpeed ZeRO
     stage (``None`` without DeepSpeed)."""
-    ds = getattr(accelerator.state, "deepspeed_plugin", None)
-    return {"world_size": accelerator.num_processes, "zero_stage": None if ds is None else ds.zero_stage}
+    return {"world_size": accelerator.num_processes, "zero_stage": zero_stage(accelerator)}
 
 
 def check_resume(state: dict, path: Path, accelerator, current: dict, fixed: dict[str, str]) -> list[str]:

@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import save_config
+from ..distributed import uses_deepspeed
 from .arguments import TrainingArgs, make_optimizer, set_learning_rate
 from .common import EMA, Checkpointer, NonFiniteGuard, RunLogger, check_resume, configure_deepspeed, flat_config, make_accelerator, read_metrics
 from .run_dir import GracefulStop, RunInterrupted, claim, resume_command
@@ -75,8 +76,7 @@ class TrainLoop:
         the non-finite guard and (``args.ema_decay > 0``) the EMA. Sets ``self.model`` (wrapped)
         and ``self.opt``."""
         a, acc = self.args, self.accelerator
-        ds = getattr(acc.state, "deepspeed_plugin", None) is not None
-        opt = make_optimizer([p for p in model.parameters() if p.requires_grad], a, device=None if ds else acc.device)
+        opt = make_optimizer([p for p in model.parameters() if p.requires_grad], a, device=None if uses_deepspeed(acc) else acc.device)
         configure_deepspeed(acc, a.per_device_train_batch_size, a.gradient_accumulation_steps, a.max_grad_norm)
         self.model, self.opt = acc.prepare(model, opt)
         self.guard = NonFiniteGuard(acc, self.model, self.opt, self.ckpt)

@@ -20,13 +20,15 @@ import numpy as np
 import torch
 
 from ..config import load_config
+from ..lora import LoraArgs
 from ..configuration_esolm import EsoLMConfig
 from ..modeling_esolm import EsoLMModel
 from ..objective import ObjectiveConfig, hybrid_loss
 from ..schedule import Stream
 from .arguments import TrainingArgs, _help
-from .common import LoggingConfig, all_reduce_sum, check_finite
-from .data_prep import DataConfig, prepare_data
+from ..distributed import all_reduce_sum
+from .common import LoggingConfig, check_finite
+from ..data.corpus import DataConfig, prepare_data
 from .loop import TrainLoop
 
 
@@ -34,7 +36,7 @@ from .loop import TrainLoop
 RESUME_FIXED = {
     **{f"model.{k}": "the checkpoint holds weights of this architecture" for k in ("hidden_size", "n_layers", "n_heads", "cond_dim", "mlp_ratio")},
     **{f"data.{k}": "the rows, their order and the data position refer to this data" for k in
-       ("seq_len", "mode", "tokenizer", "tokenizer_vocab_size", "add_bos", "train_split", "text_field", "synthetic_size", "synthetic_seed",
+       ("max_length", "mode", "tokenizer", "tokenizer_vocab_size", "add_bos", "train_split", "text_field", "synthetic_size", "synthetic_seed",
         "eval_split", "eval_fraction", "truncate", "task", "task_rendering", "task_size", "task_seed", "task_test_size")},
     "training.seed": "the data order and the objective's noise are keyed by it",
     "lora.": "the checkpoint holds the parameters this LoRA setting trains (SFT)",
@@ -70,6 +72,7 @@ RENAMED = {
     "train.gradient_checkpointing": "training.gradient_checkpointing",
     "logging.log_every": "training.logging_steps",
     "logging.run_name": "training.run_name",
+    "data.seq_len": "data.max_length",
 }
 
 
@@ -115,7 +118,9 @@ class PretrainArgs(TrainingArgs):
 @dataclass
 class PretrainConfig:
     """A pretraining recipe: model, data, objective (docs/ESOLM.md §5), ``training`` (the loop:
-    ``transformers.TrainingArguments`` names) and ``logging`` (wandb)."""
+    ``transformers.TrainingArguments`` names), ``lora`` (continued pretraining of
+    ``model.init_from`` with LoRA adapters only; the exported model has them merged) and
+    ``logging`` (wandb)."""
 
     RENAMED = RENAMED
 
@@ -123,7 +128,13 @@ class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     training: PretrainArgs = field(default_factory=PretrainArgs)
+    lora: LoraArgs = field(default_factory=LoraArgs)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self):
+        if self.lora.enabled and not self.model.init_from:
+            raise ValueError("lora.enabled trains adapters on a pretrained model: set model.init_from (continued pretraining), "
+                             "or train every weight from scratch without lora")
 
 
 def build_model(args: ModelArgs, tok, seq_len: int) -> EsoLMModel:
@@ -211,8 +222,8 @@ class PretrainLoop(TrainLoop):
     ``data_fn()`` returns ``(tokenizer, {"train": {...}, "eval": {...}})`` instead of
     :func:`prepare_data` (SFT; run on the main process first); a split may carry a row-level
     ``prompt_mask`` ``(N, L)`` bool, whose tokens are then clean context at step 0 and never
-    scored. ``cfg`` needs the sections ``model``, ``data`` (``seq_len``, ``source``),
-    ``objective``, ``training``, ``logging`` (and ``lora`` for SFT)."""
+    scored. ``cfg`` needs the sections ``model``, ``data`` (``max_length``, ``source``),
+    ``objective``, ``training``, ``lora``, ``logging``."""
 
     kind = "pretrain"
     fixed_on_resume = RESUME_FIXED
@@ -230,13 +241,12 @@ class PretrainLoop(TrainLoop):
         self.train_rows = self.data["train"]
         if len(self.train_rows["input_ids"]) == 0:
             raise ValueError(f"data: the training split of {cfg.data.source!r} is empty")
-        model = build_model(cfg.model, self.tokenizer, cfg.data.seq_len)
-        if cfg.data.seq_len > model.config.max_seq_len:
-            raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds the model context max_seq_len={model.config.max_seq_len}")
+        model = build_model(cfg.model, self.tokenizer, cfg.data.max_length)
+        if cfg.data.max_length > model.config.max_seq_len:
+            raise ValueError(f"data.max_length={cfg.data.max_length} exceeds the model context max_seq_len={model.config.max_seq_len}")
         if a.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if getattr(cfg, "lora", None) is not None:  # SFT: adapters only (pretraining trains every weight)
-            model = cfg.lora.apply(model)
+        model = cfg.lora.apply(model)  # LoRA: adapters only (as is when off)
         self.prepare_model(model)
         self.G = a.per_device_train_batch_size * a.gradient_accumulation_steps * self.world
         # data position = rows consumed so far: step × G within one setting, carried over a
@@ -336,3 +346,32 @@ def ensure_pretrained(args, what: str = "model") -> Path:
     print(f"[esorl] no {what} at {p}: pretraining it with {args.pretrain_recipe}")
     res = run_pretrain(cfg, resume="auto")
     return Path(res["model_dir"])
+
+
+def prepare_data_main(argv=None):
+    """``esorl prepare-data --config <pretrain recipe> [key=value ...] [--num-proc N] [--rebuild]``:
+    tokenize the recipe's corpus into memory-mapped shards (what ``esorl pretrain`` with
+    ``data.storage: shards`` would do on its first start), with a progress bar; resumable, and a
+    no-op when the shards exist."""
+    import argparse
+
+    import json
+
+    from ..data.corpus import prepare_shard_data
+
+    p = argparse.ArgumentParser(prog="esorl prepare-data", description="tokenize a pretraining recipe's corpus into memory-mapped shards")
+    p.add_argument("--config", required=True, help="a pretraining recipe (its data section; training.seed picks the held-out documents)")
+    p.add_argument("--num-proc", type=int, default=None, help="tokenizer processes (default: data.num_proc)")
+    p.add_argument("--rebuild", action="store_true", help="tokenize again even if shards of other inputs are there")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.shards_dir=/scratch/owt")
+    a = p.parse_args(argv)
+    cfg = load_config(PretrainConfig, a.config, a.overrides)
+    cfg.data.storage = "shards"
+    if a.num_proc:
+        cfg.data.num_proc = a.num_proc
+    tok, splits = prepare_shard_data(cfg.data, cfg.training.seed, rebuild=a.rebuild)
+    root = splits["train"].shards.root
+    idx = json.loads((root / "index.json").read_text())
+    size = sum(f.stat().st_size for f in root.glob("*.bin"))
+    print(f"[esorl] shards in {root}: " + ", ".join(f"{k} {v:,} tokens" for k, v in idx["tokens"].items())
+          + f" ({idx['dtype']}, {size / 2**20:.1f} MiB); train with data.storage=shards data.shards_dir={root}")

@@ -61,7 +61,7 @@ def base_recipe(corpus_dir: Path, work: Path, storage: str, seq_len: int, batch:
     return {
         "model": {"hidden_size": 64, "n_layers": 2, "n_heads": 2, "cond_dim": 32},
         "data": {"source": str(corpus_dir), "train_split": "train", "eval_split": "dev", "tokenizer": "train:word", "tokenizer_vocab_size": 4096,
-                 "seq_len": seq_len, "mode": "wrap", "storage": storage, "cache_dir": str(work / "cache"),
+                 "max_length": seq_len, "mode": "wrap", "storage": storage, "cache_dir": str(work / "cache"),
                  "shards_dir": str(work / f"shards-{corpus_dir.name}") if storage == "shards" else ""},
         "objective": {"alpha0": 0.25, "batch_split": 0.5},
         "training": {"max_steps": steps, "per_device_train_batch_size": batch, "per_device_eval_batch_size": batch, "eval_steps": 0, "save_steps": 0,

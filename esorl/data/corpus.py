@@ -224,7 +224,7 @@ def prepare_shard_data(cfg: DataConfig, seed: int = 0, rebuild: bool = False, pr
 def prepare_data(cfg: DataConfig, seed: int = 0):
     """Tokenizer and ``{"train": {...}, "eval": {...}}`` rows (``input_ids``, ``valid``):
     tensors (``storage: memory``) or views over memory-mapped shards (``storage: shards``)."""
-    from esorl.data import split_train_eval, tokenize_and_pack
+    from esorl.data import tokenize_and_pack
 
     if cfg.storage == "shards":
         return prepare_shard_data(cfg, seed)
@@ -235,14 +235,22 @@ def prepare_data(cfg: DataConfig, seed: int = 0):
     if cache.exists():
         return tok, torch.load(cache, weights_only=True)
     pack = lambda texts: tokenize_and_pack(texts, tok, cfg.max_length, mode=cfg.mode, add_eos=True, add_bos=cfg.add_bos, truncate=cfg.truncate)  # noqa: E731
-    train = pack(train_texts)
-    if cfg.eval_split:
-        ev = pack(load_texts(cfg, cfg.eval_split))
+    return tok, encode_splits(lambda split: pack(train_texts if split == cfg.train_split else load_texts(cfg, split)), cfg, seed, cache)
+
+
+def encode_splits(encode, d: DataSourceArgs, seed: int, cache: Path) -> dict:
+    """``{"train": encode(d.train_split), "eval": ...}``: the eval rows are ``encode(d.eval_split)``,
+    or without one ``d.eval_fraction`` of the training rows carved off with ``seed``; saved
+    atomically to ``cache`` (pretraining corpora and SFT pairs alike)."""
+    from ..io import atomic_save
+    from .datasets import split_train_eval
+
+    train = encode(d.train_split)
+    if d.eval_split:
+        ev = encode(d.eval_split)
     else:
-        train, ev = split_train_eval(train, cfg.eval_fraction, seed)
+        train, ev = split_train_eval(train, d.eval_fraction, seed)
     out = {"train": train, "eval": ev}
     cache.parent.mkdir(parents=True, exist_ok=True)
-    from ..io import atomic_save
-
     atomic_save(cache, lambda tmp: torch.save(out, tmp))
-    return tok, out
+    return out

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ..io import atomic_save, write_if_changed
-from .corpus import DataConfig, DataSourceArgs, _key, resolve_source
+from ..io import write_if_changed
+from .corpus import DataConfig, DataSourceArgs, _key, encode_splits, resolve_source
 
 _TOKENIZE_BATCH = 1000
 
@@ -197,7 +197,6 @@ def prepare_pair_data(d: SFTDataConfig, model_dir: str, seed: int = 0):
     ``prompt_mask``: ``(N, max_length)``) of the pairs ``d`` describes, for the model in
     ``model_dir`` (whose tokenizer is the default and must fit it); ``seed`` carves the
     held-out rows when ``d.eval_split`` is empty. Cached in ``d.cache_dir``."""
-    from .datasets import split_train_eval
     from .tokenizer import load_tokenizer
 
     tok_spec = d.tokenizer or model_dir
@@ -217,15 +216,7 @@ def prepare_pair_data(d: SFTDataConfig, model_dir: str, seed: int = 0):
             print(f"[esorl] sft: dropped {dropped} rows of split {split!r} whose prompt leaves no room in max_length={d.max_length}")
         return out
 
-    train = enc(d.train_split)
-    if d.eval_split:
-        ev = enc(d.eval_split)
-    else:
-        train, ev = split_train_eval(train, d.eval_fraction, seed)
-    data = {"train": train, "eval": ev}
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save(cache, lambda tmp: torch.save(data, tmp))
-    return tok, data
+    return tok, encode_splits(enc, d, seed, cache)
 
 
 def _check_tokenizer(tok, model_dir: str) -> None:

@@ -25,10 +25,7 @@ from pathlib import Path
 
 from ..config import load_config
 from ..data.pairs import SFTDataConfig, encode_pairs, prepare_pair_data, write_synthetic_pairs  # noqa: F401 (public names of the SFT recipe)
-from ..lora import LoraArgs
-from ..objective import ObjectiveConfig
-from .common import LoggingConfig
-from .pretrain import RENAMED, PretrainArgs, run_pretrain
+from .pretrain import PretrainArgs, PretrainConfig, run_pretrain
 
 
 @dataclass
@@ -60,20 +57,16 @@ class SFTArgs(PretrainArgs):
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(PretrainConfig):
     """An SFT recipe: the model to start from, prompt/completion data, the hybrid objective
     on completion tokens (prompt clean at step 0), ``training`` (the loop:
     ``transformers.TrainingArguments`` names), ``lora`` (train adapters only; the exported
-    model has them merged), ``logging`` (wandb)."""
-
-    RENAMED = RENAMED
+    model has them merged), ``logging`` (wandb). The pretraining recipe's sections, with
+    SFT's model and data."""
 
     model: SFTModelArgs = field(default_factory=SFTModelArgs)
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     training: SFTArgs = field(default_factory=SFTArgs)
-    lora: LoraArgs = field(default_factory=LoraArgs)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 def prepare_sft_data(cfg: SFTConfig, model_dir: str | None = None):

@@ -169,7 +169,7 @@ def main(argv=None):
     p.add_argument("--prompt-len", type=int, default=None)
     p.add_argument("--n", type=int, default=None, help="completion length N")
     p.add_argument("--T", type=int, default=32, help="steps of the unified alpha0 = 1 trajectory (replay runs K <= T forwards)")
-    p.add_argument("--estimators", default=",".join(ESTIMATORS))
+    p.add_argument("--likelihood", default=",".join(ESTIMATORS), help="comma list of estimators (esorl.likelihood.REGISTRY)")
     p.add_argument("--mc-samples", type=int, default=4)
     p.add_argument("--backward", action="store_true", help="also time forward + backward of sum(log p)")
     p.add_argument("--backend", default="auto", choices=["auto", "sdpa", "flex"])
@@ -188,7 +188,7 @@ def main(argv=None):
     B, N = args.batch or B, args.n or N
     P = args.prompt_len if args.prompt_len is not None else P
     repeats = args.repeats or repeats
-    names = [e.strip() for e in args.estimators.split(",") if e.strip()]
+    names = [e.strip() for e in args.likelihood.split(",") if e.strip()]
     model = make_model(size, device, dtype, seed=args.seed, max_seq_len=max(1024, P + N)).eval()
     rollout = make_rollout(model, B, P, N, args.T, 1.0, args.seed, device)
     log(f"likelihood: size={size} ({count_params(model) / 1e6:.1f} M params), batch {B}, P {P}, N {N}, "

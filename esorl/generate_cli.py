@@ -112,14 +112,14 @@ def score_main(argv=None):
 
     names = list(ESTIMATORS)
     p = _parser("esorl score", "sample one completion per prompt, then score that trajectory with each likelihood estimator")
-    p.add_argument("--estimators", default=",".join(names), help="comma list from: " + "; ".join(f"{n} ({e.summary})" for n, e in ESTIMATORS.items()))
+    p.add_argument("--likelihood", default=",".join(names), help="comma list of estimators from: " + "; ".join(f"{n} ({e.summary})" for n, e in ESTIMATORS.items()))
     p.add_argument("--mc-samples", type=_positive_int, default=16, help="Monte Carlo draws n of mc_elbo, elbo_lowvar and espo_elbo")
     p.add_argument("--per-token", action="store_true", help="print per-token log-probs too")
     a = p.parse_args(argv)
-    chosen = [x.strip() for x in a.estimators.split(",") if x.strip()]
+    chosen = [x.strip() for x in a.likelihood.split(",") if x.strip()]
     unknown = [x for x in chosen if x not in ESTIMATORS]
     if unknown or not chosen:
-        p.error(f"--estimators: unknown {unknown or '(empty)'}; choose from {', '.join(names)}")
+        p.error(f"--likelihood: unknown {unknown or '(empty)'}; choose from {', '.join(names)}")
     check_model_dir(a.model)
     import torch
 

@@ -432,9 +432,10 @@ def step_merge(model, rollout: Rollout, segments: int = 2, kind: str = "model", 
     return exact(model, merged, kind=kind, temperature=temperature, backend=backend, with_entropy=with_entropy)
 
 
-def estimate(model, rollout: Rollout, estimator: str = "exact", **params):
-    """Dispatch by name (:data:`REGISTRY`); unknown parameters raise ``TypeError`` naming them."""
-    return get_estimator(estimator).fn(model, rollout, **params)
+def estimate(model, rollout: Rollout, likelihood: str = "exact", **params):
+    """The estimator named ``likelihood`` (:data:`REGISTRY`; the recipes' ``likelihood``
+    field); unknown parameters raise ``TypeError`` naming them."""
+    return get_estimator(likelihood).fn(model, rollout, **params)
 
 
 def _checked(fn):

@@ -138,11 +138,11 @@ class EsoPolicy:
         not always the bare Eso-LM the sampler calls)."""
         return self.accelerator.autocast() if self.accelerator is not None else contextlib.nullcontext()
 
-    def log_probs(self, rollout: Rollout, estimator: str = "exact", **params):
-        """Per-token log-probs ``(B, N)`` and validity under the named estimator (with
+    def log_probs(self, rollout: Rollout, likelihood: str = "exact", **params):
+        """Per-token log-probs ``(B, N)`` and validity under the estimator named ``likelihood`` (with
         ``with_entropy=True`` also the predictive entropies ``(B, N)``; see :mod:`esorl.likelihood`)."""
         with self.autocast():
-            return estimate(self.model, rollout, estimator, backend=self.backend, **params)
+            return estimate(self.model, rollout, likelihood, backend=self.backend, **params)
 
     def rollout_for(self, prompts: list[str], completions: list[str], trajectory=None, seed: int = 0) -> Rollout:
         """A :class:`Rollout` of existing texts, to score them with :meth:`log_probs`.

@@ -75,7 +75,7 @@ def test_sample_and_score_errors(tmp_path):
     one_line_error(esorl("score", "--model", str(tmp_path / "bert"), cwd=tmp_path), "'bert' model, not an Eso-LM")
     one_line_error(esorl("sample", "--model", "x", "--max-completion-length", "-3", cwd=tmp_path), "--max-completion-length: must be >= 1")
     one_line_error(esorl("sample", "--model", "x", "--max-completion-length", "0", cwd=tmp_path), "--max-completion-length: must be >= 1")
-    one_line_error(esorl("score", "--model", "x", "--estimators", "exact,nope", cwd=tmp_path), "unknown ['nope']", "mc_elbo")
+    one_line_error(esorl("score", "--model", "x", "--likelihood", "exact,nope", cwd=tmp_path), "unknown ['nope']", "mc_elbo")
 
 
 class _Boom:

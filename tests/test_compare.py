@@ -335,7 +335,7 @@ def test_plots_are_readable(policy_dir, tmp_path, monkeypatch):
 
 
 def test_config_errors_name_the_field(policy_dir, tmp_path):
-    with pytest.raises(ConfigError, match="renamed to compare.arms"):
+    with pytest.raises(ConfigError, match="estimators was renamed to arms"):
         _cfg(policy_dir, tmp_path, estimators=[{"name": "exact", "likelihood": "exact"}])
     with pytest.raises(ConfigError, match="tuning and evaluation seeds must be disjoint"):
         _cfg(policy_dir, tmp_path, seeds=[0, 1], sweep={"enabled": True, "seeds": [1]})

@@ -45,7 +45,7 @@ def test_unknown_and_ill_typed_fields_are_named():
         load_config(cls, None, ["grpo.loss_type=nope"])
 
 
-@pytest.mark.parametrize("kind", ["pretrain", "sft", "grpo", "ppo"])
+@pytest.mark.parametrize("kind", ["pretrain", "sft", "grpo", "ppo", "compare"])
 def test_every_old_name_fails_before_any_work_naming_the_new_one(kind, tmp_path):
     """A recipe written for an earlier esorl (before the one vocabulary) fails at load time,
     naming every renamed field it uses and what it is called now, all in one message."""

@@ -165,15 +165,13 @@ class CompareConfig:
     cost: CostArgs = field(default_factory=CostArgs)
     notes: str = ""
     logging: LoggingConfig = field(default_factory=lambda: LoggingConfig(wandb_mode="offline"))
-    # renamed in the study's redesign: refused with the new name (docs/ESOLM.md §10)
-    estimators: list = field(default_factory=list, metadata={"help": "renamed to arms"})
-    reward_threshold: float = field(default=-1.0, metadata={"help": "removed: the report compares held-out reward at equal wall-clock"})
+
+    # fields of earlier versions (the study's redesign, the one vocabulary): refused with what replaced them
+    RENAMED = {"estimators": "arms (each arm is {name: ..., grpo: {likelihood: ..., <its parameters>}})",
+               "reward_threshold": "nothing: it was removed (the report compares held-out reward at equal wall-clock instead)",
+               "logging.log_every": "grpo.logging_steps", "logging.run_name": "grpo.run_name"}
 
     def validate(self):
-        if self.estimators:
-            raise ConfigError("compare.estimators was renamed to compare.arms: each arm is {name: ..., grpo: {likelihood: ..., <its parameters>}}")
-        if self.reward_threshold != -1.0:
-            raise ConfigError("compare.reward_threshold was removed: the report compares held-out reward at equal wall-clock instead")
         names = [a.name for a in self.arms]
         if len(set(names)) != len(names):
             raise ValueError(f"compare.arms: names must be unique, got {names}")

@@ -68,8 +68,9 @@ def rule(q_step, q_rank, q_query, k_step, k_rank, k_query, k_valid):
     3. a query copy sees the query copies of its own step with rank ≤ its own;
     4. nothing else (in particular no clean copy sees a query copy), and no invalid key.
 
-    The one statement of the rule: the dense masks (:func:`allowed`) and flex's ``mask_mod``
-    (:func:`flex_block_mask`) both call it; :func:`reference_allowed` is its independent slow
+    The one statement of the rule: the dense masks (:func:`allowed`), flex's ``mask_mod``
+    (:func:`flex_block_mask`) and the static-shape sampler's per-step mask
+    (:mod:`esorl.static_sampling`) call it; :func:`reference_allowed` is its independent slow
     twin for tests."""
     rule1 = ~q_query & ~k_query & (k_rank <= q_rank)
     rule2 = q_query & ~k_query & (k_step < q_step)

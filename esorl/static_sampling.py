@@ -12,7 +12,9 @@ copy once known, its query copy (scratch) during its own step ``i`` (table slots
 ``[q0, q1)``). Then rules 1–4 of docs/ESOLM.md §4, for any slot ``j`` of the window, allow exactly
 the cache slots ``k ≤ j``: a clean ``j`` sees the clean ``k ≤ j``; a query ``j`` sees the
 clean ``k < q0`` (``s_k < i``) and the queries ``q0 ≤ k ≤ j`` (same step, rank ≤). The mask
-is "causal in table order, minus the prompt's left padding" — a function of the slot index.
+is "causal in table order, minus the prompt's left padding" — a function of the slot index;
+the step computes it from the rule itself (:func:`esorl.attention.rule`, the one statement
+of it), with each slot's step and rank.
 
 The static window of step ``i ≥ 1`` is the ``W`` table slots ending at ``q1`` (or the first
 ``W`` if ``q1 < W``), ``W = max_i (k_{i−1} + k_i)``: it always covers the previous step's
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import torch
 
+from .attention import rule
 from .kv_cache import StaticKVCache
 from .modeling_esolm import model_config
 from .logprobs import filter_logprobs, gather, model_logprobs, sample_inverse_cdf
@@ -69,6 +72,8 @@ class _State:
             c += k
         self.rows = rows
         self.sched = torch.tensor(rows, dtype=torch.long, device=dev)
+        # the step of each table slot (prompt 0, then 1..K): the attention rule's s
+        self.slot_step = torch.repeat_interleave(torch.arange(len(sizes) + 1, device=dev), torch.tensor([P, *sizes], device=dev))
         self.i = torch.zeros((), dtype=torch.long, device=dev)  # the step a replay runs
         self.mask_id = mask_id
         self.cache = cache
@@ -84,9 +89,13 @@ def _step(model, st: _State, W: int, kmax: int, kv_len: int, temperature: float,
     ids = torch.where(is_q, st.mask_id, st.ids.index_select(1, slots))
     pos = st.pos.index_select(1, slots)
     kidx = torch.arange(kv_len, device=dev)
-    # causal in table order; a row always sees itself (left padding would leave a pad row
-    # with no key: its output is never read, but must stay finite)
-    allow = (kidx <= slots[:, None]) & (st.key_ok[:, None, :kv_len] | (kidx == slots[:, None]))
+    # the attention rule (docs/ESOLM.md §4) with rank = table slot and the cache slots of this
+    # step's queries holding their query copies; it comes out as causal in table order (module
+    # docstring). A row always sees itself (left padding would leave a pad row with no key:
+    # its output is never read, but must stay finite)
+    k_query = (kidx >= q0) & (kidx < q1)
+    allow = rule(st.slot_step.index_select(0, slots)[:, None], slots[:, None], is_q[:, None], st.slot_step[:kv_len], kidx, k_query,
+                 st.key_ok[:, None, :kv_len]) | (kidx == slots[:, None])
     # additive mask in the attention dtype, built once per step (a boolean mask would be
     # converted by every layer's attention call)
     # (the first step runs before the cache knows the attention dtype: a boolean mask there)

@@ -258,6 +258,36 @@ def describe_fields(cls, prefix: str) -> list[str]:
     return lines
 
 
+class _RenamedFlag:
+    """argparse action of a flag an earlier esorl had: using it is a usage error naming the new flag."""
+
+    def __new__(cls, *args, **kwargs):
+        import argparse
+
+        class Renamed(argparse.Action):
+            def __init__(self, option_strings, dest, new="", **kw):
+                kw.pop("nargs", None)
+                super().__init__(option_strings, dest, nargs="?", help=argparse.SUPPRESS, **kw)
+                self.new = new
+
+            def __call__(self, parser, namespace, values, option_string=None):
+                parser.error(f"{option_string} was renamed to {self.new} (one name per setting: the recipes' field names)")
+
+        return Renamed(*args, **kwargs)
+
+
+def add_renamed_flags(parser, renamed: dict[str, str]) -> None:
+    """Refuse each old flag of ``renamed`` (``{"--steps": "--diffusion-steps"}``) with a usage
+    error naming its new name (exit 2, before any work)."""
+    for old, new in renamed.items():
+        parser.add_argument(old, action=_RenamedFlag, new=new, dest=f"_renamed{old.replace('-', '_')}")
+
+
+#: the sampling flags of ``esorl sample`` / ``score`` / ``eval`` before they took the recipes' names
+RENAMED_SAMPLING_FLAGS = {"--alpha0": "--sampling-alpha0", "--steps": "--diffusion-steps", "--max-new-tokens": "--max-completion-length",
+                          "--num-samples": "--num-generations", "--samples": "--num-generations", "--estimators": "--likelihood"}
+
+
 def recipe_argparser(prog: str, description: str, example: str = ""):
     """The CLI shape every recipe command shares: ``--config``, ``--resume [DIR]``, overrides.
     ``example``: an override shown in the help (one that exists in this command's config)."""

@@ -129,9 +129,9 @@ def main(argv=None):
     p.add_argument("--rendering", default="compact", choices=RENDERINGS, help="prompt rendering (as the model was trained on)")
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--num-prompts", type=int, default=100, help="test prompts (0 = the whole split)")
-    p.add_argument("--samples", type=int, default=4, help="completions per prompt (pass@k for k = 1..samples)")
-    p.add_argument("--alpha0", type=_floats, default=[1.0], help="comma list of sampling α0 values")
-    p.add_argument("--steps", type=_ints, default=[8], help="comma list of diffusion step counts T")
+    p.add_argument("--num-generations", type=int, default=4, help="completions per prompt (pass@k for k = 1..num_generations)")
+    p.add_argument("--sampling-alpha0", type=_floats, default=[1.0], help="comma list of sampling α0 values")
+    p.add_argument("--diffusion-steps", type=_ints, default=[8], help="comma list of diffusion step counts T")
     p.add_argument("--max-completion-length", type=_ints, default=[16], help="comma list of generation lengths N")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="task split seed and sampling seed")
@@ -139,11 +139,14 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--out", default="runs/eval", help="output directory")
+    from .config import RENAMED_SAMPLING_FLAGS, add_renamed_flags
+
+    add_renamed_flags(p, {k: v for k, v in RENAMED_SAMPLING_FLAGS.items() if k not in ("--estimators", "--num-samples")})
     a = p.parse_args(argv)
-    if a.samples < 1 or a.num_prompts < 0 or a.batch_size < 1:
-        p.error("--samples and --batch-size must be >= 1, --num-prompts >= 0")
-    if any(not 0.0 <= x <= 1.0 for x in a.alpha0):
-        p.error(f"--alpha0 values must be in [0, 1], got {a.alpha0}")
+    if a.num_generations < 1 or a.num_prompts < 0 or a.batch_size < 1:
+        p.error("--num-generations and --batch-size must be >= 1, --num-prompts >= 0")
+    if any(not 0.0 <= x <= 1.0 for x in a.sampling_alpha0):
+        p.error(f"--sampling-alpha0 values must be in [0, 1], got {a.sampling_alpha0}")
     check_model_dir(a.model)
     import torch
 
@@ -160,10 +163,10 @@ def main(argv=None):
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = EsoLMModel.from_pretrained(a.model).to(device).eval()
     policy = EsoPolicy(model, load_tokenizer(a.model), SamplingConfig(a.max_completion_length[0], temperature=a.temperature))
-    grid = [(x, t, n) for n in a.max_completion_length for x in a.alpha0 for t in a.steps]
-    recs = evaluate_grid(policy, a.task, list(ds["prompt"]), {"entry": list(ds["entry"]), "answer": list(ds["answer"])}, a.samples, grid,
+    grid = [(x, t, n) for n in a.max_completion_length for x in a.sampling_alpha0 for t in a.diffusion_steps]
+    recs = evaluate_grid(policy, a.task, list(ds["prompt"]), {"entry": list(ds["entry"]), "answer": list(ds["answer"])}, a.num_generations, grid,
                          a.seed, a.batch_size, a.rendering)
-    meta = {"model": a.model, "task": a.task, "rendering": a.rendering, "split": a.split, "samples": a.samples, "seed": a.seed,
+    meta = {"model": a.model, "task": a.task, "rendering": a.rendering, "split": a.split, "samples": a.num_generations, "seed": a.seed,
             "device": device, "torch": torch.__version__}
     paths = write_outputs(recs, Path(a.out), meta)
     print(Path(paths["markdown"]).read_text())

@@ -162,3 +162,14 @@ def test_grpo_set_up_errors_come_before_any_work_and_output_is_named(tmp_path):
     assert not (tmp_path / "out").exists()
     res = esorl("grpo", "--config", str(f), cwd=tmp_path)
     assert res.returncode == 0 and f"GRPO finished: metrics, checkpoints and model in {tmp_path / 'out'}" in res.stdout, res.stderr[-2000:]
+
+
+@pytest.mark.parametrize("cmd,old,new", [
+    ("sample", "--steps", "--diffusion-steps"), ("sample", "--alpha0", "--sampling-alpha0"), ("sample", "--num-samples", "--num-generations"),
+    ("score", "--estimators", "--likelihood"), ("eval", "--max-new-tokens", "--max-completion-length"), ("eval", "--samples", "--num-generations"),
+])
+def test_old_flags_are_usage_errors_naming_the_new_ones(tmp_path, cmd, old, new):
+    extra = ["--task", "mini_sudoku"] if cmd == "eval" else []
+    res = esorl(cmd, "--model", "x", *extra, old, "3", cwd=tmp_path)
+    one_line_error(res, f"{old} was renamed to {new}")
+    assert res.returncode == 2

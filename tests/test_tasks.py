@@ -75,8 +75,8 @@ def test_esorl_eval_runs_a_2x2_grid(tmp_path):
     from rl_fixtures import make_tiny_policy
 
     pol = make_tiny_policy(tmp_path)
-    eval_main(["--model", str(pol), "--task", "basic_arithmetic", "--num-prompts", "4", "--samples", "3", "--alpha0", "1.0,0.5",
-               "--steps", "2,4", "--max-completion-length", "4", "--out", str(tmp_path / "ev"), "--device", "cpu"])
+    eval_main(["--model", str(pol), "--task", "basic_arithmetic", "--num-prompts", "4", "--num-generations", "3", "--sampling-alpha0", "1.0,0.5",
+               "--diffusion-steps", "2,4", "--max-completion-length", "4", "--out", str(tmp_path / "ev"), "--device", "cpu"])
     res = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert len(res["grid"]) == 4 and {(r["alpha0"], r["steps"]) for r in res["grid"]} == {(1.0, 2), (1.0, 4), (0.5, 2), (0.5, 4)}
     for r in res["grid"]:

@@ -134,7 +134,7 @@ class _WordTok:
 
 
 def test_encode_pairs_rows_and_errors():
-    from esorl.train.sft import encode_pairs
+    from esorl.data.pairs import encode_pairs
 
     out, dropped = encode_pairs(["a bb", "ccc"], ["dd e", "f"], _WordTok(), 8)
     assert dropped == 0
@@ -154,7 +154,7 @@ def test_esorl_sft_end_to_end(tmp_path):
     from esorl import EsoLMModel
     from esorl.cli import main as cli
     from esorl.train.common import read_metrics
-    from esorl.train.sft import write_synthetic_pairs, SFTDataConfig
+    from esorl.data.pairs import SFTDataConfig, write_synthetic_pairs
 
     from rl_fixtures import make_tiny_policy
 

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..config import ConfigError, load_config, save_config
+from ..config import load_config, save_config
 from ..rl.common import PolicyArgs, PromptArgs, RewardSpec, check_policy_source
 from ..rl.grpo import GRPORecipe, run_grpo
 from ..train.common import LoggingConfig, TrainingDiverged

@@ -26,7 +26,6 @@ gives byte-identical output on any machine and Python >= 3.10.
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 from pathlib import Path
 

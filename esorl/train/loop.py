@@ -21,7 +21,6 @@ the same :func:`export_model`.
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import asdict
 from pathlib import Path
 

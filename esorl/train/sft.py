@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import load_config
-from ..data.pairs import SFTDataConfig, encode_pairs, prepare_pair_data, write_synthetic_pairs  # noqa: F401 (public names of the SFT recipe)
+from ..data.pairs import SFTDataConfig, prepare_pair_data
 from .pretrain import PretrainArgs, PretrainConfig, run_pretrain
 
 

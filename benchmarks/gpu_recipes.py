@@ -123,7 +123,7 @@ def patch(name: str, cmd: str, rec: dict, out: Path, policy: Path, smoke: bool) 
         if smoke:
             t.update(per_device_train_batch_size=4, gradient_accumulation_steps=1, per_device_eval_batch_size=4)
             if cmd == "pretrain":
-                d["seq_len"] = 64
+                d["max_length"] = 64
     return r
 
 

@@ -145,7 +145,7 @@ def main(argv=None):
     p.add_argument("--prompt-len", type=int, default=None)
     p.add_argument("--ns", default="64,256", help="completion lengths N")
     p.add_argument("--ts", default="8,32,N", help="step budgets T ('N' = T equal to N)")
-    p.add_argument("--alpha0", type=float, default=1.0)
+    p.add_argument("--sampling-alpha0", type=float, default=1.0, help="sampling α0")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--backend", default="auto", choices=["auto", "sdpa", "flex"])
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
@@ -169,7 +169,7 @@ def main(argv=None):
         if m not in METHODS:
             raise SystemExit(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
     model = make_model(size, device, dtype, seed=args.seed, max_seq_len=max(1024, P + max(ns))).eval()
-    log(f"sampling: size={size} ({count_params(model) / 1e6:.1f} M params), batch {B}, prompt {P}, alpha0 {args.alpha0}, "
+    log(f"sampling: size={size} ({count_params(model) / 1e6:.1f} M params), batch {B}, prompt {P}, alpha0 {args.sampling_alpha0}, "
         f"device {device}, {dtype_name(dtype)}, backend {args.backend}, {repeats} repeat(s), warm-up {args.warmup}")
     configs = []
     t0 = time.perf_counter()
@@ -178,17 +178,17 @@ def main(argv=None):
             T = N if t.strip().upper() == "N" else int(t)
             if any(c["N"] == N and c["T"] == T for c in configs):
                 continue
-            configs.append(measure_config(model, device, B, P, N, T, args.alpha0, methods, repeats, args.warmup, args.seed, args.backend))
+            configs.append(measure_config(model, device, B, P, N, T, args.sampling_alpha0, methods, repeats, args.warmup, args.seed, args.backend))
     if not args.no_memory:
         for cfg in configs:
             measure_memory(model, device, cfg, [m for m in methods if m in ("cache", "replay")], args.seed, args.backend)
     target_at = (256, 256) if 256 in ns else None
     rows = [r for cfg in configs for r in rows_for(cfg, target_at)]
-    title = (f"Sampling, {size} model, batch {B}, prompt {P}, alpha0 {args.alpha0}, {device} {dtype_name(dtype)} "
+    title = (f"Sampling, {size} model, batch {B}, prompt {P}, alpha0 {args.sampling_alpha0}, {device} {dtype_name(dtype)} "
              f"(same trajectory and noise for every method)")
     table = print_table(title, COLUMNS, rows, NOTES)
     write_json(args.out, {
-        "benchmark": "sampling", "size": size, "batch": B, "prompt_len": P, "alpha0": args.alpha0, "dtype": dtype_name(dtype),
+        "benchmark": "sampling", "size": size, "batch": B, "prompt_len": P, "alpha0": args.sampling_alpha0, "dtype": dtype_name(dtype),
         "backend": args.backend, "repeats": repeats, "warmup": args.warmup, "quick": args.quick,
         "model": dict(model.config.to_dict(), n_params=count_params(model)), "configs": configs,
         "target": "speed-up >= 0.6 x token ratio at N = 256, T = N", "elapsed_s": time.perf_counter() - t0, "table": table,

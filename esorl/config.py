@@ -106,7 +106,7 @@ def renamed_fields(cls, data: dict) -> list[str]:
                 walk(v, f"{pre}{k}.")
 
     walk(data, "")
-    return [f"{path} was renamed to {table[path]}" for path in flat if path in table]
+    return [f"{path} was {table[path]}" if table[path].startswith("removed") else f"{path} was renamed to {table[path]}" for path in flat if path in table]
 
 
 def from_dict(cls, data: dict, prefix: str = ""):
@@ -116,7 +116,7 @@ def from_dict(cls, data: dict, prefix: str = ""):
         raise ConfigError(f"config {prefix or cls.__name__} expects a mapping, got {type(data).__name__}")
     old = renamed_fields(cls, data)
     if old:
-        raise ConfigError(f"{cls.__name__}: esorl now uses the Hugging Face TrainingArguments / TRL names: "
+        raise ConfigError(f"{cls.__name__}: field(s) of an earlier esorl (which now uses the Hugging Face TrainingArguments / TRL names): "
                           + "; ".join(f"{prefix}{o}" for o in old) + ". Rename them in the recipe or override (esorl config lists every field).")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
@@ -285,7 +285,7 @@ def add_renamed_flags(parser, renamed: dict[str, str]) -> None:
 
 #: the sampling flags of ``esorl sample`` / ``score`` / ``eval`` before they took the recipes' names
 RENAMED_SAMPLING_FLAGS = {"--alpha0": "--sampling-alpha0", "--steps": "--diffusion-steps", "--max-new-tokens": "--max-completion-length",
-                          "--num-samples": "--num-generations", "--samples": "--num-generations", "--estimators": "--likelihood"}
+                          "--num-samples": "--num-generations", "--samples": "--num-generations"}
 
 
 def recipe_argparser(prog: str, description: str, example: str = ""):

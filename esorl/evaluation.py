@@ -2,10 +2,10 @@
 generation lengths — accuracy, pass@k, forward passes (NFEs), speed and memory: the
 speed–quality frontier Eso-LMs exist for.
 
-For every grid point ``(α0, T, N)`` each test prompt gets ``--samples`` completions from the
+For every grid point ``(α0, T, N)`` each test prompt gets ``--num-generations`` completions from the
 KV-cached sampler (seeded: the same grid point gives the same completions); a completion is
 correct when the task's checker accepts it (:mod:`esorl.tasks`). Reported per point:
-accuracy (= pass@1, the mean over all completions), unbiased pass@k for ``k = 1..samples``
+accuracy (= pass@1, the mean over all completions), unbiased pass@k for ``k = 1..num_generations``
 (Chen et al. 2021), NFEs (the sampler's forward passes per completion batch: its number of
 steps), generated tokens per second and wall-clock, and peak memory (CUDA: the point's peak
 allocation; CPU: the process's resident high-water mark so far). Written as ``eval.json``,
@@ -141,7 +141,7 @@ def main(argv=None):
     p.add_argument("--out", default="runs/eval", help="output directory")
     from .config import RENAMED_SAMPLING_FLAGS, add_renamed_flags
 
-    add_renamed_flags(p, {k: v for k, v in RENAMED_SAMPLING_FLAGS.items() if k not in ("--estimators", "--num-samples")})
+    add_renamed_flags(p, {k: v for k, v in RENAMED_SAMPLING_FLAGS.items() if k != "--num-samples"})
     a = p.parse_args(argv)
     if a.num_generations < 1 or a.num_prompts < 0 or a.batch_size < 1:
         p.error("--num-generations and --batch-size must be >= 1, --num-prompts >= 0")

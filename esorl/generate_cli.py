@@ -111,10 +111,12 @@ def main(argv=None):
 
 
 def score_main(argv=None):
+    from esorl.config import add_renamed_flags
     from esorl.likelihood import REGISTRY as ESTIMATORS
 
     names = list(ESTIMATORS)
     p = _parser("esorl score", "sample one completion per prompt, then score that trajectory with each likelihood estimator")
+    add_renamed_flags(p, {"--estimators": "--likelihood"})
     p.add_argument("--likelihood", default=",".join(names), help="comma list of estimators from: " + "; ".join(f"{n} ({e.summary})" for n, e in ESTIMATORS.items()))
     p.add_argument("--mc-samples", type=_positive_int, default=16, help="Monte Carlo draws n of mc_elbo, elbo_lowvar and espo_elbo")
     p.add_argument("--per-token", action="store_true", help="print per-token log-probs too")

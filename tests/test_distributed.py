@@ -25,9 +25,11 @@ TINY = {
 }
 
 
-def _run(tmp_path, name, launcher, **data):
+def _run(tmp_path, name, launcher, sections=None, **data):
     cfg = json.loads(json.dumps(TINY))
     cfg["data"].update(data)
+    for k, v in (sections or {}).items():
+        cfg.setdefault(k, {}).update(v)
     cfg["data"]["cache_dir"] = str(tmp_path / "cache")
     cfg["training"]["output_dir"] = str(tmp_path / name)
     if len(launcher) > 1:  # 2 ranks: the same global batch with half the accumulation
@@ -51,6 +53,27 @@ def test_ddp_and_zero_match_single_process(tmp_path):
         for step in (1, 2):
             assert abs(multi[step]["train/loss"] - single[step]["train/loss"]) < 1e-5, (name, step, multi[step], single[step])
         assert abs(multi[2]["val/nelbo"] - single[2]["val/nelbo"]) < 1e-4, name  # EMA eval too
+
+
+@pytest.mark.slow
+def test_zero3_lora_export_gathers_the_partitioned_weights(tmp_path):
+    """LoRA (continued pretraining) under ZeRO-3: the export merges the adapters into whole
+    weights gathered on every rank, and equals the single-process export."""
+    import torch
+    from safetensors.torch import load_file
+
+    _run(tmp_path, "base", [sys.executable], {"training": {"max_steps": 6, "ema_decay": 0.0}})  # adaLN gates off zero
+    lora = {"model": {"init_from": str(tmp_path / "base" / "model")}, "lora": {"enabled": True, "r": 4}, "training": {"ema_decay": 0.0}}
+    single = _run(tmp_path, "lora_single", [sys.executable], lora)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs" / "cpu_zero3_2proc.yaml")]
+    multi = _run(tmp_path, "lora_zero3", launch, lora)
+    for step in (1, 2):
+        assert abs(multi[step]["train/loss"] - single[step]["train/loss"]) < 1e-5, step
+    base, a, b = (load_file(str(tmp_path / n / "model" / "model.safetensors")) for n in ("base", "lora_single", "lora_zero3"))
+    assert set(a) == set(b) == set(base)
+    assert any(not torch.equal(a[k], base[k]) for k in a)  # the adapters moved and were merged
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
 
 
 @pytest.mark.slow

@@ -273,3 +273,17 @@ def test_ppo_with_lora_trains_adapters_and_value_head(policy_dir, tmp_path):
     out = EsoLMModel.from_pretrained(str(tmp_path / "run" / "model"))
     changed = {n for n, p in out.named_parameters() if not torch.equal(p, base[n])}
     assert changed and all(n.startswith("blocks.") and ("attn" in n or "mlp" in n) for n in changed), changed
+
+
+def test_resume_redoes_completion_logs_once(policy_dir, tmp_path):
+    """A run resumed from an earlier checkpoint drops the metrics and completion records of the
+    steps it redoes: each step appears once in metrics.jsonl and completions.jsonl."""
+    import json
+
+    trainer(policy_dir, tmp_path, max_steps=2, save_steps=1, log_completions=True).run()
+    first = (tmp_path / "run" / "completions.jsonl").read_text().splitlines()
+    ck = tmp_path / "run" / "checkpoints" / "step-0000001"
+    trainer(policy_dir, tmp_path, max_steps=2, save_steps=1, log_completions=True).run(resume=str(ck))
+    recs = [json.loads(x) for x in (tmp_path / "run" / "completions.jsonl").read_text().splitlines()]
+    assert len(recs) == len(first) and sorted({r["step"] for r in recs}) == [1, 2]
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2]

@@ -160,7 +160,7 @@ def test_batches_identical_for_one_and_two_ranks():
         assert len(set(whole.tolist())) == G
         for world in (1, 2, 4):
             accum = G // (micro * world)
-            parts = {(m * world + r): whole[rank_slice(G, micro, world, r, accum, m)] for r in range(world) for m in range(accum)}
+            parts = {(m * world + r): whole[rank_slice(micro, world, r, m)] for r in range(world) for m in range(accum)}
             assert torch.equal(torch.cat([parts[k] for k in sorted(parts)]), whole)
 
 

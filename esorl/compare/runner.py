@@ -168,7 +168,7 @@ class CompareConfig:
 
     # fields of earlier versions (the study's redesign, the one vocabulary): refused with what replaced them
     RENAMED = {"estimators": "arms (each arm is {name: ..., grpo: {likelihood: ..., <its parameters>}})",
-               "reward_threshold": "nothing: it was removed (the report compares held-out reward at equal wall-clock instead)",
+               "reward_threshold": "removed: the report compares held-out reward at equal wall-clock instead",
                "logging.log_every": "grpo.logging_steps", "logging.run_name": "grpo.run_name"}
 
     def validate(self):

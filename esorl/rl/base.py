@@ -160,9 +160,20 @@ class RLTrainerBase(TrainLoop):
                 rec = {"step": self.step, "prompt": p, "completion": t, "reward": r, **{k: v[i] for k, v in extra.items() if i < len(v)}}
                 f.write(json.dumps(rec, default=str) + "\n")
 
+    def truncate_logs(self, step: int) -> None:
+        super().truncate_logs(step)
+        f = self.out / "completions.jsonl"
+        if self.accelerator.is_main_process and f.exists():
+            from ..io import atomic_write
+
+            keep = [ln for ln in f.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+            atomic_write(f, "".join(ln + "\n" for ln in keep))
+
     def on_log(self, metrics: dict) -> None:
+        self.log_completions(self._batch)
+
+    def on_step_end(self, metrics: dict) -> None:
         batch, c = self._batch, self.cfg
-        self.log_completions(batch)
         if self.accelerator.is_main_process and c.num_completions_to_print and self.step % max(c.logging_steps, 10) == 0:
             for p, t in list(zip(batch["prompts"], batch["texts"]))[: c.num_completions_to_print]:
                 tqdm.write(f"  [{self.step}] {p!r} -> {t!r}")

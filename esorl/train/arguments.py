@@ -91,6 +91,9 @@ class TrainingArgs:
             raise ValueError(f"{s}.bf16 and {s}.fp16 are exclusive")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"{s}.attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}")
+        if self.lr_scheduler_type == "constant" and self.warmup_steps:
+            raise ValueError(f"{s}.lr_scheduler_type constant has no warm-up (transformers' meaning): use constant_with_warmup "
+                             f"for {s}.warmup_steps={self.warmup_steps}")
         if self.lr_scheduler_type not in SCHEDULERS:
             raise ValueError(f"{s}.lr_scheduler_type must be one of {', '.join(SCHEDULERS)}, got {self.lr_scheduler_type!r}")
         try:  # the schedule's own checks (missing or unknown kwargs), before any work

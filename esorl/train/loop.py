@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import save_config
-from ..distributed import uses_deepspeed
+from ..distributed import uses_deepspeed, zero_stage
 from .arguments import TrainingArgs, make_optimizer, set_learning_rate
 from .common import EMA, Checkpointer, NonFiniteGuard, RunLogger, check_resume, configure_deepspeed, flat_config, make_accelerator, read_metrics
 from .run_dir import GracefulStop, RunInterrupted, claim, resume_command
@@ -48,6 +48,7 @@ class TrainLoop:
     updates_per_step = 1  # optimizer updates per step (PPO: num_iterations × num_mini_batches)
     evaluate_first = False  # evaluate before the first step (when eval_steps > 0)
     fixed_on_resume: dict[str, str] = {}  # settings a resume cannot change: dotted name (or prefix ending in ".") → why
+    optimize_frozen = False  # offer AdamW the frozen parameters too (it skips them: they get no gradient)
     renamed: dict[str, str] = {}  # old flat config names of earlier checkpoints → current ones (their settings still compare)
 
     def __init__(self, recipe, args: TrainingArgs):
@@ -75,7 +76,8 @@ class TrainLoop:
         the non-finite guard and (``args.ema_decay > 0``) the EMA. Sets ``self.model`` (wrapped)
         and ``self.opt``."""
         a, acc = self.args, self.accelerator
-        opt = make_optimizer([p for p in model.parameters() if p.requires_grad], a, device=None if uses_deepspeed(acc) else acc.device)
+        params = list(model.parameters()) if self.optimize_frozen else [p for p in model.parameters() if p.requires_grad]
+        opt = make_optimizer(params, a, device=None if uses_deepspeed(acc) else acc.device)
         configure_deepspeed(acc, a.per_device_train_batch_size, a.gradient_accumulation_steps, a.max_grad_norm)
         self.model, self.opt = acc.prepare(model, opt)
         self.guard = NonFiniteGuard(acc, self.model, self.opt, self.ckpt)
@@ -84,7 +86,13 @@ class TrainLoop:
 
     def build(self) -> None:
         """Data and model (then :meth:`prepare_model`), after the output directory is claimed
-        and the resume checked; a subclass that builds in ``__init__`` leaves it empty."""
+        and the resume checked; a subclass that builds in ``__init__`` leaves it empty. Called
+        once (:meth:`_build_once`)."""
+
+    def _build_once(self) -> None:
+        if not getattr(self, "_built", False):
+            self.build()
+            self._built = True
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict:
@@ -100,11 +108,14 @@ class TrainLoop:
 
     def update(self, k: int = 0) -> tuple[float, bool]:
         """Apply the accumulated gradients as update ``k`` of the current step: the learning
-        rate of update ``step × updates_per_step + k`` and the AdamW settings of the current
-        config, then clip and step unless a gradient is non-finite; the EMA follows an applied
-        update. Returns ``(grad_norm, applied)``."""
+        rate of the schedule at the number of updates applied so far (``step ×
+        updates_per_step + k`` minus the skipped ones) and the AdamW settings of the current
+        config, then clip and step unless a gradient is non-finite; the EMA follows an
+        applied update. Returns ``(grad_norm, applied)``."""
         a = self.args
-        u = self.step * self.updates_per_step + k
+        # the applied updates so far: a skipped (non-finite) update does not advance the
+        # schedule, as transformers' Trainer does not step its scheduler then
+        u = self.step * self.updates_per_step + k - self.guard.skipped_updates
         set_learning_rate(self.opt, a.learning_rate * a.lr_factor(u, a.max_steps * self.updates_per_step),
                           betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_epsilon, weight_decay=a.weight_decay)
         gn, applied = self.guard.step(a.max_grad_norm, self.step + 1)
@@ -131,6 +142,13 @@ class TrainLoop:
 
     def on_log(self, metrics: dict) -> None:
         """Called after a metrics record is written (e.g. completion logs)."""
+
+    def truncate_logs(self, step: int) -> None:
+        """On resume, drop the records of steps after ``step`` (they will be redone)."""
+        self.logger.truncate_after(step)
+
+    def on_step_end(self, metrics: dict) -> None:
+        """Called after every step (e.g. printing sample completions)."""
 
     def on_finish(self) -> None:
         """Called after the export (e.g. plots)."""
@@ -166,6 +184,7 @@ class TrainLoop:
         if path is None:
             return
         changed = self._check(path)
+        self._build_once()
         state, extras = Checkpointer.load(self.accelerator, path, ["ema"] if self.ema else [])
         self.step = state["step"]
         self.guard.load_state_dict(state)
@@ -190,7 +209,7 @@ class TrainLoop:
             path = self.ckpt.resolve(resume)
             if path is not None:
                 self._check(path)  # a resume that cannot be honoured is refused before any work
-            self.build()
+            self._build_once()
             self.logger = RunLogger(self.out, self.recipe.logging, asdict(self.recipe), enabled=self.accelerator.is_main_process,
                                     resume=_resuming(resume), run_name=self.args.run_name)
             if self.accelerator.is_main_process:
@@ -198,7 +217,7 @@ class TrainLoop:
             if path is not None and (self._resumed_from is None or Path(self._resumed_from) != path):
                 self.resume(path)
             if _resuming(resume):
-                self.logger.truncate_after(self.step if self.step else -1)  # records after the checkpoint are redone
+                self.truncate_logs(self.step if self.step else -1)  # records after the checkpoint are redone
             return self._loop()
         finally:
             lock.release()
@@ -228,6 +247,7 @@ class TrainLoop:
                 if self.step % a.logging_steps == 0 or evaluated:
                     self.logger.log(m, self.step)
                     self.on_log(m)
+                self.on_step_end(m)
                 bar.update(1)
                 bar.set_postfix(**self.postfix(m))
                 saved = (a.save_steps and self.step % a.save_steps == 0) or last
@@ -257,10 +277,13 @@ def export_model(accelerator, model, tokenizer, out_dir: str | Path, ema: EMA | 
     model that is the Eso-LM (PPO's container: ``"module"``); ``ema``: export its weights
     (swapped in and back). LoRA adapters are merged into a plain Eso-LM. Under ZeRO-3 the
     weights are gathered (collective: call on every rank). Returns the full state dict on the
-    main process (PPO saves its value head from it), else ``None``."""
+    main process when one was gathered (PPO saves its value head from it), else ``None``."""
+    import contextlib
+
     from ..io import replace_dir
 
     out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
     if ema is not None:
         ema.swap()
     try:
@@ -268,16 +291,21 @@ def export_model(accelerator, model, tokenizer, out_dir: str | Path, ema: EMA | 
         lm = getattr(unwrapped, submodule) if submodule else unwrapped
         peft = hasattr(lm, "peft_config")
         sd = None if peft and not submodule else accelerator.get_state_dict(model)
-        if accelerator.is_main_process:
-            tmp = out_dir.with_name(out_dir.name + ".tmp")
-            if peft:  # LoRA: the adapters merged into a plain Eso-LM
-                from ..lora import merge_and_export
+        if peft:  # LoRA: the adapters merged into a plain Eso-LM (under ZeRO-3 from whole weights: every rank gathers)
+            from ..lora import merge_and_export
 
-                merge_and_export(lm, tmp)
-            else:
-                pre = f"{submodule}." if submodule else ""
-                own = {k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)}
-                lm.save_pretrained(str(tmp), state_dict=own, safe_serialization=True)
+            gather = contextlib.nullcontext()
+            if zero_stage(accelerator) == 3:
+                import deepspeed
+
+                gather = deepspeed.zero.GatheredParameters(list(lm.parameters()))
+            with gather:
+                if accelerator.is_main_process:
+                    merge_and_export(lm, tmp)
+        elif accelerator.is_main_process:
+            pre = f"{submodule}." if submodule else ""
+            lm.save_pretrained(str(tmp), state_dict={k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)}, safe_serialization=True)
+        if accelerator.is_main_process:
             tokenizer.save_pretrained(str(tmp))
             replace_dir(tmp, out_dir)
     finally:

@@ -74,6 +74,9 @@ RENAMED = {
     "logging.run_name": "training.run_name",
     "data.seq_len": "data.max_length",
 }
+# a half-migrated recipe (old field names under the new section) is told the same
+RENAMED.update({f"training.{k.split('.', 1)[1]}": v for k, v in list(RENAMED.items())
+                if k.startswith(("optim.", "train.", "logging.")) and not v.startswith(f"training.{k.split('.', 1)[1]}")})
 
 
 @dataclass
@@ -170,8 +173,9 @@ def global_batch_rows(position: int, G: int, n_rows: int, seed: int) -> torch.Te
     return torch.from_numpy(out)
 
 
-def rank_slice(G: int, micro: int, world: int, rank: int, accum: int, m: int) -> slice:
-    """Global-batch slice of rank ``rank`` in micro-step ``m``."""
+def rank_slice(micro: int, world: int, rank: int, m: int) -> slice:
+    """Global-batch slice of rank ``rank`` in micro-step ``m``: micro-batches of ``micro`` rows
+    interleaved over the ``world`` ranks."""
     start = (m * world + rank) * micro
     return slice(start, start + micro)
 
@@ -227,6 +231,8 @@ class PretrainLoop(TrainLoop):
 
     kind = "pretrain"
     fixed_on_resume = RESUME_FIXED
+    # the optimizer state of earlier versions' checkpoints (LoRA SFT) covers every parameter
+    optimize_frozen = True
     renamed = {k: v for k, v in RENAMED.items() if " " not in v}  # the 1:1 renames
 
     def __init__(self, cfg, data_fn=None, kind: str = "pretrain"):
@@ -274,7 +280,7 @@ class PretrainLoop(TrainLoop):
         counts = (scored[is_mdm].sum().item(), scored[~is_mdm].sum().item())  # global: every rank sees `rows`
         loss_sum = 0.0
         for m in range(accum):
-            sl = rank_slice(G, micro, world, acc.process_index, accum, m)
+            sl = rank_slice(micro, world, acc.process_index, m)
             gidx = torch.arange(G)[sl]
             x, v = x_all[sl].to(acc.device), v_all[sl].to(acc.device)
             pm = {} if pm_all is None else {"prompt_mask": pm_all[sl].to(acc.device)}

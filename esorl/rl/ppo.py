@@ -362,6 +362,7 @@ class EsoPPOTrainer(RLTrainerBase):
     """PPO over Eso-LM denoising steps. ``run()`` trains; the pieces are public."""
 
     kind = "ppo"
+    renamed = {k: v for k, v in RENAMED.items() if " " not in v}  # an earlier version's checkpoint: its settings under today's names
 
     def __init__(self, recipe: PPORecipe, reward_funcs=None, reward_weights=None):
         c = recipe.ppo

@@ -93,9 +93,10 @@ def _step(model, st: _State, W: int, kmax: int, kv_len: int, temperature: float,
     # step's queries holding their query copies; it comes out as causal in table order (module
     # docstring). A row always sees itself (left padding would leave a pad row with no key:
     # its output is never read, but must stay finite)
+    # (steps, ranks and copy kinds are the batch's: the rule runs on (W, kv_len); validity is per row)
     k_query = (kidx >= q0) & (kidx < q1)
-    allow = rule(st.slot_step.index_select(0, slots)[:, None], slots[:, None], is_q[:, None], st.slot_step[:kv_len], kidx, k_query,
-                 st.key_ok[:, None, :kv_len]) | (kidx == slots[:, None])
+    allow = rule(st.slot_step.index_select(0, slots)[:, None], slots[:, None], is_q[:, None], st.slot_step[:kv_len], kidx, k_query, True)
+    allow = (allow & st.key_ok[:, None, :kv_len]) | (kidx == slots[:, None])
     # additive mask in the attention dtype, built once per step (a boolean mask would be
     # converted by every layer's attention call)
     # (the first step runs before the cache knows the attention dtype: a boolean mask there)

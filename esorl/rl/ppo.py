@@ -93,7 +93,6 @@ from .base import RLTrainerBase
 from .common import LOG_RATIO_CLAMP, PolicyArgs, PromptArgs, RewardSpec, peak_memory_mb
 
 
-
 @dataclass
 class EsoPPOConfig(TrainingArgs):
     """PPO settings. The loop's fields are ``transformers.TrainingArguments``' (as everywhere in

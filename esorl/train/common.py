@@ -183,13 +183,13 @@ def parameters_finite(model, optimizer=None) -> bool:
 # ----------------------------------------------------------------------------- accelerator
 
 
-def make_accelerator(mixed_precision: str = "auto", gradient_accumulation_steps: int = 1):
-    """An ``Accelerator`` that works on GPUs and on CPU ranks (gloo: ENVIRONMENT.md)."""
+def make_accelerator(mixed_precision: str = "no"):
+    """An ``Accelerator`` (``mixed_precision``: ``no`` | ``bf16`` | ``fp16``, as
+    :meth:`esorl.train.arguments.TrainingArgs.mixed_precision` resolves it) that works on GPUs
+    and on CPU ranks (gloo). Its gradient accumulation count stays 1: the loop accumulates
+    micro-batches itself, with losses normalised over the whole optimizer batch."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
-
-    if mixed_precision == "auto":
-        mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     handlers, cpu = [], False
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # CPU ranks: gloo, and tell accelerate it is distributed on CPU (a launch config with
@@ -204,7 +204,7 @@ def make_accelerator(mixed_precision: str = "auto", gradient_accumulation_steps:
     st = AcceleratorState._shared_state
     if st and st.get("_mixed_precision", mixed_precision) != mixed_precision:
         AcceleratorState._reset_state()
-    acc = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps, kwargs_handlers=handlers, cpu=cpu)
+    acc = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=1, kwargs_handlers=handlers, cpu=cpu)
     return acc
 
 

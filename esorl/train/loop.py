@@ -66,9 +66,7 @@ class TrainLoop:
         """The run's ``Accelerator`` (its precision from ``args``) and the global seed (dropout).
         Called by the subclass once anything that runs with its own accelerator (a chained
         pretraining) is done."""
-        # micro-batches are accumulated by hand (losses pre-normalised over the optimizer
-        # batch), so accelerate must not divide them by its own accumulation count
-        self.accelerator = make_accelerator(self.args.mixed_precision(), 1)
+        self.accelerator = make_accelerator(self.args.mixed_precision())
         torch.manual_seed(self.args.seed)
 
     def prepare_model(self, model: torch.nn.Module) -> None:

@@ -74,8 +74,6 @@ def prepare_sft_data(cfg: SFTConfig, model_dir: str | None = None):
     return prepare_pair_data(cfg.data, model_dir or cfg.model.init_from, cfg.training.seed)
 
 
-
-
 def ensure_model(args: SFTModelArgs) -> Path:
     """The starting model directory; runs ``pretrain_recipe`` first if it does not exist yet."""
     from .pretrain import ensure_pretrained
